@@ -1,0 +1,19 @@
+"""Pre-segmentation networks (a registry by name, plus any importable nn.Module) and their loss."""
+
+from preseg.losses import SegmentationLoss, dice_per_image, soft_dice_score
+from preseg.networks import ARCH_CHOICES, DEFAULT_ARCH, build_network, registry_help
+
+__all__ = [
+    "ARCH_CHOICES",
+    "DEFAULT_ARCH",
+    "SegmentationLoss",
+    "build_network",
+    "dice_per_image",
+    "registry_help",
+    "soft_dice_score",
+]
+
+# Loading trained pre-segmentation nets and precomputed masks (sample.py's two sources).
+from preseg.io import load_preseg, read_precomputed_preseg  # noqa: E402
+
+__all__ += ["load_preseg", "read_precomputed_preseg"]

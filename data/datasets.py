@@ -1,0 +1,391 @@
+"""Datasets: every layout yields the same item dict, built by the one ``Preprocess``.
+
+An item is ``{"image": float32 [C, S, S], "label": int64 [S, S] in {0, 1} (absent when the
+case has no mask), "case_id": str, "meta": dict}``. ``meta`` holds plain python values only
+(str, int, float, lists, None) so that it pickles cheaply across DataLoader workers:
+
+  source_files    image files (channel order) then the mask file, if any
+  format          "nifti_slice" | "nifti_volume_slice" | "image"
+  layout          the --dataset layout that read it
+  original_shape  [H, W] of the slice before preprocessing
+  spacing         [sy, sx] in mm of the slice plane (1.0 for images)
+  affine          4x4 nested list of the NIfTI file, None for images
+  reference_file  the file whose header outputs copy (the first channel's file)
+  patient_id      the patient (or case) that splits keep together
+  volume_id       the volume the slice belongs to (None for lone images)
+  slice_index     index of the slice in its volume, None where unknown
+  volume_shape    [X, Y, Z] of the volume for volume slices, else None
+  slice_axis      array axis of the volume that was sliced, else None
+  geometry        the crop/pad or resize applied (see ``preprocess.geometry_plan``)
+
+For a volume slice ``volume[(slice(None),) * slice_axis + (slice_index,)]`` is the slice, in
+array order, so predictions stack back into the volume and are saved with ``affine`` and the
+header of ``reference_file``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm import tqdm
+
+from data.errors import DataConfigError, DataError
+from data.io import check_finite, read_image, read_nifti
+from data.layouts import Scan, SliceRecord, VolumeRecord, mask_is_lossy, scan
+from data.preprocess import (Preprocess, as_int_label, channel_bounds, check_label_values,
+                             label_values)
+
+SUBSETS = ("all", "train", "val")
+SPLIT_BY = ("patient", "case")
+# Four decoded BraTS cases (4 channels int16 + label) take about 150 MB per worker.
+DEFAULT_CACHE_VOLUMES = 4
+
+
+def create_dataset(data_dir, *, dataset: str = "auto", preprocess: Preprocess | None = None,
+                   subset: str = "all", augment: bool = False, val_fraction: float = 0.1,
+                   split_by: str = "patient", split_seed: int = 0, mask_suffix: str = "_mask",
+                   require_labels: bool = False, skip_empty_slices: bool | None = None,
+                   cache_volumes: int = DEFAULT_CACHE_VOLUMES) -> "SegmentationDataset":
+    """Dataset of 2D items from ``data_dir`` in one of the layouts of ``data.layouts``.
+
+    preprocess: the transform (None: defaults); its channel_names and dataset are filled from
+        the data, and a non-empty channel_names (from a checkpoint) must match the data's count.
+    subset: "all", or "train"/"val" of a split by ``split_by`` ("patient": slices of one
+        patient never land on both sides; "case": per slice or volume) with ``val_fraction``
+        of the groups in val, drawn with ``split_seed``.
+    require_labels: DataError when a case has no mask (training); otherwise such items simply
+        have no "label".
+    skip_empty_slices: volume layouts only; drop slices without brain (all-zero first channel).
+        None: True for "train" and "val", False for "all" (so that volumes reassemble).
+    cache_volumes: decoded volumes kept per worker (LRU), so slicing does not re-read a case.
+    """
+    if subset not in SUBSETS:
+        raise DataConfigError(f"unknown subset {subset!r}; choose one of {', '.join(SUBSETS)}")
+    if split_by not in SPLIT_BY:
+        raise DataConfigError(f"unknown --split_by {split_by!r}; choose one of {', '.join(SPLIT_BY)}")
+    if not 0.0 <= float(val_fraction) < 1.0:
+        raise DataConfigError(f"--val_fraction must be in [0, 1), got {val_fraction}")
+    preprocess = Preprocess() if preprocess is None else preprocess
+    found = scan(data_dir, dataset, mask_suffix=mask_suffix)
+    if preprocess.label_mode == "subset":
+        missing = [v for v in preprocess.foreground_labels if v not in found.declared_labels]
+        if missing:
+            raise DataConfigError(f"--foreground_labels {missing[0]} is not a label of {found.root} "
+                                  f"(labels: {', '.join(str(v) for v in found.declared_labels)})")
+    records = split_records(found, subset, split_by=split_by, val_fraction=float(val_fraction),
+                            split_seed=int(split_seed))
+    if require_labels:
+        for rec in records:
+            if rec.label_file is None:
+                raise DataError(f"no mask for {rec.image_files[0]} (training needs a mask for every image)")
+    if skip_empty_slices is None:
+        skip_empty_slices = subset != "all"
+    if found.kind == "volume":
+        return VolumeSliceDataset(found, records, preprocess=preprocess, augment=augment,
+                                  skip_empty_slices=skip_empty_slices, cache_volumes=cache_volumes)
+    return SliceDataset(found, records, preprocess=preprocess, augment=augment)
+
+
+def split_records(found: Scan, subset: str, *, split_by: str, val_fraction: float, split_seed: int) -> list:
+    """The records of ``subset``; groups (patients or cases) are shuffled with ``split_seed``."""
+    records = found.records
+    if subset == "all":
+        return list(records)
+
+    def group_of(rec):
+        if split_by == "patient":
+            return rec.patient_id
+        return rec.volume_id if isinstance(rec, VolumeRecord) else rec.case_id
+
+    groups = sorted({group_of(r) for r in records})
+    n_val = int(round(val_fraction * len(groups)))
+    if val_fraction > 0:
+        if len(groups) < 2:
+            raise DataError(f"{found.root} has a single {split_by} ({groups[0]}): it cannot be split into train "
+                            f"and val; use --val_fraction 0 or more data")
+        n_val = min(max(n_val, 1), len(groups) - 1)
+    order = np.random.default_rng(split_seed).permutation(len(groups))
+    val_groups = {groups[i] for i in order[:n_val]}
+    chosen = [r for r in records if (group_of(r) in val_groups) == (subset == "val")]
+    if not chosen:
+        raise DataError(f"the {subset} subset of {found.root} is empty (--val_fraction {val_fraction})")
+    return chosen
+
+
+def collate(items: list) -> dict:
+    """List of items -> {"image": [B, C, S, S], "label": [B, S, S] (if every item has one),
+    "case_id": list[str], "meta": list[dict]}."""
+    batch = {
+        "image": torch.stack([it["image"] for it in items]),
+        "case_id": [it["case_id"] for it in items],
+        "meta": [it["meta"] for it in items],
+    }
+    if items and all("label" in it for it in items):
+        batch["label"] = torch.stack([it["label"] for it in items])
+    return batch
+
+
+class SegmentationDataset(Dataset):
+    """Common part of the layouts: preprocessing, augmentation and item assembly.
+
+    Attributes: layout, root, num_channels, channel_names, preprocess (completed with the
+    data's channel names and layout), declared_labels, labelled (every item has a mask).
+    """
+
+    def __init__(self, found: Scan, records: list, *, preprocess: Preprocess, augment: bool,
+                 channel_names: tuple):
+        self.layout = found.layout
+        self.root = found.root
+        self.kind = found.kind
+        self.records = records
+        self.declared_labels = tuple(found.declared_labels)
+        self.binary_masks = found.binary_masks
+        self.augment = bool(augment)
+        self.channel_names = tuple(channel_names)
+        self.num_channels = len(self.channel_names)
+        self.labelled = all(r.label_file is not None for r in records)
+        if preprocess.channel_names and len(preprocess.channel_names) != self.num_channels:
+            raise DataError(f"{self.root} has {self.num_channels} channels ({', '.join(self.channel_names)}) but the "
+                            f"preprocessing expects {len(preprocess.channel_names)} ({', '.join(preprocess.channel_names)})")
+        self.preprocess = preprocess.with_data(self.channel_names, self.layout)
+
+    @property
+    def case_ids(self) -> list:
+        return [self._case_id(i) for i in range(len(self))]
+
+    @property
+    def group_ids(self):
+        """Per-item group (volume) for samplers that keep a volume's slices together; None here."""
+        return None
+
+    def _rng(self):
+        if not self.augment:
+            return None
+        # torch's generator is seeded per DataLoader worker; numpy's global one is not.
+        return np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
+
+    def _finish(self, image, label, bounds, case_id: str, meta: dict) -> dict:
+        """Raw [C, H, W] image and {0,1} [H, W] label -> the item dict."""
+        image, label, plan = self.preprocess.apply(image, label, bounds, augment=self.augment, rng=self._rng())
+        meta["geometry"] = plan
+        item = {"image": torch.from_numpy(image), "case_id": case_id, "meta": meta}
+        if label is not None:
+            item["label"] = torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64))
+        return item
+
+    def _map_label(self, raw: np.ndarray, path: str) -> np.ndarray:
+        """Raw mask [H, W] -> int64 {0, 1}; undeclared values are a DataError naming ``path``."""
+        values = label_values(raw, path)
+        if self.binary_masks:
+            if mask_is_lossy(path) and raw.max() > 1:
+                # JPEG masks carry compression noise around 0 and 255: threshold at mid-grey.
+                raw = (raw > 127).astype(np.int64)
+            elif set(values.tolist()) <= {0, 1}:
+                raw = as_int_label(raw)
+            elif set(values.tolist()) <= {0, 255}:
+                raw = (as_int_label(raw) == 255).astype(np.int64)
+            else:
+                extra = sorted(set(values.tolist()) - {0, 1, 255})
+                shown = ", ".join(str(v) for v in extra[:8]) + (", ..." if len(extra) > 8 else "")
+                raise DataError(f"mask {path} has values {shown}; expected a binary mask with values 0/1 or 0/255")
+        else:
+            check_label_values(values, self.declared_labels, path)
+            raw = as_int_label(raw)
+        return self.preprocess.map_label(raw)
+
+
+class SliceDataset(SegmentationDataset):
+    """Items read from their own files: BraTS 2D slice folders and 2D image layouts."""
+
+    def __init__(self, found: Scan, records: list, *, preprocess: Preprocess, augment: bool):
+        channel_names = found.channel_names
+        if channel_names is None:
+            # Grey or colour: the first image decides, every other image must agree.
+            first = records[0].image_files[0]
+            channel_names = ("R", "G", "B") if read_image(first).shape[2] == 3 else ("gray",)
+        self._first_file = records[0].image_files[0]
+        super().__init__(found, records, preprocess=preprocess, augment=augment, channel_names=channel_names)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _case_id(self, i: int) -> str:
+        return self.records[i].case_id
+
+    def __getitem__(self, i: int) -> dict:
+        rec: SliceRecord = self.records[i]
+        if self.kind == "nifti_slice":
+            image, affine, spacing = self._read_nifti_channels(rec)
+        else:
+            image, affine, spacing = self._read_image_channels(rec), None, [1.0, 1.0]
+        label = None
+        if rec.label_file is not None:
+            if self.kind == "nifti_slice":
+                raw, _ = read_nifti(rec.label_file)
+                raw = _squeeze_2d(raw, rec.label_file)
+            else:
+                raw = read_image(rec.label_file, as_mask=True)
+            if raw.shape != image.shape[1:]:
+                raise DataError(f"mask {rec.label_file} has shape {tuple(raw.shape)} but image "
+                                f"{rec.image_files[0]} has shape {tuple(image.shape[1:])}")
+            label = self._map_label(raw, rec.label_file)
+        bounds = channel_bounds(image, self.preprocess.clip_percentiles)
+        meta = {
+            "source_files": list(rec.image_files) + ([rec.label_file] if rec.label_file else []),
+            "format": "nifti_slice" if self.kind == "nifti_slice" else "image",
+            "layout": self.layout,
+            "original_shape": [int(image.shape[1]), int(image.shape[2])],
+            "spacing": spacing,
+            "affine": affine,
+            "reference_file": rec.image_files[0],
+            "patient_id": rec.patient_id,
+            "volume_id": rec.volume_id,
+            "slice_index": rec.slice_index,
+            "volume_shape": None,
+            "slice_axis": None,
+        }
+        return self._finish(image, label, bounds, rec.case_id, meta)
+
+    def _read_nifti_channels(self, rec: SliceRecord):
+        channels, header0 = [], None
+        for path in rec.image_files:
+            data, header = read_nifti(path)
+            data = _squeeze_2d(data, path)
+            check_finite(data, path)
+            if channels and data.shape != channels[0].shape:
+                raise DataError(f"image {path} has shape {tuple(data.shape)} but {rec.image_files[0]} "
+                                f"has shape {tuple(channels[0].shape)}")
+            header0 = header0 or header
+            channels.append(data.astype(np.float32, copy=False))
+        spacing = [float(z) for z in (tuple(header0.zooms) + (1.0, 1.0))[:2]]
+        return np.stack(channels), header0.affine, spacing
+
+    def _read_image_channels(self, rec: SliceRecord) -> np.ndarray:
+        parts = []
+        for path in rec.image_files:
+            arr = read_image(path)
+            if parts and arr.shape[:2] != parts[0].shape[:2]:
+                raise DataError(f"image {path} has shape {arr.shape[:2]} but {rec.image_files[0]} has shape {parts[0].shape[:2]}")
+            parts.append(arr)
+        image = np.concatenate(parts, axis=2).transpose(2, 0, 1).astype(np.float32)
+        check_finite(image, rec.image_files[0])
+        if image.shape[0] != self.num_channels:
+            raise DataError(f"image {rec.image_files[0]} has {image.shape[0]} channel(s) but the dataset's images have "
+                            f"{self.num_channels} (as {self._first_file})")
+        return image
+
+
+class VolumeSliceDataset(SegmentationDataset):
+    """Axial slices of 3D volumes, cut on the fly from a per-worker LRU cache of decoded cases."""
+
+    def __init__(self, found: Scan, records: list, *, preprocess: Preprocess, augment: bool,
+                 skip_empty_slices: bool, cache_volumes: int = DEFAULT_CACHE_VOLUMES):
+        super().__init__(found, records, preprocess=preprocess, augment=augment, channel_names=found.channel_names)
+        self.cache_volumes = max(1, int(cache_volumes))
+        self._cache = OrderedDict()
+        if skip_empty_slices:
+            keep = _brain_slices(records)
+        else:
+            keep = [range(rec.shape[rec.slice_axis]) for rec in records]
+        self.items = [(v, int(k)) for v, ks in enumerate(keep) for k in ks]
+        if not self.items:
+            raise DataError(f"no slices with brain (non-zero voxels) in the volumes of {found.root}")
+
+    def __getstate__(self):
+        # Each DataLoader worker builds its own cache; never ship decoded volumes to it.
+        state = self.__dict__.copy()
+        state["_cache"] = OrderedDict()
+        return state
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def group_ids(self):
+        return [v for v, _ in self.items]
+
+    def _case_id(self, i: int) -> str:
+        v, k = self.items[i]
+        return f"{self.records[v].volume_id}_{k:03d}"
+
+    def __getitem__(self, i: int) -> dict:
+        v, k = self.items[i]
+        rec: VolumeRecord = self.records[v]
+        channels, label_volume, bounds = self._volume(v)
+        axis = rec.slice_axis
+        image = np.stack([np.take(ch, k, axis=axis) for ch in channels]).astype(np.float32)
+        label = None
+        if label_volume is not None:
+            label = self.preprocess.map_label(np.take(label_volume, k, axis=axis).astype(np.int64))
+        plane = [a for a in range(3) if a != axis]
+        meta = {
+            "source_files": list(rec.image_files) + ([rec.label_file] if rec.label_file else []),
+            "format": "nifti_volume_slice",
+            "layout": self.layout,
+            "original_shape": [int(image.shape[1]), int(image.shape[2])],
+            "spacing": [float(rec.zooms[a]) for a in plane],
+            "affine": [list(row) for row in rec.affine],
+            "reference_file": rec.image_files[0],
+            "patient_id": rec.patient_id,
+            "volume_id": rec.volume_id,
+            "slice_index": k,
+            "volume_shape": [int(s) for s in rec.shape],
+            "slice_axis": axis,
+        }
+        return self._finish(image, label, bounds, self._case_id(i), meta)
+
+    def _volume(self, v: int):
+        """(channels list of [X, Y, Z], label [X, Y, Z] raw values or None, per-channel bounds)."""
+        if v in self._cache:
+            self._cache.move_to_end(v)
+            return self._cache[v]
+        rec: VolumeRecord = self.records[v]
+        channels = []
+        for path in rec.image_files:
+            data, _ = read_nifti(path)
+            data = data.reshape(rec.shape)
+            check_finite(data, path)
+            channels.append(data)
+        label = None
+        if rec.label_file is not None:
+            raw, _ = read_nifti(rec.label_file)
+            raw = raw.reshape(rec.shape)
+            check_label_values(label_values(raw, rec.label_file), self.declared_labels, rec.label_file)
+            label = as_int_label(raw).astype(np.uint8 if max(self.declared_labels) < 256 else np.int32)
+        entry = (channels, label, channel_bounds(channels, self.preprocess.clip_percentiles))
+        self._cache[v] = entry
+        while len(self._cache) > self.cache_volumes:
+            self._cache.popitem(last=False)
+        return entry
+
+
+def _brain_slices(records: list) -> list:
+    """Per volume, the slice indices whose first channel has a non-zero voxel.
+
+    Decodes one channel per case (threads: gzip releases the GIL), once, at construction.
+    """
+    def find(rec: VolumeRecord):
+        data, _ = read_nifti(rec.image_files[0])
+        data = data.reshape(rec.shape)
+        other = tuple(a for a in range(3) if a != rec.slice_axis)
+        return np.flatnonzero(np.any(data != 0, axis=other)).tolist()
+
+    workers = max(1, min(8, os.cpu_count() or 1, len(records)))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(find, records)
+        if len(records) > 20:
+            results = tqdm(results, total=len(records), desc="finding brain slices", leave=False)
+        return list(results)
+
+
+def _squeeze_2d(data: np.ndarray, path: str) -> np.ndarray:
+    while data.ndim > 2 and data.shape[-1] == 1:
+        data = data[..., 0]
+    if data.ndim != 2:
+        raise DataError(f"NIfTI file {path} has shape {tuple(data.shape)}; expected a 2D slice")
+    return data

@@ -1,0 +1,135 @@
+"""File readers: NIfTI and 2D image files, with every failure turned into a one-line DataError.
+
+All readers return numpy arrays in the array order of the file (no transposes), so that a
+prediction written back with the same header lines up with the input voxel for voxel.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import nibabel as nib
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from data.errors import DataError
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+# Lossy formats cannot store exact label values: their masks are thresholded at mid-grey.
+LOSSY_SUFFIXES = (".jpg", ".jpeg")
+
+# Images larger than this are refused by PIL as possible decompression bombs; medical
+# slides can legitimately be large, so the limit is raised, not removed.
+Image.MAX_IMAGE_PIXELS = 1 << 30
+
+
+def is_nifti(path: str) -> bool:
+    return path.lower().endswith(NIFTI_SUFFIXES)
+
+
+def is_image(path: str) -> bool:
+    return path.lower().endswith(IMAGE_SUFFIXES)
+
+
+def strip_suffix(name: str) -> str:
+    """File name without its image/NIfTI extension (``a.nii.gz`` -> ``a``)."""
+    low = name.lower()
+    for suffix in NIFTI_SUFFIXES + IMAGE_SUFFIXES:
+        if low.endswith(suffix):
+            return name[: -len(suffix)]
+    return os.path.splitext(name)[0]
+
+
+@dataclass
+class NiftiHeader:
+    """What the index needs from a NIfTI header without decoding the voxels."""
+
+    shape: tuple
+    affine: list  # 4x4 nested list of floats
+    zooms: tuple
+
+
+def read_nifti_header(path: str) -> NiftiHeader:
+    """Header of ``path`` (reads only the first bytes of a .nii.gz)."""
+    try:
+        img = nib.load(path)
+        shape = tuple(int(s) for s in img.shape)
+        affine = np.asarray(img.affine, dtype=np.float64)
+        zooms = tuple(float(z) for z in img.header.get_zooms()[: len(shape)])
+    except Exception as exc:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...)
+        raise DataError(f"cannot read NIfTI file {path}: corrupt or not NIfTI ({_reason(exc)})") from None
+    return NiftiHeader(shape=shape, affine=affine.tolist(), zooms=zooms)
+
+
+def read_nifti(path: str) -> tuple[np.ndarray, NiftiHeader]:
+    """Voxels of ``path`` (scaled by the header's slope/intercept) and its header.
+
+    Integer data keeps its dtype (a cached BraTS volume stays int16); float data becomes float32.
+    """
+    try:
+        img = nib.load(path)
+        data = np.asanyarray(img.dataobj)
+        shape = tuple(int(s) for s in img.shape)
+        affine = np.asarray(img.affine, dtype=np.float64)
+        zooms = tuple(float(z) for z in img.header.get_zooms()[: len(shape)])
+    except Exception as exc:
+        raise DataError(f"cannot read NIfTI file {path}: corrupt or not NIfTI ({_reason(exc)})") from None
+    data = np.asarray(data)
+    if data.dtype.kind == "f" and data.dtype != np.float32:
+        data = data.astype(np.float32)
+    elif data.dtype.kind not in "fiub":
+        raise DataError(f"NIfTI file {path} has unsupported voxel type {data.dtype}")
+    return data, NiftiHeader(shape=shape, affine=affine.tolist(), zooms=zooms)
+
+
+def read_image(path: str, *, as_mask: bool = False) -> np.ndarray:
+    """A 2D image file as ``[H, W, C]`` (C = 1 grey, 3 colour) or, with ``as_mask``, ``[H, W]``.
+
+    Alpha channels are dropped (they carry no intensity). Colour masks become one channel by
+    their per-pixel maximum, so a white-on-black RGB mask reads as the grey one it depicts.
+    """
+    try:
+        with Image.open(path) as img:
+            img.load()
+            arr = _pil_to_array(img)
+    except UnidentifiedImageError:
+        raise DataError(f"cannot read image {path}: not an image file or an unsupported format") from None
+    except DataError:
+        raise
+    except Exception as exc:
+        raise DataError(f"cannot read image {path}: corrupt or unsupported ({_reason(exc)})") from None
+    if arr.ndim == 2:
+        arr = arr[:, :, None]
+    if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise DataError(f"image {path} has unsupported shape {tuple(arr.shape)}")
+    if as_mask:
+        return arr.max(axis=2) if arr.shape[2] > 1 else arr[:, :, 0]
+    return arr
+
+
+def _pil_to_array(img: Image.Image) -> np.ndarray:
+    mode = img.mode
+    if mode in ("RGB", "L"):
+        return np.asarray(img)
+    if mode in ("RGBA", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV", "RGBX", "RGBa"):
+        return np.asarray(img.convert("RGB"))
+    if mode in ("LA", "La", "1"):
+        return np.asarray(img.convert("L"))
+    # 16-bit and float grey (I;16, I, F): keep the full range.
+    return np.asarray(img).astype(np.float32)
+
+
+def check_finite(array: np.ndarray, path: str) -> None:
+    if array.dtype.kind == "f":
+        bad = ~np.isfinite(array)
+        if bad.any():
+            raise DataError(f"{path} contains NaN or inf values ({int(bad.sum())} voxels)")
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if not text:
+        return type(exc).__name__
+    return text if len(text) <= 160 else text[:157] + "..."

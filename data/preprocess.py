@@ -1,0 +1,301 @@
+"""The one preprocessing transform: intensity normalisation, label mapping and geometry.
+
+Every trainer and ``sample.py`` apply the same ``Preprocess``; checkpoints store it with
+``to_dict()`` and ``sample.py`` rebuilds it with ``from_dict()``.
+
+Intensity: per channel, clip to the ``clip_percentiles`` (0.5, 99.5) of the channel's non-zero
+region and scale that range linearly to [0, 1]; zero voxels (the background of skull-stripped
+MRI) stay exactly 0. Scaling to [0, 1] rather than to zero mean and unit variance keeps the
+background at 0, so a padded border looks like background. Volume layouts take the percentiles
+over the whole volume (consistent slices), slice and image layouts over the file they read.
+
+Geometry: ``crop_pad`` centre-crops or zero-pads each axis to ``image_size`` (240 -> 256 pads
+8 pixels on each side); ``resize`` resamples (bilinear image, nearest label). What was done is
+recorded in ``meta["geometry"]`` and ``restore_geometry`` inverts it: crop_pad is inverted
+pixel-exactly (padding removed, a cropped border filled with 0), resize by resampling back.
+Training with ``augment`` draws the crop/pad offset at random, flips each axis with p=0.5 and
+jitters each channel's intensity (scale 1 +- 0.1, shift +- 0.05 on its non-zero region).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from data.errors import DataConfigError, DataError
+
+RESIZE_MODES = ("crop_pad", "resize")
+LABEL_MODES = ("binary", "subset")
+# Volumes hold millions of non-zero voxels; percentiles of a regular subsample of this many
+# values differ from the exact ones by far less than the noise, and cost a fraction.
+_MAX_PERCENTILE_SAMPLES = 1 << 20
+_JITTER_SCALE = 0.1
+_JITTER_SHIFT = 0.05
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """The preprocessing a model was trained with; everything needed to rebuild its inputs.
+
+    image_size: side S of the square network input.
+    resize_mode: "crop_pad" or "resize".
+    clip_percentiles: (low, high) percentiles of each channel's non-zero region.
+    label_mode: "binary" (any non-zero label is foreground) or "subset" (``foreground_labels``).
+    foreground_labels: label values counted as foreground in "subset" mode, e.g. (1, 4).
+    channel_names: the image channels in order, as the data named them (filled by the dataset).
+    dataset: the layout the model was trained on (filled by the dataset).
+    """
+
+    image_size: int = 256
+    resize_mode: str = "crop_pad"
+    clip_percentiles: tuple = (0.5, 99.5)
+    label_mode: str = "binary"
+    foreground_labels: tuple = ()
+    channel_names: tuple = field(default=())
+    dataset: str = ""
+
+    def __post_init__(self):
+        object.__setattr__(self, "clip_percentiles", tuple(float(p) for p in self.clip_percentiles))
+        object.__setattr__(self, "foreground_labels", tuple(int(v) for v in self.foreground_labels))
+        object.__setattr__(self, "channel_names", tuple(str(c) for c in self.channel_names))
+        if isinstance(self.image_size, bool) or not isinstance(self.image_size, (int, np.integer)) or self.image_size < 1:
+            raise DataConfigError(f"--image_size must be a positive integer, got {self.image_size!r}")
+        object.__setattr__(self, "image_size", int(self.image_size))
+        if self.resize_mode not in RESIZE_MODES:
+            raise DataConfigError(f"unknown --resize_mode {self.resize_mode!r}; choose one of {', '.join(RESIZE_MODES)}")
+        if self.label_mode not in LABEL_MODES:
+            raise DataConfigError(f"unknown --label_mode {self.label_mode!r}; choose one of {', '.join(LABEL_MODES)}")
+        if self.label_mode == "subset" and not self.foreground_labels:
+            raise DataConfigError("--label_mode subset needs --foreground_labels (e.g. --foreground_labels 1,4)")
+        if self.label_mode == "binary" and self.foreground_labels:
+            raise DataConfigError("--foreground_labels is only used with --label_mode subset")
+        if 0 in self.foreground_labels:
+            raise DataConfigError("--foreground_labels must not contain 0 (the background)")
+        if len(self.clip_percentiles) != 2 or not 0.0 <= self.clip_percentiles[0] < self.clip_percentiles[1] <= 100.0:
+            raise DataConfigError(f"clip_percentiles must be (low, high) with 0 <= low < high <= 100, got {self.clip_percentiles}")
+
+    def to_dict(self) -> dict:
+        """Plain python types only (lists, not tuples), as a checkpoint config stores them."""
+        return {
+            "image_size": self.image_size,
+            "resize_mode": self.resize_mode,
+            "clip_percentiles": list(self.clip_percentiles),
+            "label_mode": self.label_mode,
+            "foreground_labels": list(self.foreground_labels),
+            "channel_names": list(self.channel_names),
+            "dataset": self.dataset,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Preprocess":
+        """Inverse of ``to_dict``; missing keys take their defaults, unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise DataConfigError(f"preprocessing record has unknown keys {unknown}; known: {sorted(names)}")
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in d.items()})
+
+    def with_data(self, channel_names, dataset: str) -> "Preprocess":
+        return dataclasses.replace(self, channel_names=tuple(channel_names), dataset=dataset)
+
+    def map_label(self, raw: np.ndarray) -> np.ndarray:
+        """Raw label values [H, W] -> int64 {0, 1} foreground mask."""
+        if self.label_mode == "binary":
+            return (raw != 0).astype(np.int64)
+        return np.isin(raw, self.foreground_labels).astype(np.int64)
+
+    def apply(self, image: np.ndarray, label: np.ndarray | None, bounds, *, augment: bool = False,
+              rng: np.random.Generator | None = None):
+        """Normalise and fit one slice to the network input.
+
+        image: [C, H, W] raw intensities; label: [H, W] {0, 1} or None;
+        bounds: per-channel (low, high) intensities from ``channel_bounds``.
+        Returns (image float32 [C, S, S] in [0, 1], label int64 [S, S] or None, geometry dict).
+        """
+        image = normalise(image, bounds)
+        plan = geometry_plan(image.shape[-2:], self.image_size, self.resize_mode, rng=rng if augment else None)
+        image = apply_geometry(image, plan, order=1)
+        if label is not None:
+            label = apply_geometry(label, plan, order=0)
+        if augment:
+            image = jitter_intensity(image, rng)
+        return np.ascontiguousarray(image, dtype=np.float32), label, plan
+
+
+def parse_foreground_labels(text) -> tuple:
+    """``"1,4"`` -> (1, 4); ``""`` -> (). Accepts a sequence of ints as well."""
+    if isinstance(text, (list, tuple)):
+        values = list(text)
+    else:
+        parts = [p.strip() for p in str(text).split(",") if p.strip()]
+        values = []
+        for p in parts:
+            try:
+                values.append(int(p))
+            except ValueError:
+                raise DataConfigError(f"--foreground_labels must be comma-separated integers like 1,4; got {text!r}") from None
+    return tuple(sorted(set(int(v) for v in values)))
+
+
+def channel_bounds(image: np.ndarray, percentiles=(0.5, 99.5)) -> list:
+    """Per-channel (low, high) percentiles of the non-zero voxels of ``image`` [C, ...]
+    (an array or a list of per-channel arrays). A channel without non-zero voxels gets (0.0, 0.0).
+    """
+    bounds = []
+    for channel in image:
+        values = channel[channel != 0]
+        if values.size == 0:
+            bounds.append((0.0, 0.0))
+            continue
+        if values.size > _MAX_PERCENTILE_SAMPLES:
+            values = values[:: values.size // _MAX_PERCENTILE_SAMPLES + 1]
+        lo, hi = np.percentile(values.astype(np.float64), percentiles)
+        bounds.append((float(lo), float(hi)))
+    return bounds
+
+
+def normalise(image: np.ndarray, bounds) -> np.ndarray:
+    """[C, H, W] raw -> float32 [C, H, W] in [0, 1]; zero voxels stay 0.
+
+    Non-zero voxels map ``low -> 0`` and ``high -> 1`` (clipped). A channel whose non-zero
+    region is constant (low == high) maps that region to 1.
+    """
+    out = np.zeros(image.shape, dtype=np.float32)
+    for c, (lo, hi) in enumerate(bounds):
+        x = image[c].astype(np.float32, copy=False)
+        nonzero = x != 0
+        if hi > lo:
+            scaled = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
+        else:
+            scaled = np.ones_like(x)
+        out[c] = np.where(nonzero, scaled, 0.0)
+    return out
+
+
+def geometry_plan(in_hw, size: int, mode: str, rng: np.random.Generator | None = None) -> dict:
+    """What ``apply_geometry`` does to a slice of shape ``in_hw``; random offsets/flips with ``rng``.
+
+    crop_pad: out[dst:dst+extent] = in[src:src+extent] per axis, zeros elsewhere.
+    """
+    h, w = int(in_hw[0]), int(in_hw[1])
+    flip = [bool(rng.random() < 0.5), bool(rng.random() < 0.5)] if rng is not None else [False, False]
+    plan = {"mode": mode, "input_shape": [h, w], "output_shape": [size, size], "flip": flip}
+    if mode == "resize":
+        return plan
+    if mode != "crop_pad":
+        raise DataConfigError(f"unknown --resize_mode {mode!r}; choose one of {', '.join(RESIZE_MODES)}")
+    src, dst, extent = [], [], []
+    for n in (h, w):
+        slack = abs(n - size)
+        offset = int(rng.integers(0, slack + 1)) if rng is not None else slack // 2
+        if n >= size:
+            src.append(offset), dst.append(0), extent.append(size)
+        else:
+            src.append(0), dst.append(offset), extent.append(n)
+    plan.update(src_start=src, dst_start=dst, extent=extent)
+    return plan
+
+
+def apply_geometry(array: np.ndarray, plan: dict, order: int) -> np.ndarray:
+    """[..., H, W] -> [..., S, S] following ``plan``; order 1 bilinear, 0 nearest (labels)."""
+    h, w = plan["input_shape"]
+    if tuple(array.shape[-2:]) != (h, w):
+        raise ValueError(f"array of shape {array.shape} does not match the plan's input {h}x{w}")
+    if plan["mode"] == "resize":
+        out = _resize(array, tuple(plan["output_shape"]), order)
+    else:
+        out = np.zeros(array.shape[:-2] + tuple(plan["output_shape"]), dtype=array.dtype)
+        (sy, sx), (dy, dx), (ny, nx) = plan["src_start"], plan["dst_start"], plan["extent"]
+        out[..., dy:dy + ny, dx:dx + nx] = array[..., sy:sy + ny, sx:sx + nx]
+    return _flip(out, plan["flip"])
+
+
+def restore_geometry(array, meta: dict, order: int = 0) -> np.ndarray:
+    """Map a network-sized array [..., S, S] back to the input's own grid [..., H, W].
+
+    meta: an item's meta (or its ``meta["geometry"]``). order: 0 nearest (masks, labels),
+    1 bilinear (probability or uncertainty maps); crop_pad ignores it and is pixel-exact
+    (the padding is cut away, a border that was cropped off comes back as 0).
+    """
+    plan = meta.get("geometry", meta)
+    if isinstance(array, torch.Tensor):
+        array = array.detach().cpu().numpy()
+    array = np.asarray(array)
+    size = tuple(plan["output_shape"])
+    if tuple(array.shape[-2:]) != size:
+        raise ValueError(f"array of shape {array.shape} does not match the network size {size}")
+    if order not in (0, 1):
+        raise ValueError(f"order must be 0 (nearest) or 1 (bilinear), got {order}")
+    array = _flip(array, plan["flip"])
+    h, w = plan["input_shape"]
+    if plan["mode"] == "resize":
+        return _resize(array, (h, w), order)
+    out = np.zeros(array.shape[:-2] + (h, w), dtype=array.dtype)
+    (sy, sx), (dy, dx), (ny, nx) = plan["src_start"], plan["dst_start"], plan["extent"]
+    out[..., sy:sy + ny, sx:sx + nx] = array[..., dy:dy + ny, dx:dx + nx]
+    return out
+
+
+def jitter_intensity(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Per-channel random scale and shift of the non-zero region, kept in [0, 1]."""
+    out = image.copy()
+    for c in range(out.shape[0]):
+        scale = 1.0 + rng.uniform(-_JITTER_SCALE, _JITTER_SCALE)
+        shift = rng.uniform(-_JITTER_SHIFT, _JITTER_SHIFT)
+        nonzero = out[c] != 0
+        out[c] = np.where(nonzero, np.clip(out[c] * scale + shift, 0.0, 1.0), 0.0)
+    return out
+
+
+def _flip(array: np.ndarray, flip) -> np.ndarray:
+    axes = [axis for axis, f in zip((-2, -1), flip) if f]
+    return np.flip(array, axis=axes).copy() if axes else array
+
+
+def _resize(array: np.ndarray, out_hw: tuple, order: int) -> np.ndarray:
+    """Resample the last two axes; bilinear (half-pixel centres) or nearest-exact."""
+    dtype = array.dtype
+    lead = array.shape[:-2]
+    t = torch.from_numpy(np.ascontiguousarray(array, dtype=np.float32)).reshape(-1, 1, *array.shape[-2:])
+    if order == 1:
+        t = F.interpolate(t, size=out_hw, mode="bilinear", align_corners=False)
+        out = t.reshape(*lead, *out_hw).numpy()
+        return out if dtype.kind == "f" else out.astype(np.float32)
+    t = F.interpolate(t, size=out_hw, mode="nearest-exact")
+    return t.reshape(*lead, *out_hw).numpy().astype(dtype)
+
+
+def check_label_values(values, declared, path: str) -> None:
+    """DataError naming ``path`` when the mask holds values the dataset does not declare."""
+    extra = sorted(set(int(v) for v in values) - set(declared))
+    if extra:
+        shown = ", ".join(str(v) for v in extra[:8]) + (", ..." if len(extra) > 8 else "")
+        raise DataError(f"mask {path} has values {shown} that the dataset does not declare "
+                        f"(declared: {', '.join(str(v) for v in sorted(declared))})")
+
+
+def label_values(label: np.ndarray, path: str) -> np.ndarray:
+    """Distinct values of a label array as int64; DataError for non-integer values."""
+    if label.dtype.kind == "f":
+        if not np.isfinite(label).all():
+            raise DataError(f"{path} contains NaN or inf values ({int((~np.isfinite(label)).sum())} voxels)")
+        rounded = np.rint(label)
+        if not np.array_equal(rounded, label):
+            raise DataError(f"mask {path} has non-integer values (e.g. {float(label[rounded != label][0])}); labels must be integers")
+        label = rounded.astype(np.int64)
+    if label.dtype.kind == "b":
+        label = label.astype(np.int64)
+    if label.size and label.min() >= 0 and label.max() < 65536:
+        counts = np.bincount(label.ravel().astype(np.int64, copy=False))
+        return np.flatnonzero(counts)
+    return np.unique(label).astype(np.int64)
+
+
+def as_int_label(label: np.ndarray) -> np.ndarray:
+    if label.dtype.kind == "f":
+        return np.rint(label).astype(np.int64)
+    return label.astype(np.int64, copy=False)

@@ -1,0 +1,91 @@
+"""Write network outputs back in the input's own format and geometry.
+
+A case read from NIfTI is written as NIfTI with the source file's affine and header (same
+array shape as the source slice); slices of a 3D volume are reassembled into a volume with the
+volume's affine and header; a case read from an image file is written as PNG: masks as 8-bit
+0/255, float maps in [0, 1] as 16-bit (0..65535). Every file is written to a temporary name
+in its folder and then renamed, so an interrupted run never leaves half a file.
+"""
+
+import os
+import tempfile
+
+import nibabel as nib
+import numpy as np
+from PIL import Image
+
+from data.errors import DataError
+
+NIFTI_FORMATS = ("nifti_slice", "nifti_volume_slice")
+
+
+def output_extension(meta: dict) -> str:
+    """File ending of the outputs of a case: .nii.gz for NIfTI inputs, .png otherwise."""
+    return ".nii.gz" if meta["format"] in NIFTI_FORMATS else ".png"
+
+
+def _atomic(path: str, write) -> str:
+    folder = os.path.dirname(path) or "."
+    os.makedirs(folder, exist_ok=True)
+    suffix = ".nii.gz" if path.endswith(".nii.gz") else os.path.splitext(path)[1]
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def _load_reference(path: str):
+    try:
+        return nib.load(path)
+    except Exception as exc:  # nibabel raises many types for unreadable files
+        raise DataError(f"{path}: cannot read the reference NIfTI header ({exc})") from None
+
+
+def _nifti_like(array: np.ndarray, reference, path: str) -> str:
+    header = reference.header.copy()
+    header.set_data_dtype(array.dtype)
+    image = nib.Nifti1Image(array, reference.affine, header)
+    return _atomic(path, lambda tmp: nib.save(image, tmp))
+
+
+def write_slice(path_stem: str, array: np.ndarray, meta: dict) -> str:
+    """Write one 2D map [H, W] (at the input's geometry) beside ``path_stem`` + extension.
+
+    Boolean / integer arrays are masks; float arrays are maps with values in [0, 1].
+    Returns the path written.
+    """
+    path = path_stem + output_extension(meta)
+    array = np.asarray(array)
+    is_mask = array.dtype == bool or np.issubdtype(array.dtype, np.integer)
+    if meta["format"] in NIFTI_FORMATS:
+        reference = _load_reference(meta["reference_file"])
+        data = array.astype(np.uint8 if is_mask else np.float32)
+        data = data.reshape(reference.shape) if int(np.prod(reference.shape)) == data.size else data
+        return _nifti_like(data, reference, path)
+    if is_mask:
+        image = Image.fromarray((array > 0).astype(np.uint8) * 255)
+    else:
+        image = Image.fromarray(np.round(np.clip(array, 0.0, 1.0) * 65535).astype(np.uint16))
+    return _atomic(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+def write_volume(path: str, slices: dict, meta: dict, dtype) -> str:
+    """Reassemble {slice_index: [H, W]} along the volume's slice axis and write it as NIfTI.
+
+    Slices that are absent (not sampled) are written as 0.
+    """
+    reference = _load_reference(meta["reference_file"])
+    shape = tuple(meta["volume_shape"])
+    axis = int(meta["slice_axis"])
+    volume = np.zeros(shape, dtype=dtype)
+    for index, plane in slices.items():
+        target = [slice(None)] * 3
+        target[axis] = int(index)
+        volume[tuple(target)] = plane
+    return _nifti_like(volume, reference, path)

@@ -1,0 +1,180 @@
+"""Evaluate a folder of predicted masks against a folder of labels.
+
+    python -m evaluation --pred_dir OUT/masks --label_dir DATA/labels [--out_dir OUT]
+        [--pred_suffix ""] [--label_suffix _seg] [--classes 1,2,4] [--dataset auto]
+
+Like nnU-Net's evaluate-folder: predictions and labels are paired by case id (file name
+without extension and suffix, see ``evaluation.files``), every pair is scored with
+``evaluation.metrics.segmentation_metrics`` (whole foreground = any nonzero label, spacing
+from the label's NIfTI header, else the prediction's, else 1.0), and metrics.csv (one row
+per case) and summary.json (means, standard deviations, nan counts) are written to
+--out_dir, default --pred_dir. Labels without a prediction and predictions without a label
+are listed in summary.json and not scored. Nothing is written if any pair fails.
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from evaluation.errors import EvaluationError
+from evaluation.files import MASK_EXTENSIONS, find_cases, read_mask
+from evaluation.metrics import METRIC_NAMES, segmentation_metrics
+from evaluation.report import metrics_row, summarize, write_metrics_csv, write_summary_json
+from guided_diffusion.errors import ConfigError
+
+DATASETS = ("auto", "files")
+
+
+def create_argparser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m evaluation",
+        description="Score predicted masks against labels; write metrics.csv and summary.json.",
+    )
+    parser.add_argument(
+        "--pred_dir", required=True, help="folder of predicted masks (one file per case)"
+    )
+    parser.add_argument(
+        "--label_dir", required=True, help="folder of label masks (one file per case)"
+    )
+    parser.add_argument(
+        "--out_dir", default="", help="where metrics.csv and summary.json go (default: --pred_dir)"
+    )
+    parser.add_argument(
+        "--pred_suffix",
+        default="",
+        help="suffix of prediction file names before the extension, removed to get the case id",
+    )
+    parser.add_argument(
+        "--label_suffix",
+        default="",
+        help="suffix of label file names before the extension (e.g. _seg), removed to get the "
+        "case id; only files with this suffix are labels",
+    )
+    parser.add_argument(
+        "--classes",
+        default="",
+        help="comma-separated label values to score one by one as well (columns "
+        "class<k>_<metric>); the main columns always score the whole foreground "
+        "(any nonzero value)",
+    )
+    parser.add_argument(
+        "--dataset",
+        default="auto",
+        choices=DATASETS,
+        help="how labels are read: 'files' reads each file in --label_dir as one case "
+        f"({', '.join(MASK_EXTENSIONS)}); 'auto' is the same",
+    )
+    return parser
+
+
+def _parse_classes(text: str) -> tuple[int, ...]:
+    if not text.strip():
+        return ()
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as err:
+        raise ConfigError(f"--classes {text!r} must be comma-separated integers") from err
+
+
+def _check_folder(path, flag: str) -> Path:
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"{flag} {path}: folder not found")
+    return path
+
+
+def evaluate_folders(
+    pred_dir,
+    label_dir,
+    *,
+    pred_suffix: str = "",
+    label_suffix: str = "",
+    classes: tuple[int, ...] = (),
+    progress: bool = False,
+) -> tuple[list[dict], dict]:
+    """Score every prediction that has a label.
+
+    Returns:
+        (rows for metrics.csv, dict with pred_dir, label_dir, missing_predictions (case ids of
+        labels without a prediction) and unmatched_predictions (predictions without a label)).
+    """
+    pred_dir = _check_folder(pred_dir, "--pred_dir")
+    label_dir = _check_folder(label_dir, "--label_dir")
+    preds = find_cases(pred_dir, pred_suffix)
+    labels = find_cases(label_dir, label_suffix)
+    for cases, folder, flag, suffix in (
+        (preds, pred_dir, "--pred_dir", pred_suffix),
+        (labels, label_dir, "--label_dir", label_suffix),
+    ):
+        if not cases:
+            ending = f" ending with {suffix!r}" if suffix else ""
+            raise EvaluationError(
+                f"{flag} {folder}: no mask files{ending} ({', '.join(MASK_EXTENSIONS)})"
+            )
+    matched = sorted(set(preds) & set(labels))
+    if not matched:
+        raise EvaluationError(
+            f"no case ids match between --pred_dir {pred_dir} (e.g. {min(preds)!r}) and "
+            f"--label_dir {label_dir} (e.g. {min(labels)!r}); check --pred_suffix/--label_suffix"
+        )
+    rows = []
+    # disable=None: the bar shows on a terminal and stays out of redirected logs.
+    bar = tqdm(matched, desc="evaluate", unit="case", disable=None if progress else True)
+    for case_id in bar:
+        pred, pred_spacing = read_mask(preds[case_id])
+        label, label_spacing = read_mask(labels[case_id])
+        if pred.shape != label.shape:
+            raise EvaluationError(
+                f"prediction {preds[case_id]} has shape {pred.shape} but label "
+                f"{labels[case_id]} has shape {label.shape}"
+            )
+        spacing = label_spacing if label_spacing is not None else pred_spacing
+        extra = {}
+        for value in classes:
+            per_class = segmentation_metrics(pred == value, label == value, spacing)
+            extra.update({f"class{value}_{m}": per_class[m] for m in METRIC_NAMES})
+        rows.append(
+            metrics_row(case_id, segmentation_metrics(pred != 0, label != 0, spacing), extra=extra)
+        )
+    info = {
+        "pred_dir": str(pred_dir),
+        "label_dir": str(label_dir),
+        "missing_predictions": sorted(set(labels) - set(preds)),
+        "unmatched_predictions": sorted(set(preds) - set(labels)),
+    }
+    return rows, info
+
+
+def main(argv=None) -> None:
+    args = create_argparser().parse_args(argv)
+    classes = _parse_classes(args.classes)
+    rows, info = evaluate_folders(
+        args.pred_dir,
+        args.label_dir,
+        pred_suffix=args.pred_suffix,
+        label_suffix=args.label_suffix,
+        classes=classes,
+        progress=True,
+    )
+    summary = summarize(rows)
+    summary.update(info, dataset="files", classes=list(classes))
+    out_dir = Path(args.out_dir or args.pred_dir)
+    try:
+        write_metrics_csv(rows, out_dir / "metrics.csv")
+        write_summary_json(summary, out_dir / "summary.json")
+    except OSError as err:
+        raise EvaluationError(f"--out_dir {out_dir}: cannot write ({err.strerror})") from err
+    for key, what in (
+        ("missing_predictions", "labels without a prediction"),
+        ("unmatched_predictions", "predictions without a label"),
+    ):
+        if info[key]:
+            print(f"note: {what}: {len(info[key])} (listed in summary.json)", file=sys.stderr)
+    dice = summary["kinds"]["case"]["metrics"]["dice"]
+    print(
+        f"evaluated {summary['n_cases']} cases: mean dice {dice['mean']:.4f}; "
+        f"wrote {out_dir / 'metrics.csv'} and {out_dir / 'summary.json'}"
+    )
+

@@ -1,0 +1,204 @@
+"""Overlap and surface-distance metrics for binary 2D and 3D segmentations.
+
+All functions take a prediction and a label of the same shape (numpy arrays or torch
+tensors; any nonzero value is foreground) and an optional voxel ``spacing``: one positive
+length per axis in millimetres, in the arrays' axis order, e.g. ``(2.0, 1.0)`` for rows
+2 mm apart and columns 1 mm apart. Anisotropic spacing is supported; ``None`` means 1.0 on
+every axis, so distances are then in voxels.
+
+Metrics (tp, fp, fn, tn are voxel counts of the confusion matrix):
+
+- ``dice`` = 2 tp / (2 tp + fp + fn), ``iou`` = tp / (tp + fp + fn)
+- ``sensitivity`` = tp / (tp + fn), ``specificity`` = tn / (tn + fp),
+  ``precision`` = tp / (tp + fp)
+- ``hd95``: the 95th percentile Hausdorff distance. As MONAI's
+  ``compute_hausdorff_distance(percentile=95, directed=False)``: the 95th percentile (numpy's
+  linear interpolation) of the distances from each prediction surface voxel to the label
+  surface, the same from the label surface to the prediction surface, and the larger of the
+  two. (It is not the percentile of the pooled distances.)
+- ``assd``: average symmetric surface distance, the mean of both directed distance sets
+  pooled together (MONAI's ``compute_average_surface_distance(symmetric=True)``).
+
+The surface of a mask is ``mask XOR binary_erosion(mask)`` (face connectivity), where voxels
+outside the array count as background, so a mask touching the border has a surface there.
+Distances from one surface to the other come from
+``scipy.ndimage.distance_transform_edt(sampling=spacing)``, evaluated on the bounding box of
+both masks (exact, since every surface voxel lies inside it).
+
+Empty masks (MONAI documents its own choices; ours are):
+
+- both empty: dice = iou = 1, hd95 = assd = 0, sensitivity = nan, specificity = 1,
+  precision = nan (a correct "nothing here").
+- prediction empty, label not: dice = iou = 0, hd95 = assd = nan, sensitivity = 0,
+  precision = nan.
+- label empty, prediction not: dice = iou = 0, hd95 = assd = nan, sensitivity = nan,
+  precision = 0.
+
+Apart from dice and iou of two empty masks, a ratio whose denominator is zero is ``nan``
+(no positives to find, nothing predicted); specificity is ``nan`` only when every voxel is
+labelled foreground.
+Where a distance is undefined because one surface is missing, MONAI returns ``nan`` (older
+versions ``inf``); we return ``nan``. Summaries aggregate with nan-aware means and report how
+many cases were ``nan`` (see ``evaluation.report.summarize``).
+"""
+
+import math
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from scipy import ndimage
+
+from evaluation.arrays import to_bool_mask, to_numpy
+from evaluation.errors import EvaluationError
+
+METRIC_NAMES = ("dice", "iou", "hd95", "assd", "sensitivity", "specificity", "precision")
+COUNT_NAMES = ("tp", "fp", "fn", "tn", "pred_voxels", "label_voxels")
+HD_PERCENTILE = 95.0
+
+
+def _ratio(num: int, den: int) -> float:
+    return num / den if den > 0 else math.nan
+
+
+def _check_spacing(spacing, ndim: int) -> tuple[float, ...]:
+    if spacing is None:
+        return (1.0,) * ndim
+    spacing = tuple(float(s) for s in spacing)
+    if len(spacing) != ndim:
+        raise EvaluationError(
+            f"spacing {spacing} has {len(spacing)} values but the masks have {ndim} axes"
+        )
+    if not all(math.isfinite(s) and s > 0 for s in spacing):
+        raise EvaluationError(f"spacing {spacing} must be positive and finite on every axis")
+    return spacing
+
+
+def _check_pair(pred, label) -> tuple[np.ndarray, np.ndarray]:
+    pred, label = to_bool_mask(pred), to_bool_mask(label)
+    if pred.shape != label.shape:
+        raise EvaluationError(
+            f"prediction shape {pred.shape} does not match label shape {label.shape}"
+        )
+    if pred.ndim == 0:
+        raise EvaluationError("masks must have at least one axis")
+    return pred, label
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
+    # border_value=0: outside the array is background, so a mask cut by the border has a face there.
+    return mask ^ ndimage.binary_erosion(mask, border_value=0)
+
+
+def surface_distances(pred, label, spacing=None) -> tuple[np.ndarray, np.ndarray]:
+    """Directed surface distances between two non-empty masks.
+
+    Args:
+        pred, label: masks of one shape [*S] (2D or 3D; nonzero = foreground), both non-empty.
+        spacing: voxel size per axis (len == ndim), or None for 1.0.
+
+    Returns:
+        (pred_to_label [Np], label_to_pred [Nl]) float64: for each surface voxel of one mask,
+        the distance in spacing units to the nearest surface voxel of the other.
+    """
+    pred, label = _check_pair(pred, label)
+    spacing = _check_spacing(spacing, pred.ndim)
+    if not pred.any() or not label.any():
+        raise EvaluationError("surface distances need two non-empty masks")
+    # Every surface voxel lies in the union's bounding box; one voxel of margin keeps the
+    # erosion there identical to the erosion of the whole array.
+    coords = np.nonzero(pred | label)
+    box = tuple(
+        slice(max(int(c.min()) - 1, 0), min(int(c.max()) + 2, n))
+        for c, n in zip(coords, pred.shape)
+    )
+    pred_surface, label_surface = _surface(pred[box]), _surface(label[box])
+    to_label = ndimage.distance_transform_edt(~label_surface, sampling=spacing)
+    to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=spacing)
+    return to_label[pred_surface], to_pred[label_surface]
+
+
+def overlap_metrics(tp: int, fp: int, fn: int, tn: int) -> dict:
+    """Count-based metrics (dice, iou, sensitivity, specificity, precision) from the confusion
+    counts, with the empty-mask conventions of the module docstring."""
+    tp, fp, fn, tn = int(tp), int(fp), int(fn), int(tn)
+    both_empty = tp + fp + fn == 0
+    return {
+        "dice": 1.0 if both_empty else 2 * tp / (2 * tp + fp + fn),
+        "iou": 1.0 if both_empty else tp / (tp + fp + fn),
+        "sensitivity": _ratio(tp, tp + fn),
+        "specificity": _ratio(tn, tn + fp),
+        "precision": _ratio(tp, tp + fp),
+    }
+
+
+def segmentation_metrics(pred, label, spacing=None) -> dict:
+    """All metrics of one binary prediction against its label.
+
+    Args:
+        pred, label: masks of one shape [H, W] or [D, H, W] (any nonzero value is foreground).
+        spacing: voxel size per axis in mm (len == ndim), or None for 1.0 on every axis.
+
+    Returns:
+        dict with the floats dice, iou, hd95, assd, sensitivity, specificity, precision and
+        the ints tp, fp, fn, tn, pred_voxels, label_voxels. Empty masks: module docstring.
+    """
+    pred, label = _check_pair(pred, label)
+    spacing = _check_spacing(spacing, pred.ndim)
+    tp = int(np.count_nonzero(pred & label))
+    pred_voxels = int(np.count_nonzero(pred))
+    label_voxels = int(np.count_nonzero(label))
+    fp, fn = pred_voxels - tp, label_voxels - tp
+    tn = pred.size - tp - fp - fn
+
+    if pred_voxels == 0 and label_voxels == 0:
+        hd95, assd = 0.0, 0.0
+    elif pred_voxels == 0 or label_voxels == 0:
+        hd95, assd = math.nan, math.nan
+    else:
+        d_pred, d_label = surface_distances(pred, label, spacing)
+        hd95 = float(
+            max(np.percentile(d_pred, HD_PERCENTILE), np.percentile(d_label, HD_PERCENTILE))
+        )
+        assd = float((d_pred.sum() + d_label.sum()) / (d_pred.size + d_label.size))
+
+    result = overlap_metrics(tp, fp, fn, tn)
+    result.update(hd95=hd95, assd=assd)
+    result = {name: result[name] for name in METRIC_NAMES}
+    result.update(
+        tp=tp, fp=fp, fn=fn, tn=tn, pred_voxels=pred_voxels, label_voxels=label_voxels
+    )
+    return result
+
+
+def multiclass_metrics(pred_labels, label_labels, classes, spacing=None) -> dict:
+    """Metrics per class of two integer label maps.
+
+    Args:
+        pred_labels, label_labels: integer maps of one shape [H, W] or [D, H, W].
+        classes: a sequence of label values (``[1, 2, 4]``), or a mapping from a name to a
+            label value or to a sequence of values whose union forms the region
+            (``{"whole_tumor": (1, 2, 4), "enhancing": 4}``).
+        spacing: voxel size per axis in mm, or None.
+
+    Returns:
+        {class value or name: segmentation_metrics(pred in region, label in region)}.
+    """
+    pred_labels, label_labels = to_numpy(pred_labels), to_numpy(label_labels)
+    if pred_labels.shape != label_labels.shape:
+        raise EvaluationError(
+            f"prediction shape {pred_labels.shape} does not match label shape "
+            f"{label_labels.shape}"
+        )
+    if isinstance(classes, Mapping):
+        regions = dict(classes)
+    elif isinstance(classes, Sequence) and not isinstance(classes, str):
+        regions = {c: c for c in classes}
+    else:
+        raise EvaluationError(f"classes must be a sequence or a mapping, got {classes!r}")
+    out = {}
+    for key, values in regions.items():
+        values = np.atleast_1d(np.asarray(values))
+        out[key] = segmentation_metrics(
+            np.isin(pred_labels, values), np.isin(label_labels, values), spacing
+        )
+    return out

@@ -1,0 +1,515 @@
+"""Metric tables, summaries, per-volume aggregation, overlays and 16-bit maps.
+
+metrics.csv has one row per evaluated unit and these columns, in this order:
+
+- ``case_id``: the case (a 2D slice, an image or a volume), or the group for group rows;
+- ``group_id``: the volume or patient the case belongs to ("" when none);
+- ``kind``: ``case`` for a single case, ``volume`` / ``patient`` for a group whose metrics
+  were recomputed on its slices stacked in 3D (``GroupAccumulator``), never averaged;
+- the metrics of the result: ``dice iou hd95 assd sensitivity specificity precision`` and
+  the counts ``tp fp fn tn pred_voxels label_voxels`` (``evaluation.metrics``);
+- the same with a ``preseg_`` prefix for the pre-segmentation, when any row has them;
+- any further columns (e.g. per-class ``class1_dice``) in the order first seen.
+
+Numbers are written at full precision; ``nan`` is written as ``nan``, a missing value as "".
+Files are written atomically (a temporary file in the same folder, then a rename), so a
+reader never sees half a table.
+"""
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from scipy import ndimage
+
+from evaluation.arrays import to_bool_mask, to_numpy
+from evaluation.errors import EvaluationError
+from evaluation.metrics import COUNT_NAMES, METRIC_NAMES, overlap_metrics, segmentation_metrics
+
+ID_COLUMNS = ("case_id", "group_id", "kind")
+KINDS = ("case", "volume", "patient")
+PRESEG_PREFIX = "preseg_"
+RESULT_COLUMNS = METRIC_NAMES + COUNT_NAMES
+
+
+def metrics_row(
+    case_id: str,
+    metrics: dict | None,
+    *,
+    group_id: str = "",
+    kind: str = "case",
+    preseg_metrics: dict | None = None,
+    extra: dict | None = None,
+) -> dict:
+    """One metrics.csv row: ids, the result's metrics, ``preseg_``-prefixed pre-segmentation
+    metrics (if given) and ``extra`` columns (e.g. per-class metrics)."""
+    if kind not in KINDS:
+        raise EvaluationError(f"row kind {kind!r} is unknown; choose one of {', '.join(KINDS)}")
+    row = {"case_id": str(case_id), "group_id": str(group_id), "kind": kind}
+    row.update(metrics or {})
+    for name, value in (preseg_metrics or {}).items():
+        row[PRESEG_PREFIX + name] = value
+    row.update(extra or {})
+    return row
+
+
+def _columns(rows: list[dict]) -> list[str]:
+    seen = dict.fromkeys(key for row in rows for key in row)
+    ordered = list(ID_COLUMNS)
+    ordered += [c for c in RESULT_COLUMNS if c in seen]
+    ordered += [PRESEG_PREFIX + c for c in RESULT_COLUMNS if PRESEG_PREFIX + c in seen]
+    ordered += [c for c in seen if c not in ordered]
+    return ordered
+
+
+def _format(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return repr(float(value))
+    return str(value)
+
+
+def _atomic_write_text(path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_metrics_csv(rows: list[dict], path) -> None:
+    """Write rows (dicts from ``metrics_row``) to ``path`` as metrics.csv, atomically."""
+    buffer = io.StringIO()
+    columns = _columns(rows)
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_format(row.get(c)) for c in columns])
+    _atomic_write_text(path, buffer.getvalue())
+
+
+def _parse(text: str):
+    if text == "":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def read_metrics_csv(path) -> list[dict]:
+    """Read a metrics.csv back: ids as str, integers as int, other numbers as float
+    (``nan`` included), empty cells as None."""
+    path = Path(path)
+    if not path.is_file():
+        raise EvaluationError(f"{path}: metrics table not found")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or not set(ID_COLUMNS) <= set(reader.fieldnames):
+            raise EvaluationError(
+                f"{path}: not a metrics.csv (needs columns {', '.join(ID_COLUMNS)})"
+            )
+        return [
+            {k: (v if k in ID_COLUMNS else _parse(v)) for k, v in row.items()} for row in reader
+        ]
+
+
+def _is_count(column: str) -> bool:
+    return any(column == c or column.endswith("_" + c) for c in COUNT_NAMES)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    )
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Means and standard deviations of every metric column, per row kind.
+
+    Every numeric column except the ids and the voxel counts is summarised. nan values (see
+    the conventions in ``evaluation.metrics``) are left out of mean and std and counted.
+
+    Returns:
+        {"n_cases": number of ``case`` rows,
+         "kinds": {kind: {"n": rows of that kind,
+                          "metrics": {column: {"mean", "std", "n_valid", "n_nan"}}}}}
+        ``std`` is the population standard deviation (numpy's default, ddof=0); mean and std
+        are None when no value is valid.
+    """
+    summary = {"n_cases": sum(1 for r in rows if r.get("kind", "case") == "case"), "kinds": {}}
+    for kind in KINDS:
+        kind_rows = [r for r in rows if r.get("kind", "case") == kind]
+        if not kind_rows:
+            continue
+        metrics = {}
+        for column in _columns(kind_rows):
+            if column in ID_COLUMNS or _is_count(column):
+                continue
+            values = [r.get(column) for r in kind_rows]
+            if not any(_is_number(v) for v in values):
+                continue
+            values = np.array(
+                [float(v) if _is_number(v) else math.nan for v in values], dtype=np.float64
+            )
+            valid = values[~np.isnan(values)]
+            metrics[column] = {
+                "mean": float(valid.mean()) if valid.size else None,
+                "std": float(valid.std()) if valid.size else None,
+                "n_valid": int(valid.size),
+                "n_nan": int(values.size - valid.size),
+            }
+        summary["kinds"][kind] = {"n": len(kind_rows), "metrics": metrics}
+    return summary
+
+
+def _json_ready(obj):
+    # JSON has no NaN/Infinity; null says "undefined" to every reader.
+    if isinstance(obj, dict):
+        return {str(k): _json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_ready(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _json_ready(obj.tolist())
+    if isinstance(obj, (bool, np.bool_)):
+        return bool(obj)
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def write_summary_json(summary: dict, path) -> None:
+    """Write ``summary`` as indented JSON, atomically; nan/inf become null, numpy scalars and
+    paths become plain JSON values."""
+    text = json.dumps(_json_ready(summary), indent=2, allow_nan=False) + "\n"
+    _atomic_write_text(path, text)
+
+
+class GroupAccumulator:
+    """Collects the 2D slices of volumes (or patients) and scores each group in 3D.
+
+    Per-volume metrics are recomputed on the stacked masks of the group, not averaged over
+    its slices: the Dice of a volume is 2 TP / (2 TP + FP + FN) summed over all its voxels,
+    and HD95 / ASSD are measured between 3D surfaces with spacing
+    (slice_thickness, spacing_y, spacing_x).
+
+    Slices are stacked along a new first axis in order of ``slice_index`` (order of arrival
+    when it is None). Slices missing between two given indices are filled with background
+    in both masks, so surface distances keep the true distance between slices; the voxel
+    counts (tn, specificity) include only the slices given. An unknown slice thickness is
+    taken as 1.0.
+
+    Example::
+
+        acc = GroupAccumulator(kind="patient")
+        for item, result in ...:
+            acc.add(item["meta"]["patient_id"], result, item["label"],
+                    slice_index=item["meta"]["slice_index"], spacing=item["meta"]["spacing"])
+        rows += acc.rows()
+    """
+
+    def __init__(self, kind: str = "volume"):
+        if kind not in ("volume", "patient"):
+            raise EvaluationError(f"group kind {kind!r} is unknown; choose volume or patient")
+        self.kind = kind
+        self._groups: dict[str, dict] = {}
+
+    def add(
+        self,
+        group_id: str,
+        result,
+        label,
+        *,
+        slice_index: int | None = None,
+        spacing=None,
+        slice_thickness: float | None = None,
+        preseg=None,
+    ) -> None:
+        """Add one slice.
+
+        Args:
+            group_id: the volume or patient id.
+            result, label: masks [H, W] (nonzero = foreground); same shape in a group.
+            slice_index: position of the slice in its volume; unique within the group.
+            spacing: (spacing_y, spacing_x) in mm, or None for 1.0.
+            slice_thickness: distance between neighbouring slices in mm, or None.
+            preseg: pre-segmentation mask [H, W], or None. Give it for every slice of a
+                group or for none.
+        """
+        result, label = to_bool_mask(result), to_bool_mask(label)
+        if result.ndim != 2 or result.shape != label.shape:
+            raise EvaluationError(
+                f"group {group_id}: slices must be 2D masks of one shape, got result "
+                f"{result.shape} and label {label.shape}"
+            )
+        group = self._groups.setdefault(
+            str(group_id),
+            {"slices": {}, "shape": result.shape, "spacing": spacing, "thickness": None},
+        )
+        if result.shape != group["shape"]:
+            raise EvaluationError(
+                f"group {group_id}: slice shape {result.shape} differs from {group['shape']}"
+            )
+        if spacing is not None and group["spacing"] is not None and not np.allclose(
+            spacing, group["spacing"]
+        ):
+            raise EvaluationError(
+                f"group {group_id}: slice spacing {tuple(spacing)} differs from "
+                f"{tuple(group['spacing'])}"
+            )
+        group["spacing"] = group["spacing"] if group["spacing"] is not None else spacing
+        if slice_thickness is not None:
+            group["thickness"] = float(slice_thickness)
+        index = len(group["slices"]) if slice_index is None else int(slice_index)
+        if index in group["slices"]:
+            raise EvaluationError(f"group {group_id}: slice {index} was added twice")
+        pre = None if preseg is None else to_bool_mask(preseg)
+        if pre is not None and pre.shape != result.shape:
+            raise EvaluationError(
+                f"group {group_id}: pre-segmentation shape {pre.shape} differs from "
+                f"{result.shape}"
+            )
+        group["slices"][index] = (result, label, pre)
+
+    @property
+    def group_ids(self) -> list[str]:
+        return sorted(self._groups)
+
+    def _score(self, group: dict, which: int) -> dict:
+        indices = sorted(group["slices"])
+        first = indices[0]
+        depth = indices[-1] - first + 1
+        height, width = group["shape"]
+        pred = np.zeros((depth, height, width), dtype=bool)
+        label = np.zeros((depth, height, width), dtype=bool)
+        for i in indices:
+            pred[i - first] = group["slices"][i][which]
+            label[i - first] = group["slices"][i][1]
+        sy, sx = group["spacing"] if group["spacing"] is not None else (1.0, 1.0)
+        thickness = group["thickness"] if group["thickness"] is not None else 1.0
+        metrics = segmentation_metrics(pred, label, (thickness, sy, sx))
+        # Gap slices were never evaluated: count true negatives on the given slices only.
+        given = len(indices) * height * width
+        metrics["tn"] = given - metrics["tp"] - metrics["fp"] - metrics["fn"]
+        metrics["specificity"] = overlap_metrics(
+            metrics["tp"], metrics["fp"], metrics["fn"], metrics["tn"]
+        )["specificity"]
+        return metrics
+
+    def compute(self, group_id: str) -> dict:
+        """The metrics.csv row of one group (``kind`` = this accumulator's kind)."""
+        group = self._groups.get(str(group_id))
+        if group is None:
+            raise EvaluationError(f"group {group_id} has no slices")
+        presegs = [s[2] is not None for s in group["slices"].values()]
+        if any(presegs) and not all(presegs):
+            raise EvaluationError(
+                f"group {group_id}: a pre-segmentation was given for some slices but not all"
+            )
+        return metrics_row(
+            group_id,
+            self._score(group, 0),
+            group_id=group_id,
+            kind=self.kind,
+            preseg_metrics=self._score(group, 2) if all(presegs) else None,
+        )
+
+    def rows(self) -> list[dict]:
+        """One row per group, sorted by group id."""
+        return [self.compute(g) for g in self.group_ids]
+
+
+# Overlay drawing. Panels are drawn at integer scale with nearest-neighbour upsampling so that
+# thin structures stay visible; masks are tinted and outlined.
+OVERLAY_GAP = 4
+OVERLAY_LINE_HEIGHT = 14
+OVERLAY_MIN_SIZE = 128
+_LABEL_RGB = np.array([0, 220, 0], dtype=np.float64)
+_PRESEG_RGB = np.array([255, 200, 0], dtype=np.float64)
+_RESULT_RGB = np.array([255, 40, 40], dtype=np.float64)
+_TINT = 0.35
+# Anchors of a perceptually ordered dark-to-bright heat map (black, purple, red, orange,
+# yellow, white), interpolated linearly to 256 entries.
+_HEAT_ANCHORS = np.array(
+    [[0, 0, 0], [80, 18, 123], [182, 54, 121], [251, 136, 97], [252, 253, 191], [255, 255, 255]],
+    dtype=np.float64,
+)
+
+
+def heat_colormap(values) -> np.ndarray:
+    """Map values in [0, 1] (clipped; nan -> 0) to RGB uint8 [..., 3] with a dark-to-bright
+    heat map."""
+    v = np.nan_to_num(np.clip(to_numpy(values).astype(np.float64), 0.0, 1.0))
+    xs = np.linspace(0.0, 1.0, len(_HEAT_ANCHORS))
+    rgb = np.stack([np.interp(v, xs, _HEAT_ANCHORS[:, c]) for c in range(3)], axis=-1)
+    return np.round(rgb).astype(np.uint8)
+
+
+def _gray(channel: np.ndarray) -> np.ndarray:
+    channel = np.nan_to_num(channel.astype(np.float64))
+    lo, hi = np.percentile(channel, (1.0, 99.0))
+    if hi <= lo:
+        return np.zeros(channel.shape + (3,), dtype=np.float64)
+    g = np.clip((channel - lo) / (hi - lo), 0.0, 1.0) * 255.0
+    return np.repeat(g[..., None], 3, axis=-1)
+
+
+def _tint(rgb: np.ndarray, mask: np.ndarray, color: np.ndarray, fill: bool = True) -> np.ndarray:
+    out = rgb.copy()
+    if fill:
+        out[mask] = (1 - _TINT) * out[mask] + _TINT * color
+    out[mask ^ ndimage.binary_erosion(mask, border_value=0)] = color
+    return out
+
+
+def _upscale(arr: np.ndarray, scale: int) -> np.ndarray:
+    return arr if scale == 1 else np.repeat(np.repeat(arr, scale, axis=0), scale, axis=1)
+
+
+def save_overlay(
+    path,
+    image_channels,
+    label,
+    preseg,
+    result,
+    uncertainty=None,
+    title: str = "",
+    *,
+    channel: int = 0,
+    uncertainty_max: float | None = None,
+    scale: int | None = None,
+) -> tuple[int, int]:
+    """Write a PNG of side-by-side panels: image, label, pre-segmentation, result, uncertainty.
+
+    Panels for ``label``, ``preseg`` and ``uncertainty`` are left out when they are None.
+    The image panel shows one channel in grayscale (1st-99th percentile window); label,
+    pre-segmentation (yellow) and result (red) are tinted and outlined over it, with the
+    label's outline (green) on the pre-segmentation and result panels for comparison. The
+    uncertainty map is drawn with ``heat_colormap`` divided by ``uncertainty_max`` (default:
+    the map's own maximum, so the brightest pixel is the most uncertain of this image).
+
+    Args:
+        path: output .png path (folders are created).
+        image_channels: [C, H, W] (or [H, W]) float image.
+        label, preseg, result: masks [H, W] or None (result is required).
+        uncertainty: [H, W] float map or None.
+        title: a line of text above the panels ("" for none).
+        channel: which image channel to show.
+        scale: integer upsampling of every panel; None picks the smallest one that makes a
+            panel at least ``OVERLAY_MIN_SIZE`` pixels on its longer side.
+
+    Returns:
+        (width, height) of the written PNG: width = n_panels * W * scale + (n_panels - 1) *
+        OVERLAY_GAP, height = H * scale + OVERLAY_LINE_HEIGHT * (2 if title else 1).
+    """
+    image = to_numpy(image_channels)
+    if image.ndim == 2:
+        image = image[None]
+    if image.ndim != 3:
+        raise EvaluationError(f"overlay image must be [C, H, W], got shape {image.shape}")
+    if not 0 <= channel < image.shape[0]:
+        raise EvaluationError(
+            f"overlay channel {channel} is out of range for {image.shape[0]} channels"
+        )
+    height, width = image.shape[1:]
+    masks = {}
+    for name, mask in (("label", label), ("pre-seg", preseg), ("result", result)):
+        if mask is not None:
+            mask = to_bool_mask(mask)
+            if mask.shape != (height, width):
+                raise EvaluationError(
+                    f"overlay {name} shape {mask.shape} does not match image {(height, width)}"
+                )
+            masks[name] = mask
+    if "result" not in masks:
+        raise EvaluationError("overlay needs a result mask")
+    if scale is None:
+        scale = max(1, -(-OVERLAY_MIN_SIZE // max(height, width)))
+    scale = int(scale)
+    if scale < 1:
+        raise EvaluationError(f"overlay scale must be >= 1, got {scale}")
+
+    gray = _upscale(_gray(image[channel]), scale)
+    masks = {k: _upscale(m, scale) for k, m in masks.items()}
+    panels = [("image", gray)]
+    if "label" in masks:
+        panels.append(("label", _tint(gray, masks["label"], _LABEL_RGB)))
+    for name, color in (("pre-seg", _PRESEG_RGB), ("result", _RESULT_RGB)):
+        if name in masks:
+            panel = _tint(gray, masks[name], color)
+            if "label" in masks:
+                panel = _tint(panel, masks["label"], _LABEL_RGB, fill=False)
+            panels.append((name, panel))
+    if uncertainty is not None:
+        unc = np.nan_to_num(to_numpy(uncertainty).astype(np.float64))
+        if unc.shape != (height, width):
+            raise EvaluationError(
+                f"overlay uncertainty shape {unc.shape} does not match image {(height, width)}"
+            )
+        top = float(uncertainty_max) if uncertainty_max is not None else float(unc.max())
+        unc = unc / top if top > 0 else np.zeros_like(unc)
+        panels.append(("uncertainty", _upscale(heat_colormap(unc), scale).astype(np.float64)))
+
+    header = OVERLAY_LINE_HEIGHT * (2 if title else 1)
+    ph, pw = height * scale, width * scale
+    canvas_width = len(panels) * pw + (len(panels) - 1) * OVERLAY_GAP
+    canvas = np.zeros((header + ph, canvas_width, 3), dtype=np.uint8)
+    for i, (_, panel) in enumerate(panels):
+        x = i * (pw + OVERLAY_GAP)
+        canvas[header:, x : x + pw] = np.clip(np.round(panel), 0, 255).astype(np.uint8)
+    picture = Image.fromarray(canvas)
+    draw = ImageDraw.Draw(picture)
+    if title:
+        draw.text((2, 1), title, fill=(255, 255, 255))
+    for i, (name, _) in enumerate(panels):
+        xy = (i * (pw + OVERLAY_GAP) + 2, header - OVERLAY_LINE_HEIGHT + 1)
+        draw.text(xy, name, fill=(255, 255, 255))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    picture.save(path)
+    return picture.size
+
+
+def save_uint16_png(values, path) -> None:
+    """Write a map with values in [0, 1] (clipped; nan -> 0) as a 16-bit grayscale PNG,
+    value v stored as round(v * 65535). Read back with ``read_uint16_png``."""
+    values = to_numpy(values).astype(np.float64)
+    if values.ndim != 2:
+        raise EvaluationError(f"{path}: a 16-bit PNG needs a 2D map, got shape {values.shape}")
+    stored = np.round(np.nan_to_num(np.clip(values, 0.0, 1.0)) * 65535.0).astype(np.uint16)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(stored).save(path)
+
+
+def read_uint16_png(path) -> np.ndarray:
+    """Read a PNG written by ``save_uint16_png`` back to float64 values in [0, 1]."""
+    with Image.open(path) as img:
+        stored = np.asarray(img)
+    if stored.dtype != np.uint16:
+        raise EvaluationError(f"{path}: not a 16-bit grayscale PNG (dtype {stored.dtype})")
+    return stored.astype(np.float64) / 65535.0

@@ -1,0 +1,49 @@
+"""The one map between {0,1} masks and the space the diffusion model works in.
+
+Training (``q_sample`` of the label) and sampling (``q_sample`` of the pre-segmentation, then
+the final probability) both go through these two functions, so the two can never disagree.
+
+- ``"pm1"`` (default): {0,1} -> {-1,+1}, the data range improved-diffusion assumes (its
+  ``clip_denoised`` clamps to [-1,1] and its decoder likelihood bins [-1,1]).
+- ``"01"``: the mask stays in {0,1}, as the older improved-diffusion-based segmentation code
+  trained it; kept so that models trained that way can be sampled correctly.
+"""
+
+import torch
+
+from guided_diffusion.errors import ConfigError
+
+MASK_SPACES = ("pm1", "01")
+
+
+def _check(mask_space):
+    if mask_space not in MASK_SPACES:
+        raise ConfigError(
+            f"--mask_space: unknown value {mask_space!r} (choose one of {', '.join(MASK_SPACES)})"
+        )
+
+
+def to_diffusion_space(mask01: torch.Tensor, mask_space: str) -> torch.Tensor:
+    """Map a {0,1} (or [0,1]) float mask of any shape into diffusion space.
+
+    :param mask01: float tensor, values in [0, 1].
+    :param mask_space: one of ``MASK_SPACES``.
+    :return: tensor of the same shape: ``2 * m - 1`` for ``"pm1"``, ``m`` for ``"01"``.
+    """
+    _check(mask_space)
+    if mask_space == "pm1":
+        return mask01 * 2.0 - 1.0
+    return mask01
+
+
+def to_probability(x: torch.Tensor, mask_space: str) -> torch.Tensor:
+    """Inverse of :func:`to_diffusion_space`, clamped to [0, 1].
+
+    :param x: tensor in diffusion space (any shape); values outside the space's range are
+        clamped, since a model's x0 prediction or a final sample may overshoot it.
+    :return: tensor of the same shape with values in [0, 1].
+    """
+    _check(mask_space)
+    if mask_space == "pm1":
+        x = (x + 1.0) * 0.5
+    return x.clamp(0.0, 1.0)

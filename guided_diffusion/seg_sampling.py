@@ -1,0 +1,156 @@
+"""Segmentation samplers: vanilla DDPM, DDIM-k and the truncated ADDPM process, as one function.
+
+Every sampler is the same reverse loop (``GaussianDiffusion.sample_loop``) over a different
+decreasing list of timesteps and a different start state (DESIGN.md):
+
+    ddpm    [N-1, ..., 0, -1]     from pure noise (Wolleb et al.)
+    ddim    K spaced steps + [-1] from pure noise, DDIM updates
+    addpm   [pre_t, ..., T]       from q_sample(s(preseg), pre_t), optionally K spaced steps,
+            then a one-step final map from x_T to the mask (the denoising net, or the
+            UNet's own x0 prediction at level T)
+    preseg  the pre-segmentation alone, no UNet evaluation
+
+The pre-segmentation and the denoising net enter as tensors and callables, so this module
+knows nothing of their architectures.
+"""
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+from guided_diffusion.errors import ConfigError
+from guided_diffusion.gaussian_diffusion import GaussianDiffusion
+from guided_diffusion.mask_space import to_diffusion_space, to_probability
+from guided_diffusion.respace import full_chain_timesteps, truncated_timesteps
+
+SAMPLERS = ("addpm", "ddpm", "ddim", "preseg")
+FINAL_STEPS = ("denoiser", "x0")
+STEP_METHODS = ("ddpm", "ddim")
+
+# x_T [N,1,H,W] and the matching images [N,C,H,W] -> foreground probabilities [N,1,H,W].
+DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class SamplerPlan:
+    """What one sampler run does: the levels it walks and how it moves between them."""
+
+    sampler: str
+    timesteps: tuple
+    method: str
+    eta: float
+    final_step: Optional[str]
+
+    @property
+    def unet_evaluations(self) -> int:
+        """UNet forward passes per ensemble member."""
+        if self.sampler == "preseg":
+            return 0
+        loop = len(self.timesteps) - 1
+        return loop + (1 if self.final_step == "x0" else 0)
+
+
+def plan_sampler(
+    sampler: str,
+    *,
+    num_timesteps: int,
+    pre_t: int = 300,
+    T: int = 250,
+    sampling_steps: int = 0,
+    step_method: str = "ddpm",
+    eta: float = 0.0,
+    final_step: str = "denoiser",
+) -> SamplerPlan:
+    """Turn the sampling flags into the list of levels the reverse loop walks.
+
+    ``sampling_steps`` 0 means every step of the chain (ddpm, addpm); ddim needs K >= 1.
+    """
+    if sampler not in SAMPLERS:
+        raise ConfigError(f"--sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+    if step_method not in STEP_METHODS:
+        raise ConfigError(f"--step_method {step_method!r} is unknown; choose ddpm or ddim")
+    if final_step not in FINAL_STEPS:
+        raise ConfigError(f"--final_step {final_step!r} is unknown; choose denoiser or x0")
+    if sampling_steps < 0:
+        raise ConfigError(f"--sampling_steps must be >= 0, got {sampling_steps}")
+    if not 0.0 <= eta <= 1.0:
+        raise ConfigError(f"--eta must lie in [0, 1], got {eta}")
+    if sampler == "preseg":
+        return SamplerPlan("preseg", (), "none", 0.0, None)
+    if sampler == "ddpm":
+        respacing = str(sampling_steps) if sampling_steps else ""
+        steps = full_chain_timesteps(num_timesteps, respacing)
+        return SamplerPlan("ddpm", tuple(steps), "ddpm", 0.0, None)
+    if sampler == "ddim":
+        if sampling_steps < 1:
+            raise ConfigError("--sampler ddim needs --sampling_steps K (e.g. 100)")
+        steps = full_chain_timesteps(num_timesteps, f"ddim{sampling_steps}")
+        return SamplerPlan("ddim", tuple(steps), "ddim", eta, None)
+    if not 0 <= T < pre_t < num_timesteps:
+        raise ConfigError(
+            f"--pre_t {pre_t} and --T {T} must satisfy 0 <= T < pre_t < diffusion_steps ({num_timesteps})"
+        )
+    steps = truncated_timesteps(pre_t, T, sampling_steps or None)
+    return SamplerPlan("addpm", tuple(steps), step_method, eta, final_step)
+
+
+@torch.no_grad()
+def sample_members(
+    plan: SamplerPlan,
+    *,
+    diffusion: GaussianDiffusion,
+    model: Optional[torch.nn.Module],
+    images: torch.Tensor,
+    num_ensemble: int,
+    mask_space: str,
+    preseg_probs: Optional[torch.Tensor] = None,
+    denoise_fn: Optional[DenoiseFn] = None,
+    generator: Optional[torch.Generator] = None,
+    progress: bool = False,
+) -> torch.Tensor:
+    """Run ``num_ensemble`` members per image as one batch.
+
+    images:        [B, C, H, W]
+    preseg_probs:  [B, 1, H, W] foreground probabilities (addpm and preseg samplers)
+    returns:       [B, K, H, W] foreground probabilities of every member
+                   (K = 1 for the deterministic preseg sampler)
+    """
+    batch, _, height, width = images.shape
+    if plan.sampler in ("addpm", "preseg") and preseg_probs is None:
+        raise ConfigError(f"--sampler {plan.sampler} needs a pre-segmentation (--preseg_path or --preseg_dir)")
+    if plan.sampler == "preseg":
+        return preseg_probs[:, :1].float()
+    if plan.sampler == "addpm" and plan.final_step == "denoiser" and denoise_fn is None:
+        raise ConfigError("--final_step denoiser needs --denoiser_path")
+
+    # Members of one image sit next to each other: [img0 x K, img1 x K, ...].
+    member_images = images.repeat_interleave(num_ensemble, dim=0)
+    shape = (batch * num_ensemble, 1, height, width)
+    if plan.sampler == "addpm":
+        preseg_mask = (preseg_probs[:, :1] >= 0.5).float().repeat_interleave(num_ensemble, dim=0)
+        start_level = torch.full((shape[0],), plan.timesteps[0], device=images.device, dtype=torch.long)
+        noise = torch.randn(shape, generator=generator, device=images.device, dtype=images.dtype)
+        start = diffusion.q_sample(to_diffusion_space(preseg_mask, mask_space), start_level, noise=noise)
+    else:
+        start = torch.randn(shape, generator=generator, device=images.device, dtype=images.dtype)
+
+    out = diffusion.sample_loop(
+        model,
+        member_images,
+        start,
+        list(plan.timesteps),
+        method=plan.method,
+        eta=plan.eta,
+        generator=generator,
+        progress=progress,
+    )
+    if plan.sampler != "addpm":
+        probs = to_probability(out["sample"], mask_space)
+    elif plan.final_step == "denoiser":
+        probs = denoise_fn(out["sample"], member_images)
+    else:
+        level_T = torch.full((shape[0],), plan.timesteps[-1], device=images.device, dtype=torch.long)
+        pred = diffusion.p_mean_variance(model, member_images, out["sample"], level_T)["pred_xstart"]
+        probs = to_probability(pred, mask_space)
+    return probs.reshape(batch, num_ensemble, height, width).float()

@@ -1,0 +1,612 @@
+"""The training loop of the conditional diffusion UNet (improved-diffusion's ``TrainLoop``, slim).
+
+One step takes one global batch: ``batch_size`` examples on each of ``world_size`` processes
+(global batch = ``batch_size * world_size`` under torchrun), split into microbatches whose
+gradients accumulate, so that every microbatch counts and the update equals that of the whole
+batch at once. Around it: AdamW, EMA copies at several rates, linear learning-rate annealing,
+gradient clipping, mixed precision through ``torch.autocast`` (a grad scaler for fp16),
+uniform or loss-aware timestep sampling, interval logging (loss by timestep quartile as
+improved-diffusion logs it), self-describing checkpoints, and bit-identical resume.
+
+Determinism: everything random in a step is a pure function of ``(seed, step, rank)`` and the
+data order a pure function of ``(seed, sample position)``:
+
+- the data stream is the concatenation of per-epoch permutations of the dataset, each seeded by
+  ``(seed, epoch)``; global step ``s`` consumes stream positions ``[p, p + G)`` where ``p`` counts
+  the samples seen so far and ``G`` is the global batch, and rank ``r`` takes its ``r``-th slice
+  of ``batch_size`` (``StepBatchSampler``). Resuming jumps to ``p`` by arithmetic, loading nothing;
+- the timesteps and noise of step ``s`` come from a generator seeded by ``(seed, step, rank)``,
+  and the global torch RNG (dropout, augmentation in the main process) is reseeded likewise;
+- a checkpoint stores the model, EMA, optimizer, grad scaler, timestep-sampler state, step and
+  sample position, so 2 steps + resume + 2 steps equals 4 steps bit for bit (same device,
+  precision and world size). Resuming with another world size continues the same data stream
+  at the same sample position, but the per-rank noise differs.
+
+Data augmentation inside DataLoader workers (``num_workers > 0``) draws from the workers' own
+RNG, so it is reproducible on resume only if the dataset seeds its augmentation per item.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import blobfile as bf
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from guided_diffusion import checkpoint, dist_util, logger
+from guided_diffusion.errors import AddpmError, CheckpointError, ConfigError
+from guided_diffusion.mask_space import to_diffusion_space
+from guided_diffusion.resample import LossAwareSampler, create_named_schedule_sampler
+
+CHECKPOINT_KIND = "diffusion"
+FINAL_NAME = "final.pt"
+_NUMBERED = re.compile(rf"^{CHECKPOINT_KIND}_(\d{{7,}})\.pt$")
+
+
+def parse_ema_rates(ema_rate: str | float | Sequence[float]) -> list[str]:
+    """``"0.9999,0.999"`` -> ``["0.9999", "0.999"]`` (the keys of ``ckpt["ema"]``), checked."""
+    if isinstance(ema_rate, (int, float)):
+        tokens = [repr(float(ema_rate))]
+    elif isinstance(ema_rate, str):
+        tokens = [tok.strip() for tok in ema_rate.split(",") if tok.strip()]
+    else:
+        tokens = [repr(float(r)) for r in ema_rate]
+    for tok in tokens:
+        try:
+            value = float(tok)
+        except ValueError:
+            raise ConfigError(f"--ema_rate {ema_rate!r}: {tok!r} is not a number") from None
+        if not 0.0 < value < 1.0:
+            raise ConfigError(f"--ema_rate {ema_rate!r}: every rate must lie in (0, 1), got {tok}")
+    if len({float(t) for t in tokens}) != len(tokens):
+        raise ConfigError(f"--ema_rate {ema_rate!r} names a rate twice")
+    return tokens
+
+
+def _seed_from(*parts: int) -> int:
+    """A 63-bit seed that mixes ``parts`` (independent streams for different tuples)."""
+    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
+
+
+class StepBatchSampler(Sampler):
+    """An endless stream of index batches for one rank, a pure function of the seed and position.
+
+    Global sample position ``q`` maps to ``perm_e[q % n]`` with ``e = q // n`` and ``perm_e`` a
+    permutation of ``range(n)`` seeded by ``(seed, e)``. Each global step takes ``global_batch``
+    consecutive positions; rank ``r`` takes positions ``[r*B, (r+1)*B)`` of them. A dataset
+    smaller than a global batch is fine: batches run across epoch boundaries.
+
+    Args:
+        num_items: dataset length n.
+        batch_size: per-rank batch B.
+        rank, world_size: this process and the number of processes.
+        seed: the run's seed.
+        start_position: global sample position of the first batch (samples seen so far).
+        shuffle: False keeps the dataset order (every epoch the same).
+    """
+
+    def __init__(self, num_items: int, batch_size: int, *, rank: int = 0, world_size: int = 1,
+                 seed: int = 0, start_position: int = 0, shuffle: bool = True):
+        if num_items < 1:
+            raise ConfigError("the training dataset is empty")
+        self.num_items = num_items
+        self.batch_size = batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.start_position = start_position
+        self.shuffle = shuffle
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.world_size
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if not self.shuffle:
+            return np.arange(self.num_items)
+        return np.random.default_rng([self.seed, epoch]).permutation(self.num_items)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        position = self.start_position
+        cache: dict[int, np.ndarray] = {}
+        while True:
+            first = position + self.rank * self.batch_size
+            batch = []
+            for q in range(first, first + self.batch_size):
+                epoch, offset = divmod(q, self.num_items)
+                if epoch not in cache:
+                    # Only the epochs a batch touches are kept: at most two at a time.
+                    cache = {e: p for e, p in cache.items() if e >= epoch - 1}
+                    cache[epoch] = self._permutation(epoch)
+                batch.append(int(cache[epoch][offset]))
+            yield batch
+            position += self.global_batch
+
+
+def log_loss_dict(num_timesteps: int, ts: torch.Tensor, losses: dict[str, torch.Tensor]) -> None:
+    """Log each loss's mean and its mean per timestep quartile (``loss_q0`` .. ``loss_q3``)."""
+    ts_cpu = ts.detach().cpu().numpy()
+    for key, values in losses.items():
+        values_cpu = values.detach().float().cpu().numpy()
+        logger.logkv_mean(key, float(values_cpu.mean()))
+        for sub_t, sub_loss in zip(ts_cpu, values_cpu):
+            quartile = int(4 * sub_t / num_timesteps)
+            logger.logkv_mean(f"{key}_q{quartile}", float(sub_loss))
+
+
+def checkpoint_path(out_dir: str, step: int) -> str:
+    return bf.join(out_dir, f"{CHECKPOINT_KIND}_{step:07d}.pt")
+
+
+def numbered_checkpoints(out_dir: str) -> list[tuple[int, str]]:
+    """``[(step, path), ...]`` of the ``diffusion_<step>.pt`` files in ``out_dir``, oldest first."""
+    if not bf.isdir(out_dir):
+        return []
+    found = []
+    for name in bf.listdir(out_dir):
+        match = _NUMBERED.match(name)
+        if match:
+            found.append((int(match.group(1)), bf.join(out_dir, name)))
+    return sorted(found)
+
+
+class TrainLoop:
+    """Trains ``model`` on ``dataset`` with ``diffusion.training_losses``.
+
+    Args (keyword-only):
+        model: the conditional UNet (unwrapped; DDP wrapping happens here).
+        diffusion: a ``GaussianDiffusion``.
+        dataset: items ``{"image": [C,S,S] float, "label": [S,S] long in {0,1}, ...}``.
+        collate_fn: turns a list of items into ``{"image": [B,C,S,S], "label": [B,S,S], ...}``.
+        config: the checkpoint config (plain python types), saved with every checkpoint.
+        out_dir: checkpoints and logs; rank 0 writes.
+        ctx: the ``dist_util.DistContext`` of this process.
+        batch_size: per-process batch; the global batch is ``batch_size * world_size``.
+        microbatch: examples per forward/backward pass (-1 or 0: the whole batch).
+        lr, weight_decay: AdamW.
+        ema_rate: ``"0.9999,0.999"`` or a float.
+        lr_anneal_steps: > 0: the lr falls linearly to 0 over this many steps and the run ends there.
+        max_steps: > 0: the run ends when the step counter reaches it (a resumed run continues
+            counting, so this is the total). With both 0 the run goes on until stopped.
+        grad_clip: max global grad norm (0: no clipping; the norm is logged either way).
+        precision: fp32 | bf16 | fp16 (autocast; fp16 adds a grad scaler).
+        schedule_sampler: "uniform" | "loss-second-moment".
+        log_interval, save_interval: in steps.
+        keep_checkpoints: how many ``diffusion_<step>.pt`` to keep (``final.pt`` is kept besides).
+        resume_checkpoint: a checkpoint path to continue from ("" for none).
+        mask_space: how {0,1} labels map into diffusion space ("pm1" | "01").
+        seed: the run's seed (data order, timesteps, noise).
+        num_workers: DataLoader workers.
+        progress: show a tqdm bar on rank 0.
+    """
+
+    def __init__(
+        self,
+        *,
+        model: torch.nn.Module,
+        diffusion,
+        dataset: Dataset,
+        collate_fn: Callable | None,
+        config: dict,
+        out_dir: str,
+        ctx: dist_util.DistContext,
+        batch_size: int,
+        microbatch: int = -1,
+        lr: float = 1e-4,
+        weight_decay: float = 0.0,
+        ema_rate: str | float = "0.9999",
+        lr_anneal_steps: int = 0,
+        max_steps: int = 0,
+        grad_clip: float = 1.0,
+        precision: str = "fp32",
+        schedule_sampler: str = "uniform",
+        log_interval: int = 10,
+        save_interval: int = 10000,
+        keep_checkpoints: int = 3,
+        resume_checkpoint: str = "",
+        mask_space: str = "pm1",
+        seed: int = 0,
+        num_workers: int = 0,
+        progress: bool = True,
+    ):
+        if batch_size < 1:
+            raise ConfigError(f"--batch_size must be at least 1, got {batch_size}")
+        if microbatch > batch_size:
+            raise ConfigError(f"--microbatch {microbatch} is larger than --batch_size {batch_size}")
+        for flag, value in (("--lr_anneal_steps", lr_anneal_steps), ("--max_steps", max_steps),
+                            ("--num_workers", num_workers)):
+            if value < 0:
+                raise ConfigError(f"{flag} must be >= 0, got {value}")
+        for flag, value in (("--log_interval", log_interval), ("--save_interval", save_interval),
+                            ("--keep_checkpoints", keep_checkpoints)):
+            if value < 1:
+                raise ConfigError(f"{flag} must be at least 1, got {value}")
+        if not math.isfinite(lr) or lr < 0:
+            raise ConfigError(f"--lr must be a finite number >= 0, got {lr}")
+        if grad_clip < 0:
+            raise ConfigError(f"--grad_clip must be >= 0 (0 turns clipping off), got {grad_clip}")
+        self.ctx = ctx
+        self.device = ctx.device
+        self.model = model.to(self.device)
+        self.diffusion = diffusion
+        self.dataset = dataset
+        self.collate_fn = collate_fn
+        self.config = config
+        self.out_dir = out_dir
+        self.batch_size = batch_size
+        self.microbatch = microbatch if microbatch > 0 else batch_size
+        self.lr = lr
+        self.weight_decay = weight_decay
+        self.ema_rates = parse_ema_rates(ema_rate)
+        self.lr_anneal_steps = lr_anneal_steps
+        self.max_steps = max_steps
+        self.grad_clip = grad_clip
+        self.precision = precision
+        self.log_interval = log_interval
+        self.save_interval = save_interval
+        self.keep_checkpoints = keep_checkpoints
+        self.mask_space = mask_space
+        self.seed = seed
+        self.num_workers = num_workers
+        self.progress = progress
+
+        # Built once here so that a precision the device cannot run fails before training.
+        dist_util.autocast_context(self.device, precision)
+        self.scaler = dist_util.make_grad_scaler(self.device, precision)
+        self.schedule_sampler = create_named_schedule_sampler(schedule_sampler, diffusion)
+
+        self.params = [p for p in self.model.parameters()]
+        self.param_names = [name for name, _ in self.model.named_parameters()]
+        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.ema_params = [[p.detach().clone() for p in self.params] for _ in self.ema_rates]
+
+        self.step = 0
+        self.samples_seen = 0
+        self.last_checkpoint = ""
+        if resume_checkpoint:
+            self._load(resume_checkpoint)
+
+        self.ddp_model = dist_util.wrap_model(self.model, ctx)
+        self.sampler = StepBatchSampler(
+            len(dataset), batch_size, rank=ctx.rank, world_size=ctx.world_size, seed=seed,
+            start_position=self.samples_seen,
+        )
+
+    # ----------------------------------------------------------------------------- schedule
+
+    @property
+    def global_batch(self) -> int:
+        return self.batch_size * self.ctx.world_size
+
+    @property
+    def total_steps(self) -> int | None:
+        """The step at which the run ends (None: never)."""
+        ends = [s for s in (self.max_steps, self.lr_anneal_steps) if s > 0]
+        return min(ends) if ends else None
+
+    def current_lr(self) -> float:
+        if not self.lr_anneal_steps:
+            return self.lr
+        return self.lr * (1.0 - self.step / self.lr_anneal_steps)
+
+    # ----------------------------------------------------------------------------- running
+
+    def _loader(self) -> DataLoader:
+        return DataLoader(
+            self.dataset,
+            batch_sampler=self.sampler,
+            num_workers=self.num_workers,
+            collate_fn=self.collate_fn,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
+
+    def run(self) -> str:
+        """Train until the end step (or forever); returns the final checkpoint's path.
+
+        Raises ``AddpmError`` for a non-finite loss, naming the last good checkpoint.
+        """
+        total = self.total_steps
+        if total is not None and self.step >= total:
+            logger.log(f"step {self.step} already reaches the end step {total}: nothing to train")
+            return self.last_checkpoint
+        logger.log(
+            f"training from step {self.step}"
+            + (f" to {total}" if total is not None else " until stopped")
+            + f"; global batch {self.global_batch} = {self.batch_size} x {self.ctx.world_size} process(es)"
+        )
+        bar = None
+        if self.progress and self.ctx.is_main:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
+        start_step = self.step
+        interval_start = time.perf_counter()
+        interval_samples = 0
+        data = iter(self._loader())
+        try:
+            while total is None or self.step < total:
+                torch.manual_seed(_seed_from(self.seed, self.step, self.ctx.rank, 1))
+                batch = next(data)
+                stats = self.run_step(batch)
+                interval_samples += self.global_batch
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{stats['loss']:.4f}", refresh=False)
+                if self.step % self.log_interval == 0:
+                    elapsed = time.perf_counter() - interval_start
+                    logger.logkv("samples_per_sec", interval_samples / max(elapsed, 1e-9))
+                    logger.dumpkvs()
+                    interval_start, interval_samples = time.perf_counter(), 0
+                if self.step % self.save_interval == 0:
+                    self.save()
+        finally:
+            if bar is not None:
+                bar.close()
+            del data
+        if self.step > start_step:
+            if self.step % self.log_interval != 0:
+                logger.dumpkvs()
+            self.save(final=True)
+        self.check_consistent_across_ranks()
+        return self.last_checkpoint
+
+    def run_step(self, batch: dict) -> dict:
+        """One optimisation step on this rank's batch; returns the logged scalars of the step."""
+        image = batch["image"].to(self.device, non_blocking=True)
+        x_start = to_diffusion_space(batch["label"].to(self.device).float().unsqueeze(1), self.mask_space)
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(_seed_from(self.seed, self.step, self.ctx.rank, 0))
+
+        for group in self.opt.param_groups:
+            group["lr"] = self.current_lr()
+        self.opt.zero_grad(set_to_none=True)
+        size = image.shape[0]
+        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        for start in range(0, size, self.microbatch):
+            micro_image = image[start:start + self.microbatch]
+            micro_x = x_start[start:start + self.microbatch]
+            n = micro_image.shape[0]
+            t, weights = self.schedule_sampler.sample(n, self.device, generator=generator)
+            noise = torch.randn(micro_x.shape, generator=generator, device=self.device, dtype=micro_x.dtype)
+            last = start + self.microbatch >= size
+            # DDP all-reduces gradients on every backward unless told not to: only the last
+            # microbatch of the step needs to.
+            sync = self.ddp_model.no_sync() if (self.ctx.is_distributed and not last) else _null()
+            with sync:
+                with dist_util.autocast_context(self.device, self.precision):
+                    losses = self.diffusion.training_losses(self.ddp_model, micro_image, micro_x, t, noise=noise)
+                if isinstance(self.schedule_sampler, LossAwareSampler):
+                    self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
+                # Sum over the microbatch divided by the whole batch: the accumulated gradient is
+                # that of the batch mean, whatever the microbatch split.
+                loss = (losses["loss"].float() * weights).sum() / size
+                self.scaler.scale(loss).backward()
+            loss_sum += loss.detach().double()
+            log_loss_dict(self.diffusion.num_timesteps, t, {k: v * weights for k, v in losses.items()})
+
+        self._check_finite(loss_sum)
+        self.scaler.unscale_(self.opt)
+        max_norm = self.grad_clip if self.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
+        scale_before = self.scaler.get_scale()
+        self.scaler.step(self.opt)
+        self.scaler.update()
+        # fp16: the scaler skips a step whose gradients overflowed; the EMA skips it too.
+        if not self.scaler.is_enabled() or self.scaler.get_scale() >= scale_before:
+            self._update_ema()
+        self.step += 1
+        self.samples_seen += self.global_batch
+
+        stats = {"loss": float(loss_sum), "grad_norm": float(grad_norm), "lr": self.opt.param_groups[0]["lr"]}
+        logger.logkv_mean("grad_norm", stats["grad_norm"])
+        logger.logkv("lr", stats["lr"])
+        logger.logkv("step", self.step)
+        logger.logkv("samples", self.samples_seen)
+        if self.scaler.is_enabled():
+            logger.logkv("loss_scale", self.scaler.get_scale())
+        return stats
+
+    def _check_finite(self, loss_sum: torch.Tensor) -> None:
+        """Stop every rank on a non-finite loss before it reaches the weights."""
+        bad = (~torch.isfinite(loss_sum)).to(torch.float32).reshape(1)
+        if self.ctx.is_distributed:
+            dist.all_reduce(bad)
+        if bad.item() > 0:
+            last = self.last_checkpoint or "none (no checkpoint was written in this run)"
+            raise AddpmError(f"non-finite loss at step {self.step + 1}; last good checkpoint: {last}")
+
+    @torch.no_grad()
+    def _update_ema(self) -> None:
+        for rate, ema in zip(self.ema_rates, self.ema_params):
+            weight = 1.0 - float(rate)
+            for target, source in zip(ema, self.params):
+                target.lerp_(source.detach(), weight)
+
+    # ----------------------------------------------------------------------------- state
+
+    def ema_state_dict(self, index: int) -> dict[str, torch.Tensor]:
+        """The model's state dict with the parameters of the ``index``-th EMA in place."""
+        state = {k: v.detach().clone() for k, v in checkpoint.unwrap_model(self.model).state_dict().items()}
+        for name, value in zip(self.param_names, self.ema_params[index]):
+            state[name] = value.detach().clone()
+        return state
+
+    def _extra_state(self) -> dict:
+        extra = {
+            "samples_seen": self.samples_seen,
+            "seed": self.seed,
+            "world_size": self.ctx.world_size,
+            "batch_size": self.batch_size,
+            "precision": self.precision,
+            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
+        }
+        if isinstance(self.schedule_sampler, LossAwareSampler):
+            extra["schedule_sampler"] = _sampler_state(self.schedule_sampler)
+        return extra
+
+    def save(self, final: bool = False) -> str:
+        """Write ``diffusion_<step>.pt`` (or ``final.pt``) on rank 0 and prune old numbered files."""
+        path = bf.join(self.out_dir, FINAL_NAME) if final else checkpoint_path(self.out_dir, self.step)
+        if self.ctx.is_main:
+            checkpoint.save_checkpoint(
+                path,
+                kind=CHECKPOINT_KIND,
+                model_state=checkpoint.unwrap_model(self.model).state_dict(),
+                config=self.config,
+                ema={rate: self.ema_state_dict(i) for i, rate in enumerate(self.ema_rates)},
+                optimizer=self.opt.state_dict(),
+                step=self.step,
+                extra=self._extra_state(),
+            )
+            logger.log(f"saved {path} (step {self.step})")
+            for _, old in numbered_checkpoints(self.out_dir)[:-self.keep_checkpoints]:
+                bf.remove(old)
+        self.last_checkpoint = path
+        return path
+
+    def _load(self, path: str) -> None:
+        ckpt = checkpoint.load_checkpoint(path, kind=CHECKPOINT_KIND, map_location=self.device)
+        _check_same_setup(path, ckpt.get("config") or {}, self.config)
+        checkpoint.load_weights(self.model, ckpt["model"], source=path)
+        saved_ema = ckpt.get("ema") or {}
+        by_value = {float(k): v for k, v in saved_ema.items()}
+        for rate, ema in zip(self.ema_rates, self.ema_params):
+            state = by_value.get(float(rate))
+            if state is None:
+                logger.log(f"{path} has no EMA at rate {rate}: it starts from the model's weights")
+                for dst, src in zip(ema, self.params):
+                    dst.copy_(src.detach())
+                continue
+            missing = [n for n in self.param_names if n not in state]
+            if missing:
+                raise CheckpointError(f"{path}: EMA {rate} lacks parameter {missing[0]}")
+            for name, dst in zip(self.param_names, ema):
+                dst.copy_(state[name])
+        if ckpt.get("optimizer"):
+            try:
+                self.opt.load_state_dict(ckpt["optimizer"])
+            except (ValueError, KeyError) as err:
+                raise CheckpointError(f"{path}: optimizer state does not fit this model ({err})") from None
+            # The flags of this run win over the hyperparameters stored with the optimizer state.
+            for group in self.opt.param_groups:
+                group["weight_decay"] = self.weight_decay
+        extra = ckpt.get("extra") or {}
+        if self.scaler.is_enabled() and extra.get("scaler"):
+            self.scaler.load_state_dict(extra["scaler"])
+        if isinstance(self.schedule_sampler, LossAwareSampler) and extra.get("schedule_sampler"):
+            _load_sampler_state(self.schedule_sampler, extra["schedule_sampler"])
+        self.step = int(ckpt.get("step") or 0)
+        self.samples_seen = int(extra.get("samples_seen", self.step * self.global_batch))
+        self.last_checkpoint = path
+        if extra.get("world_size", self.ctx.world_size) != self.ctx.world_size:
+            logger.log(
+                f"{path} was trained on {extra['world_size']} process(es), this run has "
+                f"{self.ctx.world_size}: the data continues at sample {self.samples_seen}, the noise differs"
+            )
+        logger.log(f"resumed from {path} at step {self.step}")
+
+    def check_consistent_across_ranks(self) -> str:
+        """Verify that every rank ends with the same weights; returns their digest.
+
+        DDP keeps replicas equal only if every rank did the same updates; a difference means a
+        bug or a hardware fault, so it raises rather than saving a silently diverged model.
+        """
+        digest = parameter_digest(self.params)
+        if not self.ctx.is_distributed:
+            return digest
+        mine = torch.tensor(np.frombuffer(bytes.fromhex(digest)[:8], dtype=np.int64).copy(), device=self.device)
+        gathered = [torch.zeros_like(mine) for _ in range(self.ctx.world_size)]
+        dist.all_gather(gathered, mine)
+        if any(not torch.equal(g, gathered[0]) for g in gathered):
+            raise RuntimeError(
+                f"model parameters differ across the {self.ctx.world_size} ranks at step {self.step}"
+            )
+        logger.log(f"parameters consistent across {self.ctx.world_size} ranks (sha256 {digest[:16]})")
+        return digest
+
+
+def parameter_digest(params: Sequence[torch.Tensor]) -> str:
+    """sha256 of the parameters' bytes (exact equality test across processes)."""
+    h = hashlib.sha256()
+    for p in params:
+        h.update(p.detach().cpu().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_same_setup(path: str, saved: dict, current: dict) -> None:
+    """A resumed run must build the same model and diffusion as the checkpoint's."""
+    for key in ("image_size", "image_channels", "mask_channels"):
+        if key in saved and key in current and saved[key] != current[key]:
+            raise ConfigError(f"--resume: {path} has {key}={saved[key]}, this run has {current[key]}")
+    for group in ("model", "diffusion"):
+        old, new = saved.get(group) or {}, current.get(group) or {}
+        for key in sorted(set(old) & set(new)):
+            if old[key] != new[key]:
+                raise ConfigError(
+                    f"--resume: {path} was trained with --{key} {old[key]}, this run has --{key} {new[key]}"
+                )
+
+
+def _sampler_state(sampler) -> dict:
+    """The loss history of a loss-aware timestep sampler (tensors and ints only)."""
+    state = {}
+    for name, value in vars(sampler).items():
+        if name == "diffusion":
+            continue
+        if isinstance(value, np.ndarray):
+            state[name] = torch.from_numpy(value.copy())
+        elif isinstance(value, torch.Tensor):
+            state[name] = value.detach().cpu().clone()
+        elif isinstance(value, (int, float, bool)):
+            state[name] = value
+    return state
+
+
+def _load_sampler_state(sampler, state: dict) -> None:
+    for name, value in state.items():
+        current = getattr(sampler, name, None)
+        if isinstance(current, np.ndarray):
+            setattr(sampler, name, value.numpy().astype(current.dtype))
+        elif isinstance(current, torch.Tensor):
+            setattr(sampler, name, value.to(current.device, current.dtype))
+        elif current is not None:
+            setattr(sampler, name, type(current)(value))
+
+
+class _null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def resolve_out_dir(flag: str, ctx: dist_util.DistContext) -> str:
+    """``--out_dir``, else ``OPENAI_LOGDIR``, else ``./runs/addpm-<date-time>``; the same on every rank.
+
+    Rank 0's choice is broadcast, so that a date-stamped default cannot differ between processes.
+    """
+    out_dir = flag or os.environ.get("OPENAI_LOGDIR") or os.path.join("runs", time.strftime("addpm-%Y%m%d-%H%M%S"))
+    if ctx.is_distributed:
+        box = [out_dir]
+        dist.broadcast_object_list(box, src=0)
+        out_dir = box[0]
+    return out_dir
+
+
+def existing_checkpoint(out_dir: str) -> str | None:
+    """A diffusion checkpoint already in ``out_dir`` (by name), or None."""
+    numbered = numbered_checkpoints(out_dir)
+    if numbered:
+        return numbered[-1][1]
+    final = bf.join(out_dir, FINAL_NAME)
+    return final if bf.exists(final) else None

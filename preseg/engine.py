@@ -1,0 +1,715 @@
+"""The supervised training engine shared by the pre-segmentation and the denoising trainers.
+
+One short explicit loop (in the spirit of nanoGPT's ``train.py``)::
+
+    for each epoch (a seeded shuffle of the training items, sharded across ranks):
+        for each batch:
+            input, target = batch_to_input_target(batch, generator)   # the only difference
+            loss = ce_weight * CE + dice_weight * (1 - soft Dice)      # logits vs target
+            AdamW step (autocast + GradScaler, gradient clipping), lr schedule
+            validation Dice every epoch (or every --val_interval steps) -> best.pt
+            <kind>_<step:07d>.pt every --save_interval steps (the newest --keep_checkpoints kept)
+    final.pt
+
+``train_preseg_network.py`` maps a batch to ``(image, label)``; ``train_denoising_network.py``
+to ``(noisy label at level T [+ image], label)``, drawing its noise from ``generator`` (the
+engine's own, restored on resume). Validation calls the same function with a generator
+re-seeded to the same value at every validation, so a noisy validation input is the same at
+every epoch and the scores are comparable.
+
+Validation Dice: hard Dice of the whole foreground (every non-background class) per image,
+averaged over the validation items of all ranks (an empty prediction of an empty label
+scores 1).
+
+Resume (``--resume auto`` or ``--resume_checkpoint PATH``) restores the model, optimizer,
+lr schedule, gradient scaler, step, epoch (and the position inside it), best score and every
+random number generator, so that 2 + 2 steps give the same weights as 4 (bit for bit, in one
+process, without augmentation in worker processes).
+"""
+
+import dataclasses
+import math
+import random
+import re
+import time
+from dataclasses import dataclass
+
+import blobfile as bf
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Sampler
+from tqdm import tqdm
+
+from data import collate
+from guided_diffusion import logger
+from guided_diffusion.checkpoint import (
+    list_checkpoints,
+    load_checkpoint,
+    load_weights,
+    save_checkpoint,
+    unwrap_model,
+)
+from guided_diffusion.dist_util import autocast_context, setup_dist, wrap_model
+from guided_diffusion.errors import AddpmError, CheckpointError, ConfigError
+from guided_diffusion.script_util import HELP
+from guided_diffusion.train_util import resolve_out_dir
+from preseg.losses import SegmentationLoss, dice_per_image
+
+LR_SCHEDULES = ("cosine", "plateau")
+PRECISIONS = ("fp32", "bf16", "fp16")
+RESUME_CHOICES = ("", "auto")
+
+# Streams of the engine's generators (mixed with the seed and the rank).
+_TRAIN_STREAM = 1
+_VALIDATION_STREAM = 2
+_LOADER_STREAM = 3
+
+
+@dataclass
+class TrainOptions:
+    """Every knob of the engine; the flags of the same names (see ``ENGINE_HELP``)."""
+
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    batch_size: int = 12
+    max_steps: int = 0
+    max_epoch: int = 100
+    lr_schedule: str = "cosine"
+    plateau_patience: int = 5
+    plateau_factor: float = 0.5
+    ce_weight: float = 1.0
+    dice_weight: float = 1.0
+    grad_clip: float = 1.0
+    val_interval: int = 0
+    save_interval: int = 1000
+    keep_checkpoints: int = 3
+    log_interval: int = 10
+    precision: str = "fp32"
+    device: str = "auto"
+    seed: int = 0
+    num_workers: int = 0
+    out_dir: str = ""
+    resume: str = ""
+    resume_checkpoint: str = ""
+
+    @classmethod
+    def from_args(cls, args):
+        """Pick the engine's options from parsed flags (a Namespace or a dict)."""
+        source = args if isinstance(args, dict) else vars(args)
+        return cls(**{f.name: source[f.name] for f in dataclasses.fields(cls) if f.name in source})
+
+    def check(self):
+        """Raise ConfigError (one line naming the flag) for a value the engine cannot use."""
+        positive = {"lr": self.lr, "batch_size": self.batch_size, "log_interval": self.log_interval}
+        for name, value in positive.items():
+            if not value > 0:
+                raise ConfigError(f"--{name} must be positive, got {value}")
+        non_negative = {
+            "weight_decay": self.weight_decay, "max_steps": self.max_steps,
+            "max_epoch": self.max_epoch, "ce_weight": self.ce_weight,
+            "dice_weight": self.dice_weight, "grad_clip": self.grad_clip,
+            "val_interval": self.val_interval, "save_interval": self.save_interval,
+            "keep_checkpoints": self.keep_checkpoints, "num_workers": self.num_workers,
+            "plateau_patience": self.plateau_patience,
+        }
+        for name, value in non_negative.items():
+            if value < 0:
+                raise ConfigError(f"--{name} must be >= 0, got {value}")
+        if self.ce_weight + self.dice_weight <= 0:
+            raise ConfigError("--ce_weight and --dice_weight are both 0: there is no loss to train on")
+        if self.max_steps == 0 and self.max_epoch == 0:
+            raise ConfigError("--max_steps and --max_epoch are both 0: set one to bound the run")
+        if not 0.0 < self.plateau_factor < 1.0:
+            raise ConfigError(f"--plateau_factor must be in (0, 1), got {self.plateau_factor}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(
+                f"--lr_schedule: unknown value {self.lr_schedule!r} (choose one of {', '.join(LR_SCHEDULES)})"
+            )
+        if self.precision not in PRECISIONS:
+            raise ConfigError(
+                f"--precision: unknown value {self.precision!r} (choose one of {', '.join(PRECISIONS)})"
+            )
+        if self.resume not in RESUME_CHOICES:
+            raise ConfigError(
+                f"--resume {self.resume!r}: expected auto or nothing (use --resume_checkpoint "
+                "PATH for a file)"
+            )
+        if self.resume == "auto" and self.resume_checkpoint not in ("", "auto"):
+            raise ConfigError("--resume auto and --resume_checkpoint PATH exclude each other; give one")
+
+
+def engine_defaults():
+    """Flag defaults of the engine (``--num_workers`` is a data flag: ``data.data_defaults``)."""
+    return {f.name: f.default for f in dataclasses.fields(TrainOptions) if f.name != "num_workers"}
+
+
+ENGINE_HELP = {
+    "lr": "learning rate (AdamW); the peak of the cosine schedule",
+    "weight_decay": HELP["weight_decay"],
+    "batch_size": HELP["batch_size"],
+    "max_steps": "stop after this many optimizer steps; 0 = no limit (the first of --max_steps and --max_epoch reached ends the run)",
+    "max_epoch": "stop after this many passes over the training items; 0 = no limit",
+    "lr_schedule": (
+        "cosine: decay the lr from --lr to 0 over the run (--max_steps / --max_epoch); plateau: "
+        "multiply it by --plateau_factor when the validation Dice has not improved for "
+        "--plateau_patience validations"
+    ),
+    "plateau_patience": "with --lr_schedule plateau: validations without improvement before the lr drops",
+    "plateau_factor": "with --lr_schedule plateau: factor applied to the lr when it drops",
+    "ce_weight": "weight of the cross-entropy term of the loss",
+    "dice_weight": "weight of the soft Dice term (1 - Dice of the foreground) of the loss",
+    "grad_clip": HELP["grad_clip"],
+    "val_interval": "validate every this many steps; 0 = at the end of every epoch",
+    "save_interval": (
+        "save <kind>_<step>.pt every this many steps (0 = only final.pt); best.pt is saved at "
+        "every validation that improves the Dice"
+    ),
+    "keep_checkpoints": "how many of the newest <kind>_<step>.pt files to keep; 0 = keep all",
+    "log_interval": HELP["log_interval"],
+    "precision": HELP["precision"],
+    "device": HELP["device"],
+    "seed": HELP["seed"],
+    "out_dir": (
+        "folder (or blobfile URL) for checkpoints and logs; empty = $OPENAI_LOGDIR, else "
+        "./runs/addpm-<date-time>"
+    ),
+    "resume": "auto: resume from the newest checkpoint in --out_dir if there is one; empty: start fresh",
+    "resume_checkpoint": (
+        "checkpoint to resume from (weights, optimizer, lr schedule, step, RNG); 'auto' = as "
+        "--resume auto; empty = start fresh"
+    ),
+}
+
+
+@dataclass
+class TrainResult:
+    """What a finished run reports."""
+
+    step: int
+    epoch: int
+    val_dice: float | None
+    best_val_dice: float | None
+    out_dir: str
+    final_path: str
+    best_path: str | None
+
+
+@dataclass
+class _State:
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    val_dice: float | None = None
+    best_val_dice: float | None = None
+    best_step: int | None = None
+    validated_step: int | None = None
+
+
+class EpochBatchSampler(Sampler):
+    """Batches of item indices: a seeded shuffle per epoch, sharded across ranks.
+
+    Epoch ``e`` uses the permutation of ``torch.randperm(n)`` seeded with ``seed + e``, padded
+    (by repeating its start) to a multiple of ``world_size`` so that every rank takes the same
+    number of steps, then ``rank::world_size``, as torch's DistributedSampler. Unlike it, an
+    epoch can start at any batch (``set_epoch(e, start_batch=b)``): a resumed run goes on
+    exactly where the interrupted one stopped. Without ``shuffle`` the order is 0..n-1 and
+    nothing is padded (validation: each item is scored once).
+
+    ``drop_last`` drops a trailing partial batch when there is at least one full batch.
+    """
+
+    def __init__(self, num_items, batch_size, *, rank=0, world_size=1, shuffle=True, seed=0,
+                 drop_last=False):
+        self.num_items = int(num_items)
+        self.batch_size = int(batch_size)
+        self.rank = rank
+        self.world_size = world_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self.drop_last = drop_last
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        self.epoch = epoch
+        self.start_batch = start_batch
+
+    def _indices(self):
+        if not self.shuffle:
+            return list(range(self.num_items))[self.rank::self.world_size]
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.num_items, generator=generator).tolist()
+        padding = (-len(order)) % self.world_size
+        order += (order * math.ceil(padding / max(len(order), 1)))[:padding]
+        return order[self.rank::self.world_size]
+
+    def batches(self):
+        """All batches of the current epoch (lists of indices)."""
+        indices = self._indices()
+        size = self.batch_size
+        batches = [indices[i:i + size] for i in range(0, len(indices), size)]
+        if self.drop_last and len(batches) > 1 and len(batches[-1]) < size:
+            batches.pop()
+        return batches
+
+    def __iter__(self):
+        yield from self.batches()[self.start_batch:]
+
+    def __len__(self):
+        return max(len(self.batches()) - self.start_batch, 0)
+
+
+def seed_everything(seed):
+    """Seed Python's, numpy's and torch's global generators (weights, dropout, augmentation)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _stream_seed(seed, stream, rank):
+    # Mixes (seed, stream, rank) into independent 63-bit seeds; consecutive seeds alone give
+    # correlated-looking but valid streams, a hash removes the doubt.
+    state = np.random.SeedSequence([int(seed) % 2**32, stream, rank]).generate_state(2, dtype=np.uint32)
+    return int((int(state[0]) << 31) ^ int(state[1]))
+
+
+def _make_generator(device, seed):
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed)
+    return generator
+
+
+def _to_device(batch, device):
+    moved = dict(batch)
+    non_blocking = device.type == "cuda"
+    for key in ("image", "label"):
+        if key in moved:
+            moved[key] = moved[key].to(device, non_blocking=non_blocking)
+    return moved
+
+
+def foreground_dice(logits, target):
+    """Hard Dice of the whole foreground per image.
+
+    :param logits: [B, K, H, W] class logits.
+    :param target: [B, H, W] int64 labels (0 = background).
+    :return: float32 [B]: Dice of (argmax > 0) vs (target > 0); 1 where both are empty.
+    """
+    pred = (logits.argmax(dim=1) > 0).long()
+    return dice_per_image(pred, (target > 0).long(), num_classes=2)[:, 0]
+
+
+@torch.no_grad()
+def evaluate_dice(model, dataset, batch_to_input_target, *, batch_size, device, precision="fp32",
+                  seed=0, num_workers=0, rank=0, world_size=1):
+    """Mean foreground Dice of ``model`` on ``dataset`` (this rank's share, summed over ranks).
+
+    The generator given to ``batch_to_input_target`` is seeded to the same value at every
+    call, so a noisy input is identical from one validation to the next.
+
+    :param model: network mapping ``input`` [B, Cin, H, W] to logits [B, K, H, W].
+    :return: float, the mean per-image Dice over the whole dataset (all ranks).
+    """
+    device = torch.device(device)
+    sampler = EpochBatchSampler(len(dataset), batch_size, rank=rank, world_size=world_size,
+                                shuffle=False)
+    loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                        pin_memory=device.type == "cuda",
+                        generator=torch.Generator().manual_seed(_stream_seed(seed, _LOADER_STREAM, rank)))
+    generator = _make_generator(device, _stream_seed(seed, _VALIDATION_STREAM, rank))
+    was_training = model.training
+    model.eval()
+    totals = torch.zeros(2, dtype=torch.float64, device=device)
+    try:
+        for batch in loader:
+            batch = _to_device(batch, device)
+            inputs, target = batch_to_input_target(batch, generator)
+            with autocast_context(device, precision):
+                logits = model(inputs)
+            scores = foreground_dice(logits.float(), target)
+            totals[0] += scores.double().sum()
+            totals[1] += scores.numel()
+    finally:
+        model.train(was_training)
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        dist.all_reduce(totals, op=dist.ReduceOp.SUM)
+    count = totals[1].item()
+    return totals[0].item() / count if count else float("nan")
+
+
+def _total_steps(options, steps_per_epoch):
+    bounds = []
+    if options.max_steps > 0:
+        bounds.append(options.max_steps)
+    if options.max_epoch > 0:
+        bounds.append(options.max_epoch * steps_per_epoch)
+    return min(bounds)
+
+
+def _make_scheduler(optimizer, options, total_steps):
+    if options.lr_schedule == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=options.plateau_factor, patience=options.plateau_patience
+        )
+
+    def cosine(step):
+        # lr(step) = lr * (1 + cos(pi * step / total)) / 2: from --lr at step 0 towards 0.
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
+
+
+def _make_scaler(device, precision):
+    # Loss scaling only matters for fp16 (bf16 has fp32's exponent range).
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def _rng_state(generator):
+    """This process's random number generators as tensors and plain values."""
+    np_state = np.random.get_state()
+    py_state = random.getstate()
+    state = {
+        "torch": torch.get_rng_state(),
+        "generator": generator.get_state(),
+        "numpy": {
+            "keys": torch.from_numpy(np_state[1].astype(np.int64)),
+            "pos": int(np_state[2]),
+            "has_gauss": int(np_state[3]),
+            "cached_gaussian": float(np_state[4]),
+        },
+        "python": {
+            "version": py_state[0],
+            "state": torch.tensor(py_state[1], dtype=torch.int64),
+            "gauss_next": py_state[2],
+        },
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state, generator):
+    torch.set_rng_state(state["torch"].cpu())
+    generator.set_state(state["generator"].cpu())
+    np_state = state["numpy"]
+    np.random.set_state((
+        "MT19937", np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+        np_state["has_gauss"], np_state["cached_gaussian"],
+    ))
+    py_state = state["python"]
+    random.setstate((py_state["version"], tuple(py_state["state"].tolist()), py_state["gauss_next"]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].cpu())
+
+
+def _gather_rng_states(generator, world_size):
+    """Every rank's generator states, as a list indexed by rank (a collective under torchrun)."""
+    own = _rng_state(generator)
+    if world_size == 1:
+        return [own]
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, own)
+    return gathered
+
+
+_NUMBERED = re.compile(r"^(?P<kind>[a-z]+)_(?P<step>\d{7,})\.pt$")
+
+
+def _numbered_checkpoints(out_dir, kind):
+    """``(step, path)`` of the ``<kind>_<step:07d>.pt`` files in ``out_dir``, by step."""
+    if not bf.isdir(out_dir):
+        return []
+    found = []
+    for name in bf.listdir(out_dir):
+        match = _NUMBERED.match(name)
+        if match and match["kind"] == kind:
+            found.append((int(match["step"]), bf.join(out_dir, name)))
+    return sorted(found)
+
+
+def _resume_path(options, kind, out_dir):
+    """The checkpoint to resume from, or None to start fresh."""
+    explicit = options.resume_checkpoint
+    if explicit and explicit != "auto":
+        return explicit
+    if options.resume != "auto" and explicit != "auto":
+        return None
+    # best.pt holds no optimizer state; every other checkpoint of ours can be resumed.
+    candidates = [
+        (step, path) for step, path in list_checkpoints(out_dir, kind=kind)
+        if bf.basename(path) != "best.pt"
+    ]
+    if not candidates:
+        return None
+    top = max(step for step, _ in candidates)
+    newest = [path for step, path in candidates if step == top]
+    # At equal steps, final.pt (written last) wins over a numbered file of the same step.
+    newest.sort(key=lambda path: bf.basename(path) != "final.pt")
+    return newest[0]
+
+
+def _check_resume_config(path, saved, current):
+    for key in ("arch", "arch_kwargs", "base_channels", "depth", "in_channels", "num_classes"):
+        if key in saved and key in current and saved[key] != current[key]:
+            flag = "--" + key if key not in ("in_channels", "num_classes") else key
+            raise ConfigError(
+                f"{flag} {current[key]!r} does not match the checkpoint {path} being resumed "
+                f"(trained with {saved[key]!r})"
+            )
+
+
+def _check_fresh_out_dir(out_dir, kind):
+    """Refuse to start a fresh run over the checkpoints of an earlier one."""
+    numbered = _numbered_checkpoints(out_dir, kind)
+    found = numbered[-1][1] if numbered else None
+    if found is None and bf.exists(bf.join(out_dir, "final.pt")):
+        found = bf.join(out_dir, "final.pt")
+    if found is not None:
+        raise ConfigError(
+            f"--out_dir {out_dir} already holds {found}: pass --resume auto to continue, or "
+            "another --out_dir"
+        )
+
+
+def train(*, kind, model, config, train_set, val_set, batch_to_input_target, options, ctx=None):
+    """Train ``model`` on ``train_set``, validating on ``val_set``; the shared loop.
+
+    :param kind: checkpoint kind, "preseg" or "denoiser" (also the prefix of numbered files).
+    :param model: the network (already seeded and built on the CPU), ``forward(input [B,Cin,H,W])
+        -> logits [B,K,H,W]``.
+    :param config: the checkpoint config (plain types) that rebuilds ``model`` and its
+        preprocessing; stored in every checkpoint.
+    :param train_set, val_set: datasets of items ``{"image", "label", "case_id", "meta"}``;
+        ``val_set`` may be None or empty (no validation, no best.pt).
+    :param batch_to_input_target: ``f(batch, generator) -> (input [B,Cin,H,W] float, target
+        [B,H,W] int64)``, batch already on the device; random draws only from ``generator``.
+    :param options: ``TrainOptions``.
+    :param ctx: ``DistContext`` from ``dist_util.setup_dist``; None = set up from
+        ``options.device`` here.
+    :return: ``TrainResult``.
+    """
+    options.check()
+    if ctx is None:
+        ctx = setup_dist(options.device)
+    device = ctx.device
+    if len(train_set) == 0:
+        raise ConfigError("the training set is empty: nothing to train on (check --data_dir and --val_fraction)")
+    out_dir = resolve_out_dir(options.out_dir, ctx)
+    logger.configure(dir=out_dir, rank=ctx.rank)
+    has_val = val_set is not None and len(val_set) > 0
+
+    model.to(device)
+    per_rank = math.ceil(len(train_set) / ctx.world_size)
+    sampler = EpochBatchSampler(
+        len(train_set), options.batch_size, rank=ctx.rank, world_size=ctx.world_size,
+        shuffle=True, seed=options.seed, drop_last=per_rank >= options.batch_size,
+    )
+    steps_per_epoch = len(sampler.batches())
+    total_steps = _total_steps(options, steps_per_epoch)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+    scheduler = _make_scheduler(optimizer, options, total_steps)
+    scaler = _make_scaler(device, options.precision)
+    loss_fn = SegmentationLoss(ce_weight=options.ce_weight, dice_weight=options.dice_weight)
+    generator = _make_generator(device, _stream_seed(options.seed, _TRAIN_STREAM, ctx.rank))
+    state = _State()
+
+    resume_path = _resume_path(options, kind, out_dir)
+    if resume_path is None and not (options.resume == "auto" or options.resume_checkpoint == "auto"):
+        _check_fresh_out_dir(out_dir, kind)
+    if resume_path is not None:
+        _restore(resume_path, kind, model, config, optimizer, scheduler, scaler, generator, state,
+                 options, ctx)
+    elif options.resume == "auto" or options.resume_checkpoint == "auto":
+        logger.log(f"no checkpoint to resume in {out_dir}; starting fresh")
+
+    net = wrap_model(model, ctx)
+    net.train()
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.log(
+        f"training {kind} net ({config.get('arch')}, {n_params:,} parameters) on {device}: "
+        f"{len(train_set)} training / {len(val_set) if has_val else 0} validation items, "
+        f"{steps_per_epoch} steps per epoch, {total_steps} steps, batch {options.batch_size} "
+        f"x {ctx.world_size} process(es), precision {options.precision}"
+    )
+    if not has_val:
+        logger.log("no validation items: no validation Dice, no best.pt")
+
+    def save(path, *, training_state):
+        rng = _gather_rng_states(generator, ctx.world_size) if training_state else None
+        if not ctx.is_main:
+            return
+        extra = {
+            "epoch": state.epoch,
+            "batch_in_epoch": state.batch_in_epoch,
+            "val_dice": state.val_dice,
+            "best_val_dice": state.best_val_dice,
+            "best_step": state.best_step,
+            "validated_step": state.validated_step,
+        }
+        if training_state:
+            extra.update(
+                scheduler=scheduler.state_dict(),
+                lr_schedule=options.lr_schedule,
+                scaler=scaler.state_dict(),
+                rng=rng,
+                world_size=ctx.world_size,
+            )
+        save_checkpoint(
+            path, kind=kind, model_state=unwrap_model(model).state_dict(), config=config,
+            optimizer=optimizer.state_dict() if training_state else None, step=state.step,
+            extra=extra,
+        )
+
+    def validate():
+        score = evaluate_dice(
+            model, val_set, batch_to_input_target, batch_size=options.batch_size, device=device,
+            precision=options.precision, seed=options.seed, num_workers=options.num_workers,
+            rank=ctx.rank, world_size=ctx.world_size,
+        )
+        state.val_dice = score
+        state.validated_step = state.step
+        improved = state.best_val_dice is None or score > state.best_val_dice
+        if improved:
+            state.best_val_dice, state.best_step = score, state.step
+            save(bf.join(out_dir, "best.pt"), training_state=False)
+        if options.lr_schedule == "plateau":
+            scheduler.step(score)
+        logger.logkv("val_dice", score)
+        logger.log(
+            f"step {state.step} (epoch {state.epoch}): validation Dice {score:.4f}"
+            f"{' (best)' if improved else f' (best {state.best_val_dice:.4f} at step {state.best_step})'}"
+        )
+
+    def done():
+        return (options.max_steps > 0 and state.step >= options.max_steps) or (
+            options.max_epoch > 0 and state.epoch >= options.max_epoch
+        )
+
+    progress = tqdm(total=total_steps, initial=min(state.step, total_steps), desc=f"train {kind}",
+                    disable=not ctx.is_main, dynamic_ncols=True)
+    interval_start, interval_samples = time.perf_counter(), 0
+    while not done():
+        sampler.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
+        loader_seed = _stream_seed(options.seed + state.epoch, _LOADER_STREAM, ctx.rank)
+        loader = DataLoader(
+            train_set, batch_sampler=sampler, collate_fn=collate, num_workers=options.num_workers,
+            pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(loader_seed),
+        )
+        for batch in loader:
+            batch = _to_device(batch, device)
+            inputs, target = batch_to_input_target(batch, generator)
+            with autocast_context(device, options.precision):
+                logits = net(inputs)
+            terms = loss_fn.components(logits, target)
+            loss = options.ce_weight * terms["ce"] + options.dice_weight * terms["dice_loss"]
+            if not torch.isfinite(loss):
+                raise AddpmError(
+                    f"training diverged: the loss is {loss.item()} at step {state.step}; lower --lr "
+                    "or use --precision fp32"
+                )
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if options.grad_clip > 0:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            lr = optimizer.param_groups[0]["lr"]
+            if options.lr_schedule == "cosine":
+                scheduler.step()
+
+            state.step += 1
+            state.batch_in_epoch += 1
+            epoch_ended = state.batch_in_epoch >= steps_per_epoch
+            if epoch_ended:
+                state.epoch += 1
+                state.batch_in_epoch = 0
+            interval_samples += inputs.shape[0] * ctx.world_size
+            logger.logkv_mean("loss", loss.item())
+            logger.logkv_mean("ce", terms["ce"].item())
+            logger.logkv_mean("dice_loss", terms["dice_loss"].item())
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+
+            if has_val and (
+                (options.val_interval > 0 and state.step % options.val_interval == 0)
+                or (options.val_interval == 0 and epoch_ended)
+            ):
+                validate()
+            if state.step % options.log_interval == 0 or done():
+                elapsed = time.perf_counter() - interval_start
+                logger.logkv("step", state.step)
+                logger.logkv("epoch", state.epoch)
+                logger.logkv("samples", state.step * options.batch_size * ctx.world_size)
+                logger.logkv("lr", lr)
+                logger.logkv("samples_per_sec", interval_samples / max(elapsed, 1e-9))
+                logger.dumpkvs()
+                interval_start, interval_samples = time.perf_counter(), 0
+            if options.save_interval > 0 and state.step % options.save_interval == 0:
+                save(bf.join(out_dir, f"{kind}_{state.step:07d}.pt"), training_state=True)
+                if ctx.is_main:
+                    _prune(out_dir, kind, options.keep_checkpoints)
+            if done():
+                break
+    progress.close()
+
+    # Every run ends with a validation score for its final weights (and best.pt when the
+    # validation set is not empty), also when the bound fell inside an epoch.
+    if has_val and state.validated_step != state.step:
+        validate()
+        logger.dumpkvs()
+    final_path = bf.join(out_dir, "final.pt")
+    save(final_path, training_state=True)
+    logger.log(f"saved {final_path} at step {state.step}")
+    return TrainResult(
+        step=state.step, epoch=state.epoch, val_dice=state.val_dice,
+        best_val_dice=state.best_val_dice, out_dir=out_dir, final_path=final_path,
+        best_path=bf.join(out_dir, "best.pt") if state.best_step is not None else None,
+    )
+
+
+def _prune(out_dir, kind, keep):
+    if keep <= 0:
+        return
+    for _, path in _numbered_checkpoints(out_dir, kind)[:-keep]:
+        bf.remove(path)
+
+
+def _restore(path, kind, model, config, optimizer, scheduler, scaler, generator, state, options, ctx):
+    ckpt = load_checkpoint(path, kind=kind, map_location="cpu")
+    _check_resume_config(path, ckpt["config"], config)
+    if ckpt["optimizer"] is None:
+        raise CheckpointError(
+            f"{path} holds no optimizer state (best.pt is weights only); resume from "
+            f"{kind}_<step>.pt or final.pt"
+        )
+    load_weights(model, ckpt["model"], source=str(path))
+    optimizer.load_state_dict(ckpt["optimizer"])
+    extra = ckpt["extra"]
+    if extra.get("lr_schedule") == options.lr_schedule and "scheduler" in extra:
+        scheduler.load_state_dict(extra["scheduler"])
+    else:
+        # Switching schedules on resume: the new one starts from the step reached.
+        if options.lr_schedule == "cosine":
+            scheduler.last_epoch = ckpt["step"]
+        logger.log(f"{path}: trained with --lr_schedule {extra.get('lr_schedule')}; "
+                   f"going on with {options.lr_schedule}")
+    if scaler.is_enabled() and extra.get("scaler"):
+        scaler.load_state_dict(extra["scaler"])
+    state.step = int(ckpt["step"])
+    state.epoch = int(extra.get("epoch", 0))
+    state.batch_in_epoch = int(extra.get("batch_in_epoch", 0))
+    state.val_dice = extra.get("val_dice")
+    state.best_val_dice = extra.get("best_val_dice")
+    state.best_step = extra.get("best_step")
+    state.validated_step = extra.get("validated_step")
+    rng = extra.get("rng") or []
+    if len(rng) == ctx.world_size:
+        _set_rng_state(rng[ctx.rank], generator)
+    else:
+        # Another number of processes than when saved: fresh, distinct streams per rank.
+        generator.manual_seed(_stream_seed(options.seed + state.step, _TRAIN_STREAM, ctx.rank))
+        logger.log(f"{path} was saved by {len(rng)} process(es), resumed by {ctx.world_size}: "
+                   "random streams re-seeded")
+    logger.log(f"resumed from {path} at step {state.step} (epoch {state.epoch})")

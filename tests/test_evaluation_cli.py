@@ -1,0 +1,138 @@
+"""``python -m evaluation`` on real NIfTI and PNG folders."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from PIL import Image
+
+from evaluation.cli import evaluate_folders, main
+from evaluation.errors import EvaluationError
+from evaluation.report import read_metrics_csv
+from guided_diffusion.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def save_nifti(path, mask, zooms):
+    img = nib.Nifti1Image(mask.astype(np.uint8), np.diag([*zooms, 1.0]))
+    img.header.set_zooms(zooms)
+    nib.save(img, str(path))
+
+
+def save_png(path, mask, high=255):
+    Image.fromarray((mask.astype(np.uint8) * high)).save(path)
+
+
+def cube(shape, corner, size=3):
+    mask = np.zeros(shape, dtype=bool)
+    z, y, x = corner
+    mask[z : z + size, y : y + size, x : x + size] = True
+    return mask
+
+
+@pytest.fixture
+def folders(tmp_path):
+    pred_dir, label_dir = tmp_path / "pred", tmp_path / "labels"
+    pred_dir.mkdir()
+    label_dir.mkdir()
+    # Volume "vol": cubes 3 voxels apart along axis 2, whose voxels are 3 mm long:
+    # hd95 = 3 * 3 mm, assd = 2 * 3 mm (see the 3D cube test of the metrics).
+    save_nifti(label_dir / "vol_seg.nii.gz", cube((8, 8, 8), (1, 1, 1)), (1.0, 1.0, 3.0))
+    save_nifti(pred_dir / "vol.nii.gz", cube((8, 8, 8), (1, 1, 4)), (1.0, 1.0, 3.0))
+    # Image "img": 0/255 prediction, 0/1 label, rows 2-5 against rows 3-5 of columns 2-5.
+    pred = np.zeros((10, 12), dtype=bool)
+    pred[2:6, 2:6] = True
+    label = np.zeros((10, 12), dtype=bool)
+    label[3:6, 2:6] = True
+    save_png(pred_dir / "img.png", pred)
+    save_png(label_dir / "img_seg.png", label, high=1)
+    # A label without prediction, an image that is not a label, and a non-mask file.
+    save_png(label_dir / "lonely_seg.png", label, high=1)
+    save_png(label_dir / "img_t1.png", label)
+    (pred_dir / "notes.txt").write_text("not a mask")
+    return pred_dir, label_dir
+
+
+def run_module(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "evaluation", *map(str, args)],
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_end_to_end_nifti_and_png(folders, tmp_path):
+    pred_dir, label_dir = folders
+    out_dir = tmp_path / "eval"
+    proc = run_module("--pred_dir", pred_dir, "--label_dir", label_dir, "--out_dir", out_dir,
+                      "--label_suffix", "_seg", "--classes", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "labels without a prediction: 1" in proc.stderr
+    rows = {r["case_id"]: r for r in read_metrics_csv(out_dir / "metrics.csv")}
+    assert set(rows) == {"vol", "img"}
+    assert rows["vol"]["dice"] == 0.0
+    assert rows["vol"]["hd95"] == pytest.approx(9.0)
+    assert rows["vol"]["assd"] == pytest.approx(6.0)
+    # img: tp 12, fp 4, fn 0.
+    assert rows["img"]["dice"] == pytest.approx(24 / 28)
+    assert rows["img"]["precision"] == pytest.approx(12 / 16)
+    # --classes selects raw values: the 0/255 PNG prediction has no 1, the NIfTI masks do.
+    assert rows["img"]["class1_dice"] == 0.0 and math.isnan(rows["img"]["class1_hd95"])
+    assert rows["vol"]["class1_hd95"] == pytest.approx(9.0)
+    summary = json.loads((out_dir / "summary.json").read_text())
+    assert summary["n_cases"] == 2
+    assert summary["missing_predictions"] == ["lonely"]
+    assert summary["kinds"]["case"]["metrics"]["dice"]["mean"] == pytest.approx(12 / 28)
+
+
+def test_missing_label_dir_is_one_line_and_exit_2(folders, tmp_path):
+    pred_dir, _ = folders
+    proc = run_module("--pred_dir", pred_dir, "--label_dir", tmp_path / "nowhere")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --label_dir {tmp_path / 'nowhere'}: folder not found"
+    ]
+    assert not (pred_dir / "metrics.csv").exists()
+
+
+def test_no_matching_label_and_shape_mismatch(folders, tmp_path):
+    pred_dir, label_dir = folders
+    with pytest.raises(EvaluationError, match="no mask files ending with '_t2'"):
+        evaluate_folders(pred_dir, label_dir, label_suffix="_t2")
+    with pytest.raises(EvaluationError, match="no case ids match"):
+        evaluate_folders(pred_dir, label_dir)  # ids keep the _seg suffix
+    save_png(label_dir / "vol_seg.png", np.zeros((4, 4), dtype=bool))
+    with pytest.raises(EvaluationError, match="both give case id 'vol'"):
+        evaluate_folders(pred_dir, label_dir, label_suffix="_seg")
+    (label_dir / "vol_seg.png").unlink()
+    save_png(label_dir / "img_seg.png", np.zeros((4, 4), dtype=bool))
+    with pytest.raises(EvaluationError, match=r"img\.png has shape \(10, 12\).*img_seg\.png"):
+        evaluate_folders(pred_dir, label_dir, label_suffix="_seg")
+    with pytest.raises(ConfigError, match="--pred_dir"):
+        main(["--pred_dir", str(tmp_path / "missing"), "--label_dir", str(label_dir)])
+    assert not any(p.name.endswith((".csv", ".json")) for p in pred_dir.iterdir())
+
+
+def test_brats_fixture_labels_score_themselves(brats2d_mini, tmp_path):
+    pred_dir, label_dir = tmp_path / "pred", tmp_path / "labels"
+    pred_dir.mkdir()
+    label_dir.mkdir()
+    for seg in sorted(brats2d_mini.glob("training/*/*_seg_*.nii.gz"))[:2]:
+        case_id = seg.parent.name
+        img = nib.load(str(seg))
+        nib.save(img, str(label_dir / f"{case_id}.nii.gz"))
+        nib.save(nib.Nifti1Image(np.asanyarray(img.dataobj), img.affine, img.header),
+                 str(pred_dir / f"{case_id}.nii.gz"))
+    rows, info = evaluate_folders(pred_dir, label_dir, classes=(1, 2, 4))
+    assert len(rows) == 2 and info["missing_predictions"] == []
+    for row in rows:
+        assert row["dice"] == 1.0 and row["hd95"] == 0.0
+        assert row["class2_dice"] == 1.0

@@ -1,0 +1,163 @@
+"""Metric tables, summaries, per-volume aggregation, overlays and 16-bit maps."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from evaluation.errors import EvaluationError
+from evaluation.metrics import segmentation_metrics
+from evaluation.report import (
+    OVERLAY_GAP,
+    OVERLAY_LINE_HEIGHT,
+    GroupAccumulator,
+    metrics_row,
+    read_metrics_csv,
+    read_uint16_png,
+    save_overlay,
+    save_uint16_png,
+    summarize,
+    write_metrics_csv,
+    write_summary_json,
+)
+
+
+def square(shape, top, left, size=3):
+    mask = np.zeros(shape, dtype=bool)
+    mask[top : top + size, left : left + size] = True
+    return mask
+
+
+def test_group_dice_is_the_3d_dice_not_the_mean_of_slices():
+    empty = np.zeros((6, 6), dtype=bool)
+    dot = empty.copy()
+    dot[2, 2] = True
+    big = square((6, 6), 1, 1)
+    acc = GroupAccumulator(kind="patient")
+    # Slice 0: one pixel found exactly (dice 1). Slice 1: 9 pixels missed (dice 0).
+    acc.add("p1", empty, big, slice_index=1)
+    acc.add("p1", dot, dot, slice_index=0)
+    slice_dices = [segmentation_metrics(dot, dot)["dice"], segmentation_metrics(empty, big)["dice"]]
+    assert np.mean(slice_dices) == pytest.approx(0.5)
+    (row,) = acc.rows()
+    # Stacked: tp 1, fp 0, fn 9 -> dice 2 / 11.
+    assert row["dice"] == pytest.approx(2 / 11)
+    assert (row["case_id"], row["group_id"], row["kind"]) == ("p1", "p1", "patient")
+    assert row["tn"] == 72 - 10
+
+
+def test_group_uses_slice_thickness_and_keeps_gaps():
+    mask = square((5, 5), 1, 1)
+    empty = np.zeros((5, 5), dtype=bool)
+    acc = GroupAccumulator()
+    # Result on slice 3, label on slice 5, slice 4 never given: both are single-slice
+    # squares whose every voxel is 2 slices (2 * 2.5 mm) from the other.
+    acc.add("v", mask, empty, slice_index=3, spacing=(1.0, 1.0), slice_thickness=2.5,
+            preseg=mask)
+    acc.add("v", empty, mask, slice_index=5, spacing=(1.0, 1.0), slice_thickness=2.5,
+            preseg=mask)
+    row = acc.compute("v")
+    assert row["kind"] == "volume"
+    assert row["dice"] == 0.0
+    assert row["hd95"] == pytest.approx(5.0) and row["assd"] == pytest.approx(5.0)
+    assert row["tn"] == 2 * 25 - 18
+    assert row["specificity"] == pytest.approx(32 / 41)
+    # Pre-segmentation on both slices: tp 9, fp 9 -> dice 18 / 27.
+    assert row["preseg_dice"] == pytest.approx(2 / 3)
+
+
+def test_group_errors():
+    acc = GroupAccumulator()
+    acc.add("v", np.zeros((4, 4)), np.zeros((4, 4)), slice_index=0)
+    with pytest.raises(EvaluationError, match="twice"):
+        acc.add("v", np.zeros((4, 4)), np.zeros((4, 4)), slice_index=0)
+    with pytest.raises(EvaluationError, match="shape"):
+        acc.add("v", np.zeros((4, 5)), np.zeros((4, 5)), slice_index=1)
+    with pytest.raises(EvaluationError, match="no slices"):
+        acc.compute("other")
+
+
+def _rows():
+    a = segmentation_metrics(square((8, 8), 1, 1), square((8, 8), 2, 1))
+    empty = np.zeros((8, 8), dtype=bool)
+    b = segmentation_metrics(empty, square((8, 8), 2, 2))
+    pre = segmentation_metrics(square((8, 8), 2, 2), square((8, 8), 2, 2))
+    return [
+        metrics_row("c1", a, group_id="g1", preseg_metrics=pre, extra={"class1_dice": 0.25}),
+        metrics_row("c2", b, group_id="g1", preseg_metrics=pre),
+        metrics_row("g1", a, group_id="g1", kind="volume"),
+    ]
+
+
+def test_csv_round_trip(tmp_path):
+    rows = _rows()
+    path = tmp_path / "out" / "metrics.csv"
+    write_metrics_csv(rows, path)
+    header = path.read_text().splitlines()[0].split(",")
+    assert header[:6] == ["case_id", "group_id", "kind", "dice", "iou", "hd95"]
+    assert header.index("preseg_dice") > header.index("label_voxels")
+    assert header[-1] == "class1_dice"
+    back = read_metrics_csv(path)
+    assert [r["case_id"] for r in back] == ["c1", "c2", "g1"]
+    assert back[0]["dice"] == rows[0]["dice"] and back[0]["tp"] == 6
+    assert math.isnan(back[1]["hd95"])
+    assert back[1]["class1_dice"] is None and back[2]["preseg_dice"] is None
+    assert [p.name for p in path.parent.iterdir()] == ["metrics.csv"]
+
+
+def test_summary_and_json(tmp_path):
+    summary = summarize(_rows())
+    assert summary["n_cases"] == 2
+    case = summary["kinds"]["case"]
+    assert case["n"] == 2 and summary["kinds"]["volume"]["n"] == 1
+    dice = case["metrics"]["dice"]
+    assert dice["mean"] == pytest.approx((2 / 3 + 0) / 2)
+    assert dice["std"] == pytest.approx(1 / 3)
+    hd = case["metrics"]["hd95"]
+    assert (hd["n_valid"], hd["n_nan"], hd["mean"]) == (1, 1, 1.0)
+    assert case["metrics"]["preseg_dice"]["mean"] == 1.0
+    assert "tp" not in case["metrics"] and "preseg_fn" not in case["metrics"]
+    assert case["metrics"]["class1_dice"]["n_nan"] == 1
+
+    summary["nan_value"] = float("nan")
+    path = tmp_path / "summary.json"
+    write_summary_json(summary, path)
+    back = json.loads(path.read_text())
+    assert back["kinds"]["case"]["metrics"]["hd95"]["n_nan"] == 1
+    assert back["nan_value"] is None
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_overlay_png_size_and_colours(tmp_path):
+    rng = np.random.default_rng(0)
+    image = rng.random((3, 16, 24)).astype(np.float32)
+    label = square((16, 24), 4, 4, size=6)
+    result = square((16, 24), 5, 5, size=6)
+    path = tmp_path / "overlays" / "case.png"
+    size = save_overlay(path, image, label, label, result, rng.random((16, 24)), "case 7",
+                        scale=1)
+    with Image.open(path) as img:
+        assert img.size == size == (5 * 24 + 4 * OVERLAY_GAP, 16 + 2 * OVERLAY_LINE_HEIGHT)
+        pixels = np.asarray(img.convert("RGB"))
+    result_panel = pixels[2 * OVERLAY_LINE_HEIGHT :, 3 * (24 + OVERLAY_GAP) :][:16, :24]
+    # (10, 10) is on the result's outline; (7, 7) inside it is tinted red.
+    assert result_panel[10, 10].tolist() == [255, 40, 40]
+    assert result_panel[7, 7, 0] > result_panel[7, 7, 1]
+
+    size = save_overlay(tmp_path / "auto.png", image[0], None, None, result)
+    # Two panels (image, result), scaled by ceil(128 / 24) = 6, no title line.
+    assert size == (2 * 24 * 6 + OVERLAY_GAP, 16 * 6 + OVERLAY_LINE_HEIGHT)
+    with pytest.raises(EvaluationError, match="shape"):
+        save_overlay(tmp_path / "bad.png", image, None, None, np.zeros((5, 5)))
+
+
+def test_uint16_png_round_trip(tmp_path):
+    values = np.array([[0.0, 0.25, 0.5], [1.0, 1.5, -1.0]])
+    path = tmp_path / "unc.png"
+    save_uint16_png(values, path)
+    with Image.open(path) as img:
+        assert img.mode == "I;16" and img.size == (3, 2)
+    back = read_uint16_png(path)
+    np.testing.assert_allclose(back, np.clip(values, 0, 1), atol=1 / 65535)

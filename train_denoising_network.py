@@ -1,0 +1,73 @@
+"""Train ADDPM's one-step denoising network: a mask noised to level T -> the clean mask.
+
+The original ADDPM README's command runs as it is (with ``--data_dir``)::
+
+    python train_denoising_network.py --data_dir DIR --batch_size 12 --lr 0.001 --T 250
+
+Each batch noises its labels to level ``--T`` by the forward rule of the diffusion model
+(``--noise_schedule``, ``--diffusion_steps``, ``--mask_space``: keep them equal to those of
+``train_addpm.py``; the defaults are the original README's), with fresh noise every batch; the
+net (any ``--arch`` of the pre-segmentation registry) sees the noisy mask alone
+(``--denoiser_cond none``, as ADDPM) or with the image (``image``) and is trained with CE +
+soft Dice against the clean label. Validation: Dice at level T with the same noise at every
+epoch. Outputs under ``--out_dir`` as ``train_preseg_network.py``'s (``denoiser_<step>.pt``,
+``best.pt``, ``final.pt``, logs); ``sample.py --denoiser_path OUT/best.pt`` refuses it unless
+its ``--T`` and the diffusion model's schedule match.
+"""
+
+import argparse
+
+from data import DATA_HELP, data_defaults, dataset_from_args
+from denoiser.model import (
+    DENOISER_HELP,
+    NoisyMaskBatch,
+    check_denoiser_settings,
+    denoiser_defaults,
+    denoiser_in_channels,
+)
+from guided_diffusion import dist_util
+from guided_diffusion.script_util import add_dict_to_argparser, run_cli
+from preseg.engine import ENGINE_HELP, TrainOptions, engine_defaults, seed_everything, train
+from preseg.io import (
+    NETWORK_HELP,
+    args_record,
+    build_network_from_config,
+    network_config,
+    network_defaults,
+)
+
+
+def create_argparser():
+    defaults = {**data_defaults(), **network_defaults(), **engine_defaults(), **denoiser_defaults()}
+    helps = {**DATA_HELP, **NETWORK_HELP, **ENGINE_HELP, **DENOISER_HELP}
+    parser = argparse.ArgumentParser(description="Train the one-step denoising network of ADDPM.")
+    add_dict_to_argparser(parser, defaults, helps)
+    return parser
+
+
+def main(argv=None):
+    args = create_argparser().parse_args(argv)
+    schedule = {key: getattr(args, key) for key in denoiser_defaults()}
+    check_denoiser_settings(**schedule)
+    options = TrainOptions.from_args(args)
+    options.check()
+    ctx = dist_util.setup_dist(args.device)
+    try:
+        train_set = dataset_from_args(args, subset="train", require_labels=True)
+        # --val_fraction 0: every patient trains, and nothing is validated (no best.pt).
+        val_set = (dataset_from_args(args, subset="val", require_labels=True, augment=False)
+                   if args.val_fraction > 0 else None)
+        in_channels = denoiser_in_channels(train_set.num_channels, args.denoiser_cond)
+        config = network_config(args, in_channels=in_channels)
+        config.update(schedule, image_channels=train_set.num_channels,
+                      preprocess=train_set.preprocess.to_dict(), args=args_record(args))
+        seed_everything(args.seed)
+        model = build_network_from_config(config)
+        train(kind="denoiser", model=model, config=config, train_set=train_set, val_set=val_set,
+              batch_to_input_target=NoisyMaskBatch(**schedule), options=options, ctx=ctx)
+    finally:
+        dist_util.cleanup()
+
+
+if __name__ == "__main__":
+    run_cli(main)
