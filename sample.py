@@ -26,7 +26,7 @@ from denoiser import check_denoiser_matches, denoiser_input, load_denoiser
 from evaluation.outputs import CaseWriter, finish_run, select_cases
 from guided_diffusion import dist_util
 from guided_diffusion.errors import ConfigError
-from guided_diffusion.sampling_setup import load_diffusion_model
+from guided_diffusion.loading import load_diffusion_model
 from guided_diffusion.script_util import (
     HELP,
     add_dict_to_argparser,
@@ -35,7 +35,12 @@ from guided_diffusion.script_util import (
     unet_defaults,
 )
 from guided_diffusion.seg_sampling import plan_sampler, sample_members
-from preseg import load_preseg, read_precomputed_preseg, preseg_probabilities
+from preseg import load_preseg, read_precomputed_preseg
+
+# The trainers' default --out_dir, so the original commands chain without extra flags.
+DEFAULT_PRESEG_PATH = "runs/preseg/best.pt"
+DEFAULT_DENOISER_PATH = "runs/denoiser/best.pt"
+DEFAULT_T = 250
 
 SAMPLE_HELP = {
     "model_path": "diffusion checkpoint from train_addpm.py (or a raw improved-diffusion state dict)",
@@ -73,7 +78,8 @@ SAMPLE_HELP = {
 
 def sample_defaults():
     return dict(
-        model_path="", preseg_path="", preseg_dir="", denoiser_path="", use_ema=True,
+        model_path="", preseg_path=DEFAULT_PRESEG_PATH, preseg_dir="",
+        denoiser_path=DEFAULT_DENOISER_PATH, use_ema=True,
         sampler="addpm", pre_t=300, T=-1, sampling_steps=0, step_method="ddpm", eta=0.0,
         final_step="denoiser", num_ensemble=5, en_num=0, fusion="mean", file_list="",
         batch_size=1, out_dir="samples", save_preseg=False, save_overlays=True, overwrite=False,
@@ -96,29 +102,8 @@ def main():
     ctx = dist_util.setup_dist(args.device)
     bundle = load_diffusion_model(args, ctx.device)
     preprocess = Preprocess.from_dict(bundle.config["preprocess"])
-
-    preseg_net = None
-    if args.sampler in ("addpm", "preseg"):
-        if args.preseg_path and args.preseg_dir:
-            raise ConfigError("give --preseg_path or --preseg_dir, not both")
-        if args.preseg_path:
-            preseg_net, preseg_config = load_preseg(args.preseg_path, ctx.device)
-            check_same_preprocess(preseg_config, preprocess, args.preseg_path)
-        elif not args.preseg_dir:
-            raise ConfigError(f"--sampler {args.sampler} needs --preseg_path or --preseg_dir")
-
-    denoise_fn, T = None, args.T
-    if args.sampler == "addpm" and args.final_step == "denoiser":
-        if not args.denoiser_path:
-            raise ConfigError("--final_step denoiser needs --denoiser_path (or use --final_step x0)")
-        den_net, den_config = load_denoiser(args.denoiser_path, ctx.device)
-        check_same_preprocess(den_config, preprocess, args.denoiser_path)
-        T = den_config["T"] if args.T < 0 else args.T
-        check_denoiser_matches(den_config, T=T, source=args.denoiser_path, **bundle.schedule)
-        denoise_fn = make_denoise_fn(den_net, den_config)
-    elif T < 0:
-        T = 250
-
+    preseg_net = load_preseg_source(args, preprocess, ctx.device)
+    denoise_fn, T = load_final_step(args, bundle, preprocess, ctx.device)
     plan = plan_sampler(
         args.sampler, num_timesteps=bundle.diffusion.num_timesteps, pre_t=args.pre_t, T=T,
         sampling_steps=args.sampling_steps, step_method=args.step_method, eta=args.eta,
@@ -130,7 +115,7 @@ def main():
 
     dataset = create_dataset(
         args.data_dir, dataset=args.dataset, preprocess=preprocess, subset="all",
-        mask_suffix=args.mask_suffix,
+        mask_suffix=args.mask_suffix, keep_original_label=True,
     )
     selected = select_cases(dataset, args.file_list)
     writer = CaseWriter(args, dataset, plan, bundle, preprocess, num_members, ctx)
@@ -141,47 +126,67 @@ def main():
     )
     generator = torch.Generator(device=ctx.device).manual_seed(args.seed + args.en_num + 1000 * ctx.rank)
     autocast = dist_util.autocast_context(ctx.device, args.precision)
-    for batch in tqdm(loader, desc=f"{plan.sampler} sampling", disable=not ctx.is_main, unit="batch"):
-        start = time.perf_counter()
-        images = batch["image"].to(ctx.device)
-        if plan.sampler in ("addpm", "preseg"):
-            if preseg_net is not None:
-                with autocast:
-                    preseg_probs = preseg_probabilities(preseg_net, images)
-            else:
-                preseg_probs = torch.stack(
-                    [read_precomputed_preseg(args.preseg_dir, cid, meta) for cid, meta in zip(batch["case_id"], batch["meta"])]
-                ).to(ctx.device)
-        else:
-            preseg_probs = None
-        with autocast:
-            members = sample_members(
-                plan, diffusion=bundle.diffusion, model=bundle.model, images=images,
-                num_ensemble=num_members, mask_space=bundle.mask_space, preseg_probs=preseg_probs,
-                denoise_fn=denoise_fn, generator=generator, progress=args.progress_steps and ctx.is_main,
-            )
-        members = members.float().cpu()
-        seconds = (time.perf_counter() - start) / len(batch["case_id"])
-        for i in range(len(batch["case_id"])):
-            writer.write_case(
-                batch, i, members[i],
-                None if preseg_probs is None else preseg_probs[i, 0].float().cpu(),
-                seconds,
-            )
+    with torch.inference_mode():
+        for batch in tqdm(loader, desc=f"{plan.sampler} sampling", disable=not ctx.is_main, unit="batch"):
+            start = time.perf_counter()
+            images = batch["image"].to(ctx.device)
+            with autocast:
+                preseg_probs = preseg_probabilities(args, plan, preseg_net, batch, images)
+                members = sample_members(
+                    plan, diffusion=bundle.diffusion, model=bundle.model, images=images,
+                    num_ensemble=num_members, mask_space=bundle.mask_space, preseg_probs=preseg_probs,
+                    denoise_fn=denoise_fn, generator=generator, progress=args.progress_steps and ctx.is_main,
+                )
+            members = members.float().cpu()
+            seconds = (time.perf_counter() - start) / len(batch["case_id"])
+            for i in range(len(batch["case_id"])):
+                preseg_prob = None if preseg_probs is None else preseg_probs[i, 0].float().cpu()
+                writer.write_case(batch, i, members[i], preseg_prob, seconds)
     dist_util.barrier()
     if ctx.is_main:
         finish_run(writer, selected)
     dist_util.cleanup()
 
 
-def make_denoise_fn(net, config):
-    """The denoising net as a map x_T [N,1,H,W], images [N,C,H,W] -> probabilities [N,1,H,W]."""
+def load_preseg_source(args, preprocess, device):
+    """The pre-segmentation net (None when masks come from --preseg_dir or are not needed)."""
+    if args.preseg_dir and args.preseg_path != DEFAULT_PRESEG_PATH:
+        raise ConfigError("give --preseg_path or --preseg_dir, not both")
+    if args.sampler not in ("addpm", "preseg") or args.preseg_dir:
+        return None
+    net, config = load_preseg(args.preseg_path, device)
+    check_same_preprocess(config, preprocess, args.preseg_path)
+    return net
+
+
+def load_final_step(args, bundle, preprocess, device):
+    """(denoise_fn or None, T): the map from x_T to the mask and the level it expects."""
+    if args.sampler != "addpm" or args.final_step != "denoiser":
+        return None, (args.T if args.T >= 0 else DEFAULT_T)
+    net, config = load_denoiser(args.denoiser_path, device)
+    check_same_preprocess(config, preprocess, args.denoiser_path)
+    T = config["T"] if args.T < 0 else args.T
+    check_denoiser_matches(config, T=T, source=args.denoiser_path, **bundle.schedule)
 
     def denoise(x_T, images):
-        logits = net(denoiser_input(x_T, images, config["denoiser_cond"]))
-        return torch.softmax(logits.float(), dim=1)[:, 1:2]
+        return foreground_probability(net(denoiser_input(x_T, images, config["denoiser_cond"])))
 
-    return denoise
+    return denoise, T
+
+
+def preseg_probabilities(args, plan, net, batch, images):
+    """Foreground probabilities [B,1,S,S] of the pre-segmentation on the network grid."""
+    if plan.sampler not in ("addpm", "preseg"):
+        return None
+    if net is not None:
+        return foreground_probability(net(images))
+    masks = [read_precomputed_preseg(args.preseg_dir, cid, meta) for cid, meta in zip(batch["case_id"], batch["meta"])]
+    return torch.stack(masks).to(images.device)
+
+
+def foreground_probability(logits):
+    """Two-class logits [N,2,H,W] -> foreground probability [N,1,H,W]."""
+    return torch.softmax(logits.float(), dim=1)[:, 1:2]
 
 
 def check_same_preprocess(config, preprocess, path):

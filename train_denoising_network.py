@@ -10,9 +10,10 @@ Each batch noises its labels to level ``--T`` by the forward rule of the diffusi
 net (any ``--arch`` of the pre-segmentation registry) sees the noisy mask alone
 (``--denoiser_cond none``, as ADDPM) or with the image (``image``) and is trained with CE +
 soft Dice against the clean label. Validation: Dice at level T with the same noise at every
-epoch. Outputs under ``--out_dir`` as ``train_preseg_network.py``'s (``denoiser_<step>.pt``,
-``best.pt``, ``final.pt``, logs); ``sample.py --denoiser_path OUT/best.pt`` refuses it unless
-its ``--T`` and the diffusion model's schedule match.
+epoch. Outputs under ``--out_dir`` (default ``runs/denoiser``) as ``train_preseg_network.py``'s
+(``denoiser_<step>.pt``, ``best.pt``, ``final.pt``, logs); ``sample.py`` reads
+``runs/denoiser/best.pt`` by default and refuses it unless its ``--T`` and the diffusion
+model's schedule match.
 """
 
 import argparse
@@ -55,7 +56,7 @@ def main(argv=None):
     try:
         train_set = dataset_from_args(args, subset="train", require_labels=True)
         # --val_fraction 0: every patient trains, and nothing is validated (no best.pt).
-        val_set = (dataset_from_args(args, subset="val", require_labels=True, augment=False)
+        val_set = (dataset_from_args(args, subset="val", require_labels=True)
                    if args.val_fraction > 0 else None)
         in_channels = denoiser_in_channels(train_set.num_channels, args.denoiser_cond)
         config = network_config(args, in_channels=in_channels)

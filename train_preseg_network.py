@@ -7,14 +7,15 @@ The original ADDPM README's command runs as it is (with ``--data_dir``)::
 Any architecture of the registry (``--arch unet | attention_unet | unetpp | fcn_resnet50 |
 deeplabv3_resnet50 | module:Class``). The patients of ``--data_dir`` are split into training
 and validation (``--val_fraction``, ``--split_seed``); the validation Dice (whole foreground,
-per image) is computed every epoch (or every ``--val_interval`` steps). Under ``--out_dir``:
-``preseg_<step>.pt`` (newest ``--keep_checkpoints``), ``best.pt`` (best validation Dice),
-``final.pt`` and the logs (progress.csv, progress.jsonl, log.txt). ``--max_steps`` /
-``--max_epoch`` bound the run; ``--resume auto`` continues it. Several GPUs::
+per image) is computed every epoch (or every ``--val_interval`` steps). Under ``--out_dir``
+(default ``runs/preseg``): ``preseg_<step>.pt`` (newest ``--keep_checkpoints``), ``best.pt``
+(best validation Dice), ``final.pt`` and the logs (progress.csv, progress.jsonl, log.txt).
+``--max_steps`` / ``--max_epoch`` (default 100 epochs) bound the run; ``--resume auto``
+continues it. Several GPUs::
 
     torchrun --standalone --nproc_per_node 4 train_preseg_network.py --data_dir DIR ...
 
-``sample.py --preseg_path OUT/best.pt`` uses the result.
+``sample.py`` reads ``runs/preseg/best.pt`` by default (``--preseg_path`` for another).
 """
 
 import argparse
@@ -52,7 +53,7 @@ def main(argv=None):
     try:
         train_set = dataset_from_args(args, subset="train", require_labels=True)
         # --val_fraction 0: every patient trains, and nothing is validated (no best.pt).
-        val_set = (dataset_from_args(args, subset="val", require_labels=True, augment=False)
+        val_set = (dataset_from_args(args, subset="val", require_labels=True)
                    if args.val_fraction > 0 else None)
         config = network_config(args, in_channels=train_set.num_channels)
         config.update(preprocess=train_set.preprocess.to_dict(), args=args_record(args))

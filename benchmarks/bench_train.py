@@ -1,6 +1,6 @@
 """Training speed and peak memory of the conditional diffusion UNet, printed as a table.
 
-    python -m benchmarks.bench_train [--device auto] [--steps 10] [--precision fp32]
+    python -m benchmarks.bench_train [--device auto] [--steps 10] [--precision fp32] [--threads 0]
 
 Two configurations, on random in-memory data (no dataset, no disk):
 
@@ -33,7 +33,9 @@ from guided_diffusion.train_util import TrainLoop
 
 IMAGE_CHANNELS = 4
 CONFIGS = {
-    "small": dict(image_size=64, batch_size=4, flags=dict(num_channels=32, num_res_blocks=1, attention_resolutions="16")),
+    "small": dict(
+        image_size=64, batch_size=4, flags=dict(num_channels=32, num_res_blocks=1, attention_resolutions="16")
+    ),
     "original": dict(
         image_size=256,
         batch_size=4,
@@ -128,9 +130,13 @@ def main() -> None:
                         help="timed steps of the original config; 0 = --steps on CUDA, 2 on CPU")
     parser.add_argument("--precision", default="fp32", help="fp32, bf16 or fp16 (default: fp32)")
     parser.add_argument("--configs", default="small,original", help="comma-separated subset of small,original")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="CPU threads for torch (torch.set_num_threads); 0 = torch's default")
     parser.add_argument("--only", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     if args.only:
         print(json.dumps(run_one(args.only, args.device, args.steps, args.precision)))
         return
@@ -145,14 +151,17 @@ def main() -> None:
             steps = args.original_steps or (args.steps if device.type == "cuda" else 2)
         # A fresh process per configuration: the peak memory of one does not hide the other's.
         cmd = [sys.executable, "-m", "benchmarks.bench_train", "--only", name, "--device", args.device,
-               "--steps", str(steps), "--precision", args.precision]
+               "--steps", str(steps), "--precision", args.precision, "--threads", str(args.threads)]
         result = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
         if result.returncode != 0:
             sys.stderr.write(result.stderr)
             raise SystemExit(f"configuration {name} failed")
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
 
-    header = f"{'config':<9} {'device':<22} {'prec':<5} {'params':>8} {'size':>5} {'batch':>5} {'steps':>5} {'steps/s':>9} {'samples/s':>10} {'peak MiB':>10}"
+    header = (
+        f"{'config':<9} {'device':<22} {'prec':<5} {'params':>8} {'size':>5} {'batch':>5} {'steps':>5} "
+        f"{'steps/s':>9} {'samples/s':>10} {'peak MiB':>10}"
+    )
     print(header)
     print("-" * len(header))
     for r in rows:

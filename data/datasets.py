@@ -50,7 +50,8 @@ def create_dataset(data_dir, *, dataset: str = "auto", preprocess: Preprocess | 
                    subset: str = "all", augment: bool = False, val_fraction: float = 0.1,
                    split_by: str = "patient", split_seed: int = 0, mask_suffix: str = "_mask",
                    require_labels: bool = False, skip_empty_slices: bool | None = None,
-                   cache_volumes: int = DEFAULT_CACHE_VOLUMES) -> "SegmentationDataset":
+                   cache_volumes: int = DEFAULT_CACHE_VOLUMES,
+                   keep_original_label: bool = False) -> "SegmentationDataset":
     """Dataset of 2D items from ``data_dir`` in one of the layouts of ``data.layouts``.
 
     preprocess: the transform (None: defaults); its channel_names and dataset are filled from
@@ -63,6 +64,8 @@ def create_dataset(data_dir, *, dataset: str = "auto", preprocess: Preprocess | 
     skip_empty_slices: volume layouts only; drop slices without brain (all-zero first channel).
         None: True for "train" and "val", False for "all" (so that volumes reassemble).
     cache_volumes: decoded volumes kept per worker (LRU), so slicing does not re-read a case.
+    keep_original_label: items also carry "original_label", the {0, 1} int64 mask [H, W] on the
+        input's own grid (before crop/pad/resize), for evaluation at the input's size.
     """
     if subset not in SUBSETS:
         raise DataConfigError(f"unknown subset {subset!r}; choose one of {', '.join(SUBSETS)}")
@@ -87,8 +90,10 @@ def create_dataset(data_dir, *, dataset: str = "auto", preprocess: Preprocess | 
         skip_empty_slices = subset != "all"
     if found.kind == "volume":
         return VolumeSliceDataset(found, records, preprocess=preprocess, augment=augment,
+                                  keep_original_label=keep_original_label,
                                   skip_empty_slices=skip_empty_slices, cache_volumes=cache_volumes)
-    return SliceDataset(found, records, preprocess=preprocess, augment=augment)
+    return SliceDataset(found, records, preprocess=preprocess, augment=augment,
+                        keep_original_label=keep_original_label)
 
 
 def split_records(found: Scan, subset: str, *, split_by: str, val_fraction: float, split_seed: int) -> list:
@@ -119,7 +124,8 @@ def split_records(found: Scan, subset: str, *, split_by: str, val_fraction: floa
 
 def collate(items: list) -> dict:
     """List of items -> {"image": [B, C, S, S], "label": [B, S, S] (if every item has one),
-    "case_id": list[str], "meta": list[dict]}."""
+    "case_id": list[str], "meta": list[dict]}, plus "original_label": list of [H, W] tensors or
+    None (sizes differ) when the items carry one."""
     batch = {
         "image": torch.stack([it["image"] for it in items]),
         "case_id": [it["case_id"] for it in items],
@@ -127,6 +133,8 @@ def collate(items: list) -> dict:
     }
     if items and all("label" in it for it in items):
         batch["label"] = torch.stack([it["label"] for it in items])
+    if any("original_label" in it for it in items):
+        batch["original_label"] = [it.get("original_label") for it in items]
     return batch
 
 
@@ -138,7 +146,7 @@ class SegmentationDataset(Dataset):
     """
 
     def __init__(self, found: Scan, records: list, *, preprocess: Preprocess, augment: bool,
-                 channel_names: tuple):
+                 channel_names: tuple, keep_original_label: bool = False):
         self.layout = found.layout
         self.root = found.root
         self.kind = found.kind
@@ -149,9 +157,11 @@ class SegmentationDataset(Dataset):
         self.channel_names = tuple(channel_names)
         self.num_channels = len(self.channel_names)
         self.labelled = all(r.label_file is not None for r in records)
+        self.keep_original_label = bool(keep_original_label)
         if preprocess.channel_names and len(preprocess.channel_names) != self.num_channels:
             raise DataError(f"{self.root} has {self.num_channels} channels ({', '.join(self.channel_names)}) but the "
-                            f"preprocessing expects {len(preprocess.channel_names)} ({', '.join(preprocess.channel_names)})")
+                            f"preprocessing expects {len(preprocess.channel_names)} "
+                            f"({', '.join(preprocess.channel_names)})")
         self.preprocess = preprocess.with_data(self.channel_names, self.layout)
 
     @property
@@ -171,11 +181,14 @@ class SegmentationDataset(Dataset):
 
     def _finish(self, image, label, bounds, case_id: str, meta: dict) -> dict:
         """Raw [C, H, W] image and {0,1} [H, W] label -> the item dict."""
+        original = label
         image, label, plan = self.preprocess.apply(image, label, bounds, augment=self.augment, rng=self._rng())
         meta["geometry"] = plan
         item = {"image": torch.from_numpy(image), "case_id": case_id, "meta": meta}
         if label is not None:
             item["label"] = torch.from_numpy(np.ascontiguousarray(label, dtype=np.int64))
+            if self.keep_original_label:
+                item["original_label"] = torch.from_numpy(np.ascontiguousarray(original, dtype=np.int64))
         return item
 
     def _map_label(self, raw: np.ndarray, path: str) -> np.ndarray:
@@ -202,14 +215,16 @@ class SegmentationDataset(Dataset):
 class SliceDataset(SegmentationDataset):
     """Items read from their own files: BraTS 2D slice folders and 2D image layouts."""
 
-    def __init__(self, found: Scan, records: list, *, preprocess: Preprocess, augment: bool):
+    def __init__(self, found: Scan, records: list, *, preprocess: Preprocess, augment: bool,
+                 keep_original_label: bool = False):
         channel_names = found.channel_names
         if channel_names is None:
             # Grey or colour: the first image decides, every other image must agree.
             first = records[0].image_files[0]
             channel_names = ("R", "G", "B") if read_image(first).shape[2] == 3 else ("gray",)
         self._first_file = records[0].image_files[0]
-        super().__init__(found, records, preprocess=preprocess, augment=augment, channel_names=channel_names)
+        super().__init__(found, records, preprocess=preprocess, augment=augment, channel_names=channel_names,
+                         keep_original_label=keep_original_label)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -270,7 +285,8 @@ class SliceDataset(SegmentationDataset):
         for path in rec.image_files:
             arr = read_image(path)
             if parts and arr.shape[:2] != parts[0].shape[:2]:
-                raise DataError(f"image {path} has shape {arr.shape[:2]} but {rec.image_files[0]} has shape {parts[0].shape[:2]}")
+                raise DataError(f"image {path} has shape {arr.shape[:2]} but {rec.image_files[0]} "
+                                f"has shape {parts[0].shape[:2]}")
             parts.append(arr)
         image = np.concatenate(parts, axis=2).transpose(2, 0, 1).astype(np.float32)
         check_finite(image, rec.image_files[0])
@@ -284,8 +300,10 @@ class VolumeSliceDataset(SegmentationDataset):
     """Axial slices of 3D volumes, cut on the fly from a per-worker LRU cache of decoded cases."""
 
     def __init__(self, found: Scan, records: list, *, preprocess: Preprocess, augment: bool,
-                 skip_empty_slices: bool, cache_volumes: int = DEFAULT_CACHE_VOLUMES):
-        super().__init__(found, records, preprocess=preprocess, augment=augment, channel_names=found.channel_names)
+                 skip_empty_slices: bool, cache_volumes: int = DEFAULT_CACHE_VOLUMES,
+                 keep_original_label: bool = False):
+        super().__init__(found, records, preprocess=preprocess, augment=augment, channel_names=found.channel_names,
+                         keep_original_label=keep_original_label)
         self.cache_volumes = max(1, int(cache_volumes))
         self._cache = OrderedDict()
         if skip_empty_slices:
@@ -316,12 +334,12 @@ class VolumeSliceDataset(SegmentationDataset):
     def __getitem__(self, i: int) -> dict:
         v, k = self.items[i]
         rec: VolumeRecord = self.records[v]
-        channels, label_volume, bounds = self._volume(v)
+        slices, label_slices, bounds = self._volume(v)
         axis = rec.slice_axis
-        image = np.stack([np.take(ch, k, axis=axis) for ch in channels]).astype(np.float32)
+        image = slices[k].astype(np.float32)
         label = None
-        if label_volume is not None:
-            label = self.preprocess.map_label(np.take(label_volume, k, axis=axis).astype(np.int64))
+        if label_slices is not None:
+            label = self.preprocess.map_label(label_slices[k].astype(np.int64))
         plane = [a for a in range(3) if a != axis]
         meta = {
             "source_files": list(rec.image_files) + ([rec.label_file] if rec.label_file else []),
@@ -340,7 +358,9 @@ class VolumeSliceDataset(SegmentationDataset):
         return self._finish(image, label, bounds, self._case_id(i), meta)
 
     def _volume(self, v: int):
-        """(channels list of [X, Y, Z], label [X, Y, Z] raw values or None, per-channel bounds)."""
+        """Decoded case ``v``: (slices [D, C, A, B], label slices [D, A, B] of raw values or None,
+        per-channel intensity bounds), D along ``slice_axis`` and (A, B) the other axes in order.
+        Slice-major and C-contiguous, so an item is one contiguous block of the cache."""
         if v in self._cache:
             self._cache.move_to_end(v)
             return self._cache[v]
@@ -351,13 +371,20 @@ class VolumeSliceDataset(SegmentationDataset):
             data = data.reshape(rec.shape)
             check_finite(data, path)
             channels.append(data)
+        bounds = channel_bounds(channels, self.preprocess.clip_percentiles)
+        dtype = np.result_type(*channels)
+        slices = np.empty((rec.shape[rec.slice_axis], len(channels)) + _plane_shape(rec), dtype=dtype)
+        for c, data in enumerate(channels):
+            slices[:, c] = np.moveaxis(data, rec.slice_axis, 0)
+        del channels
         label = None
         if rec.label_file is not None:
             raw, _ = read_nifti(rec.label_file)
             raw = raw.reshape(rec.shape)
             check_label_values(label_values(raw, rec.label_file), self.declared_labels, rec.label_file)
-            label = as_int_label(raw).astype(np.uint8 if max(self.declared_labels) < 256 else np.int32)
-        entry = (channels, label, channel_bounds(channels, self.preprocess.clip_percentiles))
+            label = np.ascontiguousarray(np.moveaxis(as_int_label(raw), rec.slice_axis, 0))
+            label = label.astype(np.uint8 if max(self.declared_labels) < 256 else np.int32)
+        entry = (slices, label, bounds)
         self._cache[v] = entry
         while len(self._cache) > self.cache_volumes:
             self._cache.popitem(last=False)
@@ -381,6 +408,10 @@ def _brain_slices(records: list) -> list:
         if len(records) > 20:
             results = tqdm(results, total=len(records), desc="finding brain slices", leave=False)
         return list(results)
+
+
+def _plane_shape(rec: VolumeRecord) -> tuple:
+    return tuple(n for a, n in enumerate(rec.shape) if a != rec.slice_axis)
 
 
 def _squeeze_2d(data: np.ndarray, path: str) -> np.ndarray:

@@ -6,7 +6,10 @@ prediction written back with the same header lines up with the input voxel for v
 
 from __future__ import annotations
 
+import gzip
+import io
 import os
+import re
 from dataclasses import dataclass
 
 import nibabel as nib
@@ -59,8 +62,12 @@ def read_nifti_header(path: str) -> NiftiHeader:
         affine = np.asarray(img.affine, dtype=np.float64)
         zooms = tuple(float(z) for z in img.header.get_zooms()[: len(shape)])
     except Exception as exc:  # nibabel raises many types (ImageFileError, EOFError, zlib.error, ...)
-        raise DataError(f"cannot read NIfTI file {path}: corrupt or not NIfTI ({_reason(exc)})") from None
+        raise DataError(f"cannot read NIfTI file {path}: corrupt or not NIfTI ({_reason(exc, path)})") from None
     return NiftiHeader(shape=shape, affine=affine.tolist(), zooms=zooms)
+
+
+_SIZEOF_HDR_LE = (348).to_bytes(4, "little")
+_SIZEOF_HDR_BE = (348).to_bytes(4, "big")
 
 
 def read_nifti(path: str) -> tuple[np.ndarray, NiftiHeader]:
@@ -69,19 +76,50 @@ def read_nifti(path: str) -> tuple[np.ndarray, NiftiHeader]:
     Integer data keeps its dtype (a cached BraTS volume stays int16); float data becomes float32.
     """
     try:
+        data, header = _read_nifti1_direct(path)
+    except Exception:  # anything unusual: nibabel's full loader reads it or says what is wrong
+        data, header = _read_nifti_nibabel(path)
+    return _checked_dtype(np.asarray(data), path), header
+
+
+def _read_nifti1_direct(path: str):
+    """Single-file NIfTI-1 without nibabel's per-file header checks, about 3x faster for the
+    small files of 2D slice folders. Raises on anything but a plain, valid .nii/.nii.gz."""
+    with open(path, "rb") as fh:
+        raw = fh.read()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    if raw[:4] not in (_SIZEOF_HDR_LE, _SIZEOF_HDR_BE) or raw[344:348] != b"n+1\x00":
+        raise ValueError("not a single-file NIfTI-1")
+    buf = io.BytesIO(raw)
+    hdr = nib.Nifti1Header.from_fileobj(buf, check=False)
+    shape = tuple(int(s) for s in hdr.get_data_shape())
+    data = hdr.data_from_fileobj(buf)
+    affine = np.asarray(hdr.get_best_affine(), dtype=np.float64)
+    zooms = tuple(float(z) for z in hdr.get_zooms()[: len(shape)])
+    if data.shape != shape or not np.isfinite(affine).all():
+        raise ValueError("inconsistent header")
+    return data, NiftiHeader(shape=shape, affine=affine.tolist(), zooms=zooms)
+
+
+def _read_nifti_nibabel(path: str):
+    try:
         img = nib.load(path)
         data = np.asanyarray(img.dataobj)
         shape = tuple(int(s) for s in img.shape)
         affine = np.asarray(img.affine, dtype=np.float64)
         zooms = tuple(float(z) for z in img.header.get_zooms()[: len(shape)])
     except Exception as exc:
-        raise DataError(f"cannot read NIfTI file {path}: corrupt or not NIfTI ({_reason(exc)})") from None
-    data = np.asarray(data)
+        raise DataError(f"cannot read NIfTI file {path}: corrupt or not NIfTI ({_reason(exc, path)})") from None
+    return data, NiftiHeader(shape=shape, affine=affine.tolist(), zooms=zooms)
+
+
+def _checked_dtype(data: np.ndarray, path: str) -> np.ndarray:
     if data.dtype.kind == "f" and data.dtype != np.float32:
         data = data.astype(np.float32)
     elif data.dtype.kind not in "fiub":
         raise DataError(f"NIfTI file {path} has unsupported voxel type {data.dtype}")
-    return data, NiftiHeader(shape=shape, affine=affine.tolist(), zooms=zooms)
+    return data
 
 
 def read_image(path: str, *, as_mask: bool = False) -> np.ndarray:
@@ -99,7 +137,7 @@ def read_image(path: str, *, as_mask: bool = False) -> np.ndarray:
     except DataError:
         raise
     except Exception as exc:
-        raise DataError(f"cannot read image {path}: corrupt or unsupported ({_reason(exc)})") from None
+        raise DataError(f"cannot read image {path}: corrupt or unsupported ({_reason(exc, path)})") from None
     if arr.ndim == 2:
         arr = arr[:, :, None]
     if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
@@ -125,11 +163,14 @@ def check_finite(array: np.ndarray, path: str) -> None:
     if array.dtype.kind == "f":
         bad = ~np.isfinite(array)
         if bad.any():
-            raise DataError(f"{path} contains NaN or inf values ({int(bad.sum())} voxels)")
+            count = int(bad.sum())
+            raise DataError(f"{path} contains NaN or inf values ({count} voxel{'s' if count > 1 else ''})")
 
 
-def _reason(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
+def _reason(exc: BaseException, path: str) -> str:
+    # Library messages often repeat the path, which the caller's message already names.
+    text = " ".join(str(exc).replace(f'"{path}"', "").replace(f"'{path}'", "").replace(str(path), "").split())
+    text = re.sub(r"\s+(of|in|for|from)$", "", text)
     if not text:
         return type(exc).__name__
     return text if len(text) <= 160 else text[:157] + "..."

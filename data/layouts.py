@@ -261,7 +261,8 @@ def _scan_brats3d(root: str, walk) -> Scan:
                             f"needs {', '.join(modalities)})")
         namings.add(naming)
         patient = re.sub(r"-\d{3}$", "", case) if naming == "2023" else case
-        records.append(_volume_record(safe_id(case), safe_id(patient), [group[m] for m in modalities], group.get("seg")))
+        images = [group[m] for m in modalities]
+        records.append(_volume_record(safe_id(case), safe_id(patient), images, group.get("seg")))
     labels = sorted(set(BRATS_LABELS if "2021" in namings else ()) | set(BRATS2023_LABELS if "2023" in namings else ()))
     return Scan("brats3d", "volume", root, records, BRATS_CHANNELS, tuple(labels))
 
@@ -279,7 +280,8 @@ def _volume_record(volume_id: str, patient_id: str, image_files: list, label_fil
     # Axial slices: the array axis that moves most along world z (inferior-superior).
     slice_axis = int(np.argmax(np.abs(affine[2, :3]))) if len(first.shape) >= 3 and first.shape[2] > 1 else 2
     zooms = tuple(first.zooms) + (1.0,) * (3 - len(first.zooms))
-    return VolumeRecord(volume_id, patient_id, list(image_files), label_file, shape, first.affine, zooms[:3], slice_axis)
+    return VolumeRecord(volume_id, patient_id, list(image_files), label_file, shape, first.affine, zooms[:3],
+                        slice_axis)
 
 
 def _as_3d(shape: tuple, path: str) -> tuple:
@@ -354,16 +356,19 @@ def _scan_nnunet(root: str) -> Scan:
                 raise DataError(f"case {case} in {images_dir} has no {case}_{missing[0]:04d}{ending} "
                                 f"({json_path} declares {len(channel_names)} channels: {', '.join(channel_names)})")
             extra = sorted(set(files) - expected)
-            raise DataError(f"{files[extra[0]]} is channel {extra[0]} but {json_path} declares only {len(channel_names)} channels")
+            raise DataError(f"{files[extra[0]]} is channel {extra[0]} but {json_path} declares only "
+                            f"{len(channel_names)} channels")
         label = os.path.join(labels_dir, case + ending)
         label = label if os.path.isfile(label) else None
         image_files = [files[k] for k in sorted(files)]
         if two_d:
-            records.append(SliceRecord(case_id=safe_id(case), patient_id=safe_id(case), image_files=image_files, label_file=label))
+            records.append(SliceRecord(case_id=safe_id(case), patient_id=safe_id(case), image_files=image_files,
+                                       label_file=label))
         else:
             records.append(_volume_record(safe_id(case), safe_id(case), image_files, label))
     kind = "image" if two_d else "volume"
-    return Scan("nnunet", kind, root, records, channel_names, declared, notes={"file_ending": ending, "dataset_json": json_path})
+    return Scan("nnunet", kind, root, records, channel_names, declared,
+                notes={"file_ending": ending, "dataset_json": json_path})
 
 
 def _nnunet_labels(labels, json_path: str) -> tuple:
@@ -461,7 +466,8 @@ def _scan_lgg(root: str, walk, mask_suffix: str) -> Scan:
         for stem, f in stems.items():
             if stem.endswith(mask_suffix):
                 if stem[: -len(mask_suffix)] not in stems:
-                    raise DataError(f"mask {os.path.join(dirpath, f)} has no image {stem[:-len(mask_suffix)]}.* beside it")
+                    image_stem = stem[: -len(mask_suffix)]
+                    raise DataError(f"mask {os.path.join(dirpath, f)} has no image {image_stem}.* beside it")
                 continue
             mask = stems.get(stem + mask_suffix)
             folder = _rel(root, dirpath)

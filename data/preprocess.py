@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from data.errors import DataConfigError, DataError
+from data.io import check_finite
 
 RESIZE_MODES = ("crop_pad", "resize")
 LABEL_MODES = ("binary", "subset")
@@ -62,11 +63,13 @@ class Preprocess:
         object.__setattr__(self, "clip_percentiles", tuple(float(p) for p in self.clip_percentiles))
         object.__setattr__(self, "foreground_labels", tuple(int(v) for v in self.foreground_labels))
         object.__setattr__(self, "channel_names", tuple(str(c) for c in self.channel_names))
-        if isinstance(self.image_size, bool) or not isinstance(self.image_size, (int, np.integer)) or self.image_size < 1:
+        size = self.image_size
+        if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
             raise DataConfigError(f"--image_size must be a positive integer, got {self.image_size!r}")
         object.__setattr__(self, "image_size", int(self.image_size))
         if self.resize_mode not in RESIZE_MODES:
-            raise DataConfigError(f"unknown --resize_mode {self.resize_mode!r}; choose one of {', '.join(RESIZE_MODES)}")
+            raise DataConfigError(f"unknown --resize_mode {self.resize_mode!r}; "
+                                  f"choose one of {', '.join(RESIZE_MODES)}")
         if self.label_mode not in LABEL_MODES:
             raise DataConfigError(f"unknown --label_mode {self.label_mode!r}; choose one of {', '.join(LABEL_MODES)}")
         if self.label_mode == "subset" and not self.foreground_labels:
@@ -76,7 +79,8 @@ class Preprocess:
         if 0 in self.foreground_labels:
             raise DataConfigError("--foreground_labels must not contain 0 (the background)")
         if len(self.clip_percentiles) != 2 or not 0.0 <= self.clip_percentiles[0] < self.clip_percentiles[1] <= 100.0:
-            raise DataConfigError(f"clip_percentiles must be (low, high) with 0 <= low < high <= 100, got {self.clip_percentiles}")
+            raise DataConfigError(f"clip_percentiles must be (low, high) with 0 <= low < high <= 100, "
+                                  f"got {self.clip_percentiles}")
 
     def to_dict(self) -> dict:
         """Plain python types only (lists, not tuples), as a checkpoint config stores them."""
@@ -137,7 +141,8 @@ def parse_foreground_labels(text) -> tuple:
             try:
                 values.append(int(p))
             except ValueError:
-                raise DataConfigError(f"--foreground_labels must be comma-separated integers like 1,4; got {text!r}") from None
+                raise DataConfigError(f"--foreground_labels must be comma-separated integers like 1,4; "
+                                      f"got {text!r}") from None
     return tuple(sorted(set(int(v) for v in values)))
 
 
@@ -282,10 +287,11 @@ def label_values(label: np.ndarray, path: str) -> np.ndarray:
     """Distinct values of a label array as int64; DataError for non-integer values."""
     if label.dtype.kind == "f":
         if not np.isfinite(label).all():
-            raise DataError(f"{path} contains NaN or inf values ({int((~np.isfinite(label)).sum())} voxels)")
+            check_finite(label, path)
         rounded = np.rint(label)
         if not np.array_equal(rounded, label):
-            raise DataError(f"mask {path} has non-integer values (e.g. {float(label[rounded != label][0])}); labels must be integers")
+            example = float(label[rounded != label][0])
+            raise DataError(f"mask {path} has non-integer values (e.g. {example}); labels must be integers")
         label = rounded.astype(np.int64)
     if label.dtype.kind == "b":
         label = label.astype(np.int64)

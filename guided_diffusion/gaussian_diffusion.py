@@ -394,8 +394,16 @@ class GaussianDiffusion:
         output = model(build_model_input(image, x_t), self.scale_timesteps(t))
         out, c = self._p_mean_variance_from_output(output, x_t, t, s, clip_denoised)
         noise = torch.randn(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        if self.learn_sigma:
+            std = torch.exp(0.5 * out["log_variance"])
+        else:
+            # A fixed variance is one value per sample: take its exp on [B, 1, ..., 1], not on
+            # every pixel (a per-pixel exp is a multi-threaded region that, on a busy CPU, can
+            # cost a third of a small UNet's forward).
+            fixed = c.posterior_log_variance_clipped if self.sigma_small else c.large_log_variance
+            std = torch.exp(0.5 * fixed)
         keep_noise = (~c.is_final).to(x_t.dtype)
-        sample = out["mean"] + keep_noise * torch.exp(0.5 * out["log_variance"]) * noise
+        sample = out["mean"] + keep_noise * std * noise
         return {"sample": sample, "pred_xstart": out["pred_xstart"]}
 
     def ddim_step(

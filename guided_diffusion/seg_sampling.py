@@ -51,6 +51,18 @@ class SamplerPlan:
         return loop + (1 if self.final_step == "x0" else 0)
 
 
+def _spaced_full_chain(sampler: str, num_timesteps: int, respacing: str, sampling_steps: int) -> list:
+    """``full_chain_timesteps``, with its errors naming the flag the user gave (--sampling_steps)."""
+    try:
+        return full_chain_timesteps(num_timesteps, respacing)
+    except ConfigError:
+        how = "an integer stride" if sampler == "ddim" else "even spacing"
+        raise ConfigError(
+            f"--sampling_steps {sampling_steps}: --sampler {sampler} cannot take exactly that many "
+            f"steps of the {num_timesteps}-step chain with {how}"
+        ) from None
+
+
 def plan_sampler(
     sampler: str,
     *,
@@ -80,12 +92,12 @@ def plan_sampler(
         return SamplerPlan("preseg", (), "none", 0.0, None)
     if sampler == "ddpm":
         respacing = str(sampling_steps) if sampling_steps else ""
-        steps = full_chain_timesteps(num_timesteps, respacing)
+        steps = _spaced_full_chain(sampler, num_timesteps, respacing, sampling_steps)
         return SamplerPlan("ddpm", tuple(steps), "ddpm", 0.0, None)
     if sampler == "ddim":
         if sampling_steps < 1:
             raise ConfigError("--sampler ddim needs --sampling_steps K (e.g. 100)")
-        steps = full_chain_timesteps(num_timesteps, f"ddim{sampling_steps}")
+        steps = _spaced_full_chain(sampler, num_timesteps, f"ddim{sampling_steps}", sampling_steps)
         return SamplerPlan("ddim", tuple(steps), "ddim", eta, None)
     if not 0 <= T < pre_t < num_timesteps:
         raise ConfigError(
@@ -117,6 +129,8 @@ def sample_members(
                    (K = 1 for the deterministic preseg sampler)
     """
     batch, _, height, width = images.shape
+    if isinstance(num_ensemble, bool) or not isinstance(num_ensemble, int) or num_ensemble < 1:
+        raise ConfigError(f"--num_ensemble must be a positive integer, got {num_ensemble!r}")
     if plan.sampler in ("addpm", "preseg") and preseg_probs is None:
         raise ConfigError(f"--sampler {plan.sampler} needs a pre-segmentation (--preseg_path or --preseg_dir)")
     if plan.sampler == "preseg":

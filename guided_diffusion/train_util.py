@@ -22,8 +22,10 @@ data order a pure function of ``(seed, sample position)``:
   precision and world size). Resuming with another world size continues the same data stream
   at the same sample position, but the per-rank noise differs.
 
-Data augmentation inside DataLoader workers (``num_workers > 0``) draws from the workers' own
-RNG, so it is reproducible on resume only if the dataset seeds its augmentation per item.
+Data augmentation (``--augment``) draws from torch's global RNG: with ``num_workers 0`` that is
+the per-step reseeded one above, so it too repeats on resume. DataLoader workers have their own
+RNG, seeded from ``(seed, first step of the run)`` when the loader starts: a run is repeatable,
+but a resumed run augments differently from an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -34,12 +36,14 @@ import os
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import nullcontext
 
 import blobfile as bf
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
 
 from guided_diffusion import checkpoint, dist_util, logger
 from guided_diffusion.errors import AddpmError, CheckpointError, ConfigError
@@ -183,7 +187,7 @@ class TrainLoop:
         keep_checkpoints: how many ``diffusion_<step>.pt`` to keep (``final.pt`` is kept besides).
         resume_checkpoint: a checkpoint path to continue from ("" for none).
         mask_space: how {0,1} labels map into diffusion space ("pm1" | "01").
-        seed: the run's seed (data order, timesteps, noise).
+        seed: the run's seed (data order, timesteps, noise); a resumed run keeps its checkpoint's.
         num_workers: DataLoader workers.
         progress: show a tqdm bar on rank 0.
     """
@@ -307,6 +311,7 @@ class TrainLoop:
             collate_fn=self.collate_fn,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
+            generator=torch.Generator().manual_seed(_seed_from(self.seed, self.step, 2)),
         )
 
     def run(self) -> str:
@@ -325,8 +330,6 @@ class TrainLoop:
         )
         bar = None
         if self.progress and self.ctx.is_main:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=total, initial=self.step, desc="train", unit="step", dynamic_ncols=True)
         start_step = self.step
         interval_start = time.perf_counter()
@@ -342,9 +345,7 @@ class TrainLoop:
                     bar.update(1)
                     bar.set_postfix(loss=f"{stats['loss']:.4f}", refresh=False)
                 if self.step % self.log_interval == 0:
-                    elapsed = time.perf_counter() - interval_start
-                    logger.logkv("samples_per_sec", interval_samples / max(elapsed, 1e-9))
-                    logger.dumpkvs()
+                    self._dump(interval_samples, interval_start)
                     interval_start, interval_samples = time.perf_counter(), 0
                 if self.step % self.save_interval == 0:
                     self.save()
@@ -353,11 +354,17 @@ class TrainLoop:
                 bar.close()
             del data
         if self.step > start_step:
-            if self.step % self.log_interval != 0:
-                logger.dumpkvs()
+            if interval_samples:
+                self._dump(interval_samples, interval_start)
+            # Checked before the final save, so that a diverged run leaves no final.pt.
+            self.check_consistent_across_ranks()
             self.save(final=True)
-        self.check_consistent_across_ranks()
         return self.last_checkpoint
+
+    @staticmethod
+    def _dump(samples: int, since: float) -> None:
+        logger.logkv("samples_per_sec", samples / max(time.perf_counter() - since, 1e-9))
+        logger.dumpkvs()
 
     def run_step(self, batch: dict) -> dict:
         """One optimisation step on this rank's batch; returns the logged scalars of the step."""
@@ -370,7 +377,7 @@ class TrainLoop:
             group["lr"] = self.current_lr()
         self.opt.zero_grad(set_to_none=True)
         size = image.shape[0]
-        loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        loss_sum = torch.zeros((), device=self.device)
         for start in range(0, size, self.microbatch):
             micro_image = image[start:start + self.microbatch]
             micro_x = x_start[start:start + self.microbatch]
@@ -380,7 +387,7 @@ class TrainLoop:
             last = start + self.microbatch >= size
             # DDP all-reduces gradients on every backward unless told not to: only the last
             # microbatch of the step needs to.
-            sync = self.ddp_model.no_sync() if (self.ctx.is_distributed and not last) else _null()
+            sync = self.ddp_model.no_sync() if (self.ctx.is_distributed and not last) else nullcontext()
             with sync:
                 with dist_util.autocast_context(self.device, self.precision):
                     losses = self.diffusion.training_losses(self.ddp_model, micro_image, micro_x, t, noise=noise)
@@ -390,7 +397,7 @@ class TrainLoop:
                 # that of the batch mean, whatever the microbatch split.
                 loss = (losses["loss"].float() * weights).sum() / size
                 self.scaler.scale(loss).backward()
-            loss_sum += loss.detach().double()
+            loss_sum += loss.detach()
             log_loss_dict(self.diffusion.num_timesteps, t, {k: v * weights for k, v in losses.items()})
 
         self._check_finite(loss_sum)
@@ -506,6 +513,11 @@ class TrainLoop:
             _load_sampler_state(self.schedule_sampler, extra["schedule_sampler"])
         self.step = int(ckpt.get("step") or 0)
         self.samples_seen = int(extra.get("samples_seen", self.step * self.global_batch))
+        # The seed is the run's RNG state (data order, noise): the resumed run keeps it.
+        saved_seed = extra.get("seed")
+        if saved_seed is not None and int(saved_seed) != self.seed:
+            logger.log(f"--seed {self.seed} ignored: the run continues with its checkpoint's seed {saved_seed}")
+            self.seed = int(saved_seed)
         self.last_checkpoint = path
         if extra.get("world_size", self.ctx.world_size) != self.ctx.world_size:
             logger.log(
@@ -515,14 +527,14 @@ class TrainLoop:
         logger.log(f"resumed from {path} at step {self.step}")
 
     def check_consistent_across_ranks(self) -> str:
-        """Verify that every rank ends with the same weights; returns their digest.
+        """Verify that every rank ends with the same weights; returns their digest ("" for one process).
 
         DDP keeps replicas equal only if every rank did the same updates; a difference means a
         bug or a hardware fault, so it raises rather than saving a silently diverged model.
         """
-        digest = parameter_digest(self.params)
         if not self.ctx.is_distributed:
-            return digest
+            return ""
+        digest = parameter_digest(self.params)
         mine = torch.tensor(np.frombuffer(bytes.fromhex(digest)[:8], dtype=np.int64).copy(), device=self.device)
         gathered = [torch.zeros_like(mine) for _ in range(self.ctx.world_size)]
         dist.all_gather(gathered, mine)
@@ -547,7 +559,7 @@ def _check_same_setup(path: str, saved: dict, current: dict) -> None:
     for key in ("image_size", "image_channels", "mask_channels"):
         if key in saved and key in current and saved[key] != current[key]:
             raise ConfigError(f"--resume: {path} has {key}={saved[key]}, this run has {current[key]}")
-    for group in ("model", "diffusion"):
+    for group in ("model", "diffusion", "preprocess"):
         old, new = saved.get(group) or {}, current.get(group) or {}
         for key in sorted(set(old) & set(new)):
             if old[key] != new[key]:
@@ -580,14 +592,6 @@ def _load_sampler_state(sampler, state: dict) -> None:
             setattr(sampler, name, value.to(current.device, current.dtype))
         elif current is not None:
             setattr(sampler, name, type(current)(value))
-
-
-class _null:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 def resolve_out_dir(flag: str, ctx: dist_util.DistContext) -> str:

@@ -29,6 +29,7 @@ process, without augmentation in worker processes).
 
 import dataclasses
 import math
+import os
 import random
 import re
 import time
@@ -41,7 +42,8 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
-from data import collate
+from data import GroupedSampler, collate
+from data.datasets import DEFAULT_CACHE_VOLUMES
 from guided_diffusion import logger
 from guided_diffusion.checkpoint import (
     list_checkpoints,
@@ -50,10 +52,9 @@ from guided_diffusion.checkpoint import (
     save_checkpoint,
     unwrap_model,
 )
-from guided_diffusion.dist_util import autocast_context, setup_dist, wrap_model
+from guided_diffusion.dist_util import autocast_context, make_grad_scaler, setup_dist, wrap_model
 from guided_diffusion.errors import AddpmError, CheckpointError, ConfigError
 from guided_diffusion.script_util import HELP
-from guided_diffusion.train_util import resolve_out_dir
 from preseg.losses import SegmentationLoss, dice_per_image
 
 LR_SCHEDULES = ("cosine", "plateau")
@@ -172,7 +173,7 @@ ENGINE_HELP = {
     "seed": HELP["seed"],
     "out_dir": (
         "folder (or blobfile URL) for checkpoints and logs; empty = $OPENAI_LOGDIR, else "
-        "./runs/addpm-<date-time>"
+        "./runs/preseg or ./runs/denoiser (where sample.py looks for best.pt by default)"
     ),
     "resume": "auto: resume from the newest checkpoint in --out_dir if there is one; empty: start fresh",
     "resume_checkpoint": (
@@ -207,46 +208,30 @@ class _State:
 
 
 class EpochBatchSampler(Sampler):
-    """Batches of item indices: a seeded shuffle per epoch, sharded across ranks.
+    """Batches of item indices over an epoch order; an epoch can start at any batch.
 
-    Epoch ``e`` uses the permutation of ``torch.randperm(n)`` seeded with ``seed + e``, padded
-    (by repeating its start) to a multiple of ``world_size`` so that every rank takes the same
-    number of steps, then ``rank::world_size``, as torch's DistributedSampler. Unlike it, an
-    epoch can start at any batch (``set_epoch(e, start_batch=b)``): a resumed run goes on
-    exactly where the interrupted one stopped. Without ``shuffle`` the order is 0..n-1 and
-    nothing is padded (validation: each item is scored once).
-
-    ``drop_last`` drops a trailing partial batch when there is at least one full batch.
+    The order comes from ``order`` (an iterable of indices with ``set_epoch``, e.g.
+    ``data.GroupedSampler``: a seeded shuffle per epoch that keeps the slices of a few volumes
+    together, sharded across ranks as DistributedSampler). ``set_epoch(e, start_batch=b)``
+    skips the first ``b`` batches, so that a resumed run goes on exactly where the interrupted
+    one stopped, loading nothing it skips. ``drop_last`` drops a trailing partial batch when
+    there is at least one full batch.
     """
 
-    def __init__(self, num_items, batch_size, *, rank=0, world_size=1, shuffle=True, seed=0,
-                 drop_last=False):
-        self.num_items = int(num_items)
+    def __init__(self, order, batch_size, *, drop_last=False):
+        self.order = order
         self.batch_size = int(batch_size)
-        self.rank = rank
-        self.world_size = world_size
-        self.shuffle = shuffle
-        self.seed = seed
         self.drop_last = drop_last
-        self.epoch = 0
         self.start_batch = 0
 
     def set_epoch(self, epoch, start_batch=0):
-        self.epoch = epoch
+        if hasattr(self.order, "set_epoch"):
+            self.order.set_epoch(epoch)
         self.start_batch = start_batch
-
-    def _indices(self):
-        if not self.shuffle:
-            return list(range(self.num_items))[self.rank::self.world_size]
-        generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(self.num_items, generator=generator).tolist()
-        padding = (-len(order)) % self.world_size
-        order += (order * math.ceil(padding / max(len(order), 1)))[:padding]
-        return order[self.rank::self.world_size]
 
     def batches(self):
         """All batches of the current epoch (lists of indices)."""
-        indices = self._indices()
+        indices = list(self.order)
         size = self.batch_size
         batches = [indices[i:i + size] for i in range(0, len(indices), size)]
         if self.drop_last and len(batches) > 1 and len(batches[-1]) < size:
@@ -312,8 +297,8 @@ def evaluate_dice(model, dataset, batch_to_input_target, *, batch_size, device, 
     :return: float, the mean per-image Dice over the whole dataset (all ranks).
     """
     device = torch.device(device)
-    sampler = EpochBatchSampler(len(dataset), batch_size, rank=rank, world_size=world_size,
-                                shuffle=False)
+    # Every item once: this rank's share in dataset order, without the padding of training.
+    sampler = EpochBatchSampler(range(rank, len(dataset), world_size), batch_size)
     loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
                         pin_memory=device.type == "cuda",
                         generator=torch.Generator().manual_seed(_stream_seed(seed, _LOADER_STREAM, rank)))
@@ -358,11 +343,6 @@ def _make_scheduler(optimizer, options, total_steps):
         return 0.5 * (1.0 + math.cos(math.pi * min(step, total_steps) / max(total_steps, 1)))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
-
-
-def _make_scaler(device, precision):
-    # Loss scaling only matters for fp16 (bf16 has fp32's exponent range).
-    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
 def _rng_state(generator):
@@ -493,23 +473,30 @@ def train(*, kind, model, config, train_set, val_set, batch_to_input_target, opt
     if ctx is None:
         ctx = setup_dist(options.device)
     device = ctx.device
+    autocast_context(device, options.precision)  # fp16 off CUDA fails here, before any work
     if len(train_set) == 0:
         raise ConfigError("the training set is empty: nothing to train on (check --data_dir and --val_fraction)")
-    out_dir = resolve_out_dir(options.out_dir, ctx)
+    # A fixed default (not date-stamped) is where sample.py looks for runs/<kind>/best.pt.
+    out_dir = options.out_dir or os.environ.get("OPENAI_LOGDIR") or os.path.join("runs", kind)
     logger.configure(dir=out_dir, rank=ctx.rank)
     has_val = val_set is not None and len(val_set) > 0
 
     model.to(device)
-    per_rank = math.ceil(len(train_set) / ctx.world_size)
-    sampler = EpochBatchSampler(
-        len(train_set), options.batch_size, rank=ctx.rank, world_size=ctx.world_size,
-        shuffle=True, seed=options.seed, drop_last=per_rank >= options.batch_size,
-    )
+    order = GroupedSampler(train_set, shuffle=True, seed=options.seed, rank=ctx.rank,
+                           world_size=ctx.world_size,
+                           window=getattr(train_set, "cache_volumes", DEFAULT_CACHE_VOLUMES))
+    sampler = EpochBatchSampler(order, options.batch_size, drop_last=len(order) >= options.batch_size)
     steps_per_epoch = len(sampler.batches())
+    # One loader for the whole run: persistent workers keep their caches of decoded volumes.
+    loader = DataLoader(
+        train_set, batch_sampler=sampler, collate_fn=collate, num_workers=options.num_workers,
+        pin_memory=device.type == "cuda", persistent_workers=options.num_workers > 0,
+        generator=torch.Generator().manual_seed(_stream_seed(options.seed, _LOADER_STREAM, ctx.rank)),
+    )
     total_steps = _total_steps(options, steps_per_epoch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
     scheduler = _make_scheduler(optimizer, options, total_steps)
-    scaler = _make_scaler(device, options.precision)
+    scaler = make_grad_scaler(device, options.precision)
     loss_fn = SegmentationLoss(ce_weight=options.ce_weight, dice_weight=options.dice_weight)
     generator = _make_generator(device, _stream_seed(options.seed, _TRAIN_STREAM, ctx.rank))
     state = _State()
@@ -591,11 +578,6 @@ def train(*, kind, model, config, train_set, val_set, batch_to_input_target, opt
     interval_start, interval_samples = time.perf_counter(), 0
     while not done():
         sampler.set_epoch(state.epoch, start_batch=state.batch_in_epoch)
-        loader_seed = _stream_seed(options.seed + state.epoch, _LOADER_STREAM, ctx.rank)
-        loader = DataLoader(
-            train_set, batch_sampler=sampler, collate_fn=collate, num_workers=options.num_workers,
-            pin_memory=device.type == "cuda", generator=torch.Generator().manual_seed(loader_seed),
-        )
         for batch in loader:
             batch = _to_device(batch, device)
             inputs, target = batch_to_input_target(batch, generator)
@@ -632,9 +614,12 @@ def train(*, kind, model, config, train_set, val_set, batch_to_input_target, opt
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
 
+            # The last step is always validated, so that a run bounded inside an epoch still
+            # ends with the score of its final weights (and a best.pt).
             if has_val and (
                 (options.val_interval > 0 and state.step % options.val_interval == 0)
                 or (options.val_interval == 0 and epoch_ended)
+                or done()
             ):
                 validate()
             if state.step % options.log_interval == 0 or done():
@@ -654,8 +639,7 @@ def train(*, kind, model, config, train_set, val_set, batch_to_input_target, opt
                 break
     progress.close()
 
-    # Every run ends with a validation score for its final weights (and best.pt when the
-    # validation set is not empty), also when the bound fell inside an epoch.
+    # A resumed run that had already reached its bound still reports its final score.
     if has_val and state.validated_step != state.step:
         validate()
         logger.dumpkvs()

@@ -44,7 +44,7 @@ def network_defaults():
 NETWORK_HELP = {
     "arch": registry_help(),
     "arch_kwargs": (
-        "extra constructor arguments for --arch as a JSON object, e.g. '{\"num_heads\": 2}' "
+        "extra constructor arguments for --arch as a JSON object, e.g. '{\"norm\": \"group\"}' "
         "(empty: none)"
     ),
     "base_channels": "U-Nets: channels at full resolution, doubled at each level down",
@@ -100,7 +100,13 @@ def build_network_from_config(config):
     )
 
 
-def _load_network(path, kind, device):
+def load_network_checkpoint(path, kind, device="cpu"):
+    """Load a supervised network checkpoint of ``kind`` ("preseg" or "denoiser").
+
+    :return: ``(model, config)``, the network in eval mode on ``device``.
+    :raises CheckpointError: missing, foreign or wrong-kind file, a config without the
+        network keys, or weights that do not fit.
+    """
     ckpt = load_checkpoint(path, kind=kind, map_location="cpu")
     config = ckpt["config"]
     missing = [key for key in NETWORK_KEYS if key not in config]
@@ -121,12 +127,7 @@ def load_preseg(path, device="cpu"):
         ``args``).
     :raises CheckpointError: missing, foreign or wrong-kind file, or weights that do not fit.
     """
-    return _load_network(path, "preseg", device)
-
-
-def load_network_checkpoint(path, kind, device="cpu"):
-    """Load any supervised network checkpoint (``kind`` "preseg" or "denoiser")."""
-    return _load_network(path, kind, device)
+    return load_network_checkpoint(path, "preseg", device)
 
 
 def _is_nifti_input(meta):

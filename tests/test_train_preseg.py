@@ -67,7 +67,7 @@ def test_overfits_eight_slices(arch, eight_slices, tmp_path):
     model, config = build(arch, full.num_channels)
     result = train(kind="preseg", model=model, config=config, train_set=subset, val_set=subset,
                    batch_to_input_target=image_and_label,
-                   options=options(tmp_path, batch_size=8, max_steps=150, lr=1e-2, val_interval=50))
+                   options=options(tmp_path, batch_size=8, max_steps=100, lr=1e-2, val_interval=50))
     assert result.best_val_dice > 0.9, result
     best = load_checkpoint(tmp_path / "best.pt", kind="preseg")
     assert best["extra"]["val_dice"] == pytest.approx(result.best_val_dice)
@@ -95,9 +95,10 @@ def test_resume_is_bit_identical(eight_slices, tmp_path):
         model, config = build("unet", full.num_channels, seed=1)
         return train(kind="preseg", model=model, config=config, train_set=subset, val_set=subset,
                      batch_to_input_target=image_and_label,
-                     options=options(out_dir, batch_size=3, max_steps=4, **overrides))
+                     options=options(out_dir, batch_size=2, max_steps=4, **overrides))
 
-    # One run of 4 steps that saves at step 2; a second one resumes from that file.
+    # One run of 4 steps (one epoch of 8 slices) that saves at step 2, inside the epoch; a
+    # second run resumes from that file (found by --resume auto).
     run(tmp_path / "straight", save_interval=2, keep_checkpoints=0)
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
