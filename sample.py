@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from data import DATA_HELP, Preprocess, collate, create_dataset, data_defaults
+from data.preprocess import apply_geometry
 from denoiser import check_denoiser_matches, denoiser_input, load_denoiser
 from evaluation.outputs import CaseWriter, finish_run, select_cases
 from guided_diffusion import dist_util
@@ -180,8 +181,12 @@ def preseg_probabilities(args, plan, net, batch, images):
         return None
     if net is not None:
         return foreground_probability(net(images))
-    masks = [read_precomputed_preseg(args.preseg_dir, cid, meta) for cid, meta in zip(batch["case_id"], batch["meta"])]
-    return torch.stack(masks).to(images.device)
+    masks = []
+    for case_id, meta in zip(batch["case_id"], batch["meta"]):
+        mask = read_precomputed_preseg(args.preseg_dir, case_id, meta)
+        # The file is at the input's own size; the networks see the preprocessed grid.
+        masks.append(torch.from_numpy(apply_geometry(mask, meta["geometry"], order=1)))
+    return torch.stack(masks).unsqueeze(1).to(images.device)
 
 
 def foreground_probability(logits):

@@ -7,14 +7,12 @@ volume's affine and header; a case read from an image file is written as PNG: ma
 in its folder and then renamed, so an interrupted run never leaves half a file.
 """
 
-import os
-import tempfile
-
 import nibabel as nib
 import numpy as np
 from PIL import Image
 
 from data.errors import DataError
+from guided_diffusion.atomic import atomic_write
 
 NIFTI_FORMATS = ("nifti_slice", "nifti_volume_slice")
 
@@ -22,22 +20,6 @@ NIFTI_FORMATS = ("nifti_slice", "nifti_volume_slice")
 def output_extension(meta: dict) -> str:
     """File ending of the outputs of a case: .nii.gz for NIfTI inputs, .png otherwise."""
     return ".nii.gz" if meta["format"] in NIFTI_FORMATS else ".png"
-
-
-def _atomic(path: str, write) -> str:
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    suffix = ".nii.gz" if path.endswith(".nii.gz") else os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    return path
 
 
 def _load_reference(path: str):
@@ -51,7 +33,7 @@ def _nifti_like(array: np.ndarray, reference, path: str) -> str:
     header = reference.header.copy()
     header.set_data_dtype(array.dtype)
     image = nib.Nifti1Image(array, reference.affine, header)
-    return _atomic(path, lambda tmp: nib.save(image, tmp))
+    return atomic_write(path, lambda tmp: nib.save(image, tmp))
 
 
 def write_slice(path_stem: str, array: np.ndarray, meta: dict) -> str:
@@ -72,7 +54,7 @@ def write_slice(path_stem: str, array: np.ndarray, meta: dict) -> str:
         image = Image.fromarray((array > 0).astype(np.uint8) * 255)
     else:
         image = Image.fromarray(np.round(np.clip(array, 0.0, 1.0) * 65535).astype(np.uint16))
-    return _atomic(path, lambda tmp: image.save(tmp, format="PNG"))
+    return atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
 def write_volume(path: str, slices: dict, meta: dict, dtype) -> str:

@@ -15,11 +15,9 @@ the run ends, from the case records, so that ranks of a torchrun job can share a
 16-bit PNG maps store variance / 0.25 and entropy / ln 2 (both maxima) in 0..65535.
 """
 
-import io
 import json
 import os
 import platform
-import tempfile
 
 import numpy as np
 import torch
@@ -36,7 +34,9 @@ from evaluation.report import (
     write_summary_json,
 )
 from evaluation.uncertainty import MAX_ENTROPY, ensemble_statistics, fuse
+from guided_diffusion.atomic import atomic_write
 from guided_diffusion.errors import ConfigError
+from guided_diffusion.loading import file_sha256
 
 MAX_VARIANCE = 0.25  # of a probability in [0, 1]
 
@@ -63,17 +63,7 @@ def select_cases(dataset, file_list: str) -> list:
 
 
 def _atomic_npz(path: str, **arrays) -> None:
-    folder = os.path.dirname(path)
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez_compressed(handle, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write(path, lambda tmp: np.savez_compressed(tmp, **arrays))
 
 
 class CaseWriter:
@@ -258,20 +248,23 @@ def finish_run(writer: CaseWriter, selected: list) -> dict:
         "seed": args.seed,
         "en_num": args.en_num,
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
-        "checkpoints": _checkpoint_hashes(args, bundle),
+        "checkpoints": _checkpoint_hashes(args, bundle, plan),
         "preprocess": writer.preprocess.to_dict(),
     })
     write_summary_json(summary, os.path.join(writer.out_dir, "summary.json"))
     return summary
 
 
-def _checkpoint_hashes(args, bundle) -> dict:
-    from guided_diffusion.loading import file_sha256
-
+def _checkpoint_hashes(args, bundle, plan) -> dict:
+    """The checkpoints this run read; the --preseg_path / --denoiser_path defaults may not exist."""
     hashes = {"model_path": {"path": bundle.source, "sha256": bundle.sha256, "weights": bundle.weights}}
-    for flag in ("preseg_path", "denoiser_path"):
+    used = {
+        "preseg_path": plan.sampler in ("addpm", "preseg") and not args.preseg_dir,
+        "denoiser_path": plan.sampler == "addpm" and plan.final_step == "denoiser",
+    }
+    for flag, is_used in used.items():
         path = getattr(args, flag)
-        if path:
+        if is_used and path:
             hashes[flag] = {"path": path, "sha256": file_sha256(path)}
     if args.preseg_dir:
         hashes["preseg_dir"] = {"path": args.preseg_dir}

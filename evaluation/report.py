@@ -20,8 +20,6 @@ import csv
 import io
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +29,7 @@ from scipy import ndimage
 from evaluation.arrays import to_bool_mask, to_numpy
 from evaluation.errors import EvaluationError
 from evaluation.metrics import COUNT_NAMES, METRIC_NAMES, overlap_metrics, segmentation_metrics
+from guided_diffusion.atomic import atomic_write, atomic_write_text
 
 ID_COLUMNS = ("case_id", "group_id", "kind")
 KINDS = ("case", "volume", "patient")
@@ -80,19 +79,6 @@ def _format(value) -> str:
     return str(value)
 
 
-def _atomic_write_text(path, text: str) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_metrics_csv(rows: list[dict], path) -> None:
     """Write rows (dicts from ``metrics_row``) to ``path`` as metrics.csv, atomically."""
     buffer = io.StringIO()
@@ -101,7 +87,7 @@ def write_metrics_csv(rows: list[dict], path) -> None:
     writer.writerow(columns)
     for row in rows:
         writer.writerow([_format(row.get(c)) for c in columns])
-    _atomic_write_text(path, buffer.getvalue())
+    atomic_write_text(path, buffer.getvalue())
 
 
 def _parse(text: str):
@@ -206,7 +192,7 @@ def write_summary_json(summary: dict, path) -> None:
     """Write ``summary`` as indented JSON, atomically; nan/inf become null, numpy scalars and
     paths become plain JSON values."""
     text = json.dumps(_json_ready(summary), indent=2, allow_nan=False) + "\n"
-    _atomic_write_text(path, text)
+    atomic_write_text(path, text)
 
 
 class GroupAccumulator:
@@ -490,7 +476,7 @@ def save_overlay(
         draw.text(xy, name, fill=(255, 255, 255))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(path)
+    atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
     return picture.size
 
 
@@ -503,7 +489,7 @@ def save_uint16_png(values, path) -> None:
     stored = np.round(np.nan_to_num(np.clip(values, 0.0, 1.0)) * 65535.0).astype(np.uint16)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(stored).save(path)
+    atomic_write(path, lambda tmp: Image.fromarray(stored).save(tmp, format="PNG"))
 
 
 def read_uint16_png(path) -> np.ndarray:

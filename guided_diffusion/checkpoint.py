@@ -20,7 +20,6 @@ import io
 import os
 import pickle
 import re
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Mapping
@@ -29,6 +28,7 @@ import blobfile as bf
 import torch
 import torch.nn as nn
 
+from guided_diffusion.atomic import atomic_write
 from guided_diffusion.errors import CheckpointError
 
 FORMAT = "addpm-checkpoint"
@@ -114,21 +114,9 @@ def save_checkpoint(
             bf.makedirs(folder)
         bf.write_bytes(path, buffer.getvalue())
         return
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # The temp file lives in the destination folder so that os.replace is a same-filesystem
-    # rename; its suffix keeps it out of the "*.pt" listing of newest_checkpoint.
-    fd, tmp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_path, path)
-    except BaseException:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-        raise
+    # atomic_write's temporary name starts with a dot, which keeps it out of the "*.pt"
+    # listing of newest_checkpoint.
+    atomic_write(path, lambda tmp: torch.save(payload, tmp), durable=True)
 
 
 def _load(path: str, map_location="cpu", mmap: bool = False):

@@ -23,7 +23,7 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from guided_diffusion.errors import AddpmError, ConfigError
+from guided_diffusion.errors import AddpmError, CheckpointError, ConfigError
 from guided_diffusion.gaussian_diffusion import GaussianDiffusion, get_named_beta_schedule
 from guided_diffusion.mask_space import MASK_SPACES
 from guided_diffusion.unet import UNetModel, parse_attention_resolutions, parse_channel_mult
@@ -62,7 +62,8 @@ HELP = {
     # Diffusion
     "diffusion_steps": "number of steps N of the diffusion chain the model is trained on",
     "noise_schedule": (
-        "beta schedule: linear (improved-diffusion's, scaled to N) or cosine (Nichol & Dhariwal 2021)"
+        "beta schedule: cosine (Nichol & Dhariwal 2021; the default here, as in ADDPM's flags and "
+        "the denoiser's default) or linear (improved-diffusion's default, scaled to N)"
     ),
     "sigma_small": (
         "with a fixed variance, use the posterior variance (beta tilde) instead of beta "
@@ -135,7 +136,7 @@ def diffusion_defaults() -> dict:
     """Defaults of the diffusion-process flags."""
     return dict(
         diffusion_steps=1000,
-        noise_schedule="linear",
+        noise_schedule="cosine",
         sigma_small=False,
         timestep_respacing="",
         rescale_timesteps=True,
@@ -419,8 +420,6 @@ def model_and_diffusion_from_config(config: Mapping, source: str = "checkpoint")
     :raises CheckpointError: a config without the needed entries or with flags this code
         does not know (e.g. a checkpoint of a newer version).
     """
-    from guided_diffusion.errors import CheckpointError
-
     if not isinstance(config, Mapping) or not isinstance(config.get("model"), Mapping):
         raise CheckpointError(f"{source}: the checkpoint config has no 'model' section")
     model_flags = dict(config["model"])

@@ -1,0 +1,256 @@
+"""One table comparing sample.py runs: Dice and HD95 with confidence intervals, and cost.
+
+    python -m evaluation.compare preseg=OUT/preseg ddpm=OUT/ddpm addpm=OUT/addpm \
+        [--out results/table.md] [--confidence 0.95]
+
+Each NAME=DIR is the ``--out_dir`` of one ``sample.py`` run; its ``metrics.csv`` and
+``summary.json`` are read and the run becomes one row of the table:
+
+- Dice and HD95 per case (the ``case`` rows of metrics.csv) and, where the run has group rows,
+  per patient or per volume (``patient`` / ``volume`` rows: each group scored on its slices
+  stacked in 3D, see ``evaluation.report.GroupAccumulator``);
+- UNet evaluations per image (all ensemble members together) and seconds per image, from
+  summary.json.
+
+Every metric cell is the mean and a confidence interval of the mean from the t-distribution:
+``mean +- t_{(1+c)/2, n-1} * s / sqrt(n)`` with ``s`` the sample standard deviation
+(ddof=1) of the n valid values. No interval is given for n < 2. nan values (HD95 where
+exactly one of prediction and label is empty) are left out and counted.
+
+With ``--out FILE.md`` the table is written there and the rows, with every number, to
+``FILE.json`` beside it.
+"""
+
+import argparse
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+from scipy import stats
+
+from evaluation.errors import EvaluationError
+from evaluation.report import read_metrics_csv, write_summary_json
+from guided_diffusion.errors import ConfigError
+from guided_diffusion.script_util import run_cli
+
+METRICS = ("dice", "hd95")
+GROUP_KINDS = ("patient", "volume")
+DEFAULT_CONFIDENCE = 0.95
+
+
+def mean_ci(values, confidence: float = DEFAULT_CONFIDENCE) -> dict:
+    """Mean of ``values`` with a t-distribution confidence interval of the mean.
+
+    Args:
+        values: numbers (None and nan are left out and counted as ``n_nan``).
+        confidence: coverage of the interval, in (0, 1).
+
+    Returns:
+        {"mean", "low", "high", "std", "n", "n_nan"}: ``std`` is the sample standard deviation
+        (ddof=1), ``n`` the number of valid values. mean is None when n == 0; std, low and high
+        are None when n < 2.
+    """
+    if not 0.0 < confidence < 1.0:
+        raise ConfigError(f"--confidence must lie in (0, 1), got {confidence}")
+    array = np.array([math.nan if v is None else float(v) for v in values], dtype=np.float64)
+    valid = array[np.isfinite(array)]
+    n = int(valid.size)
+    out = {"mean": None, "low": None, "high": None, "std": None, "n": n,
+           "n_nan": int(array.size - n)}
+    if n == 0:
+        return out
+    out["mean"] = float(valid.mean())
+    if n < 2:
+        return out
+    std = float(valid.std(ddof=1))
+    half = float(stats.t.ppf((1.0 + confidence) / 2.0, n - 1)) * std / math.sqrt(n)
+    out.update(std=std, low=out["mean"] - half, high=out["mean"] + half)
+    return out
+
+
+def load_run(run_dir) -> tuple[list[dict], dict]:
+    """(metrics.csv rows, summary.json dict) of one sample.py output folder."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise EvaluationError(f"run folder {run_dir} not found")
+    metrics_path = run_dir / "metrics.csv"
+    if not metrics_path.is_file():
+        raise EvaluationError(
+            f"{metrics_path} not found (sample.py writes it when the data has labels)"
+        )
+    rows = read_metrics_csv(metrics_path)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.is_file():
+        raise EvaluationError(f"{summary_path} not found (sample.py writes it beside metrics.csv)")
+    try:
+        summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise EvaluationError(f"{summary_path}: cannot read ({' '.join(str(exc).split())})") from None
+    if not isinstance(summary, dict):
+        raise EvaluationError(f"{summary_path} is not a JSON object")
+    return rows, summary
+
+
+def _level(rows: list[dict], confidence: float) -> dict:
+    return {"n": len(rows), **{m: mean_ci([r.get(m) for r in rows], confidence) for m in METRICS}}
+
+
+def _cases_digest(case_ids) -> str:
+    return hashlib.sha1("\n".join(sorted(case_ids)).encode("utf-8")).hexdigest()[:12]
+
+
+def compare_runs(run_dirs: Mapping, *, confidence: float = DEFAULT_CONFIDENCE) -> list[dict]:
+    """One row per run, in the order given.
+
+    Args:
+        run_dirs: {name: sample.py --out_dir}.
+        confidence: coverage of the intervals of the mean.
+
+    Returns:
+        rows: {"name", "run_dir", "sampler", "num_ensemble", "unet_evaluations_per_image",
+        "unet_evaluations_per_member", "seconds_per_image", "device", "cases" (a digest of
+        the sorted case ids, equal for runs on the same cases),
+        "case": {"n", "dice": mean_ci, "hd95": mean_ci},
+        "group": the same plus "kind" (patient|volume) for the group rows, or None}.
+    """
+    if not run_dirs:
+        raise ConfigError("give at least one run as NAME=DIR")
+    out = []
+    for name, run_dir in run_dirs.items():
+        rows, summary = load_run(run_dir)
+        cases = [r for r in rows if r.get("kind", "case") == "case"]
+        if not cases:
+            raise EvaluationError(f"{Path(run_dir) / 'metrics.csv'} has no case rows")
+        group = None
+        for kind in GROUP_KINDS:
+            group_rows = [r for r in rows if r.get("kind") == kind]
+            if group_rows:
+                group = {"kind": kind, **_level(group_rows, confidence)}
+                break
+        out.append({
+            "name": str(name),
+            "run_dir": str(run_dir),
+            "sampler": summary.get("sampler"),
+            "num_ensemble": summary.get("num_ensemble"),
+            "unet_evaluations_per_image": summary.get("unet_evaluations_per_image"),
+            "unet_evaluations_per_member": summary.get("unet_evaluations_per_member"),
+            "seconds_per_image": summary.get("seconds_per_image"),
+            "device": summary.get("device"),
+            "cases": _cases_digest(r["case_id"] for r in cases),
+            "case": _level(cases, confidence),
+            "group": group,
+        })
+    return out
+
+
+def _cell(ci: dict | None, digits: int) -> str:
+    if ci is None or ci["mean"] is None:
+        return "-"
+    text = f"{ci['mean']:.{digits}f}"
+    if ci["low"] is not None:
+        text += f" [{ci['low']:.{digits}f}, {ci['high']:.{digits}f}]"
+    if ci["n_nan"]:
+        text += f" ({ci['n_nan']} n/a)"
+    return text
+
+
+def _seconds(value) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.3g}" if value < 100 else f"{value:.0f}"
+
+
+def format_table(rows: list[dict], *, confidence: float = DEFAULT_CONFIDENCE) -> str:
+    """Markdown table of ``compare_runs`` rows, with the notes that say how to read it."""
+    kinds = sorted({r["group"]["kind"] for r in rows if r["group"] is not None})
+    group_word = kinds[0] if len(kinds) == 1 else "group"
+    header = ["run", "sampler", "cases", "Dice per case", "HD95 per case"]
+    if kinds:
+        header += [f"{group_word}s", f"Dice per {group_word}", f"HD95 per {group_word}"]
+    header += ["UNet evals / image", "s / image"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        cells = [r["name"], str(r["sampler"] or "-"), str(r["case"]["n"]),
+                 _cell(r["case"]["dice"], 3), _cell(r["case"]["hd95"], 2)]
+        if kinds:
+            g = r["group"]
+            cells += [str(g["n"]) if g else "-", _cell(g and g["dice"], 3), _cell(g and g["hd95"], 2)]
+        evals = r["unet_evaluations_per_image"]
+        cells += ["-" if evals is None else str(evals), _seconds(r["seconds_per_image"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    percent = f"{100 * confidence:g}%"
+    notes = [
+        "",
+        f"Mean [{percent} confidence interval of the mean, t-distribution: mean +- "
+        f"t((1+c)/2, n-1) * s / sqrt(n)]. HD95 in mm (pixels for images without a spacing); "
+        "it is undefined (n/a, left out of the mean) where exactly one of prediction and label "
+        "is empty. UNet evaluations per image count every ensemble member.",
+    ]
+    if kinds:
+        notes.append(f"Per-{group_word} rows score each {group_word}'s slices stacked in 3D.")
+    ensembles = sorted({r["num_ensemble"] for r in rows if r["num_ensemble"] is not None})
+    if ensembles:
+        notes.append(f"Ensemble members per image: {', '.join(str(k) for k in ensembles)}.")
+    if len({r["cases"] for r in rows}) > 1:
+        notes.append("Warning: the runs were not scored on the same cases.")
+    return "\n".join(lines + notes) + "\n"
+
+
+def parse_runs(specs) -> dict:
+    """``["name=dir", ...]`` -> {name: dir}, in order; ConfigError on a malformed or repeated name."""
+    runs = {}
+    for spec in specs:
+        name, sep, run_dir = str(spec).partition("=")
+        if not sep or not name or not run_dir:
+            raise ConfigError(f"run {spec!r} is not NAME=DIR (e.g. addpm=demo_run/samples/addpm)")
+        if name in runs:
+            raise ConfigError(f"run name {name!r} is given twice")
+        runs[name] = run_dir
+    return runs
+
+
+def write_outputs(rows: list[dict], table: str, out_path, *, confidence: float) -> Path:
+    """Write the markdown table to ``out_path`` and the rows to the .json beside it; returns
+    the JSON path."""
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    out_path.write_text(table, encoding="utf-8")
+    json_path = out_path.with_suffix(".json")
+    write_summary_json(
+        {"confidence": confidence, "ci_method": "t-distribution", "runs": rows}, json_path
+    )
+    return json_path
+
+
+def create_argparser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m evaluation.compare",
+        description="Compare sample.py runs in one table: Dice and HD95 per case and per "
+        "patient/volume with confidence intervals, UNet evaluations and seconds per image.",
+    )
+    parser.add_argument("runs", nargs="+", metavar="NAME=DIR",
+                        help="a table row: its name and the --out_dir of a sample.py run")
+    parser.add_argument("--out", default="",
+                        help="write the markdown table here and the numbers to the .json beside "
+                        "it (empty: print only)")
+    parser.add_argument("--confidence", type=float, default=DEFAULT_CONFIDENCE,
+                        help="coverage of the confidence intervals of the mean")
+    return parser
+
+
+def main(argv=None) -> list[dict]:
+    args = create_argparser().parse_args(argv)
+    rows = compare_runs(parse_runs(args.runs), confidence=args.confidence)
+    table = format_table(rows, confidence=args.confidence)
+    print(table, end="")
+    if args.out:
+        json_path = write_outputs(rows, table, args.out, confidence=args.confidence)
+        print(f"wrote {args.out} and {json_path}")
+    return rows
+
+
+if __name__ == "__main__":
+    run_cli(main)

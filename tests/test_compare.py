@@ -1,0 +1,144 @@
+"""evaluation.compare on hand-written sample.py outputs; intervals checked by hand."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from evaluation.compare import compare_runs, format_table, main, mean_ci, parse_runs
+from evaluation.errors import EvaluationError
+from guided_diffusion.errors import AddpmError, ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Two-sided 97.5% quantiles of Student's t, from a printed table.
+T_975 = {2: 4.302652729749464, 3: 3.182446305284263}
+
+METRICS_CSV = """\
+case_id,group_id,kind,dice,iou,hd95,assd,preseg_dice
+p1_000,p1,case,0.8,0.67,2.0,1.0,0.7
+p1_001,p1,case,0.6,0.43,4.0,1.5,0.5
+p2_000,p2,case,0.7,0.54,nan,,0.6
+p2_001,p2,case,0.9,0.82,6.0,0.5,0.8
+p1,p1,patient,0.72,0.56,3.0,1.2,0.6
+p2,p2,patient,0.82,0.69,5.0,0.8,0.7
+"""
+
+
+def write_run(folder: Path, csv_text: str = METRICS_CSV, **summary) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "metrics.csv").write_text(csv_text)
+    record = {"sampler": "addpm", "num_ensemble": 3, "unet_evaluations_per_image": 150,
+              "unet_evaluations_per_member": 50, "seconds_per_image": 1.25, "device": "cpu"}
+    record.update(summary)
+    (folder / "summary.json").write_text(json.dumps(record))
+    return folder
+
+
+def test_mean_ci_matches_hand_computation():
+    # dice 0.8, 0.6, 0.7, 0.9: mean 0.75, s = sqrt(0.05 / 3), n = 4.
+    ci = mean_ci([0.8, 0.6, 0.7, 0.9])
+    half = T_975[3] * math.sqrt(0.05 / 3) / 2
+    assert ci["n"] == 4 and ci["n_nan"] == 0
+    assert ci["mean"] == pytest.approx(0.75)
+    assert ci["std"] == pytest.approx(math.sqrt(0.05 / 3))
+    assert ci["low"] == pytest.approx(0.75 - half)
+    assert ci["high"] == pytest.approx(0.75 + half)
+
+
+def test_mean_ci_leaves_out_nan_and_needs_two_values():
+    # hd95 2, 4, nan, 6: mean 4, s = 2 on n = 3.
+    ci = mean_ci([2.0, 4.0, math.nan, 6.0, None])
+    half = T_975[2] * 2 / math.sqrt(3)
+    assert (ci["n"], ci["n_nan"]) == (3, 2)
+    assert ci["low"] == pytest.approx(4 - half) and ci["high"] == pytest.approx(4 + half)
+    one = mean_ci([0.5])
+    assert one["mean"] == 0.5 and one["low"] is None and one["high"] is None
+    none = mean_ci([math.nan])
+    assert none["mean"] is None and none["n_nan"] == 1
+    constant = mean_ci([0.3, 0.3, 0.3])
+    assert constant["low"] == pytest.approx(0.3) and constant["high"] == pytest.approx(0.3)
+
+
+def test_compare_runs_case_and_patient_levels(tmp_path):
+    run = write_run(tmp_path / "addpm")
+    (row,) = compare_runs({"addpm": run})
+    assert row["name"] == "addpm" and row["sampler"] == "addpm"
+    assert row["unet_evaluations_per_image"] == 150 and row["seconds_per_image"] == 1.25
+    assert row["case"]["n"] == 4
+    assert row["case"]["dice"]["mean"] == pytest.approx(0.75)
+    assert row["case"]["hd95"]["n_nan"] == 1
+    group = row["group"]
+    assert group["kind"] == "patient" and group["n"] == 2
+    # patients 0.72 and 0.82: mean 0.77, s = 0.1 / sqrt(2), t with 1 degree of freedom.
+    half = 12.706204736174698 * (0.1 / math.sqrt(2)) / math.sqrt(2)
+    assert group["dice"]["mean"] == pytest.approx(0.77)
+    assert group["dice"]["high"] == pytest.approx(0.77 + half)
+
+
+def test_format_table_rows_and_notes(tmp_path):
+    runs = {
+        "preseg": write_run(tmp_path / "preseg", sampler="preseg", unet_evaluations_per_image=0,
+                            seconds_per_image=0.01),
+        "addpm": write_run(tmp_path / "addpm"),
+    }
+    table = format_table(compare_runs(runs))
+    lines = table.splitlines()
+    assert lines[0].startswith("| run | sampler | cases | Dice per case | HD95 per case | patients")
+    assert lines[2].startswith("| preseg | preseg | 4 | 0.750 [")
+    assert "| 4.00 [" in lines[3] and "(1 n/a)" in lines[3]
+    assert lines[3].endswith("| 150 | 1.25 |")
+    assert "t-distribution" in table and "Warning" not in table
+
+
+def test_table_without_groups_and_with_different_cases(tmp_path):
+    flat = "\n".join(line for line in METRICS_CSV.splitlines() if ",patient," not in line)
+    other = flat.replace("p2_001", "p3_000")
+    rows = compare_runs({"a": write_run(tmp_path / "a", flat), "b": write_run(tmp_path / "b", other)})
+    assert rows[0]["group"] is None
+    table = format_table(rows)
+    assert "patient" not in table.splitlines()[0]
+    assert "not scored on the same cases" in table
+
+
+def test_cli_writes_markdown_and_json(tmp_path, capsys):
+    run = write_run(tmp_path / "addpm")
+    out = tmp_path / "results" / "table.md"
+    main([f"addpm={run}", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert out.read_text() in printed
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["confidence"] == 0.95
+    (row,) = data["runs"]
+    assert row["case"]["dice"]["mean"] == pytest.approx(0.75)
+    assert row["case"]["hd95"]["n_nan"] == 1
+
+
+def test_errors_are_addpm_errors(tmp_path):
+    with pytest.raises(EvaluationError, match="not found"):
+        compare_runs({"x": tmp_path / "missing"})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(EvaluationError, match="metrics.csv"):
+        compare_runs({"x": tmp_path / "empty"})
+    run = write_run(tmp_path / "nosummary")
+    (run / "summary.json").unlink()
+    with pytest.raises(EvaluationError, match="summary.json"):
+        compare_runs({"x": run})
+    with pytest.raises(ConfigError, match="NAME=DIR"):
+        parse_runs(["just_a_dir"])
+    with pytest.raises(ConfigError, match="twice"):
+        parse_runs(["a=x", "a=y"])
+    assert issubclass(EvaluationError, AddpmError)
+
+
+def test_module_entry_point_prints_one_line_error(tmp_path):
+    missing = tmp_path / "nowhere"
+    result = subprocess.run(
+        [sys.executable, "-m", "evaluation.compare", f"addpm={missing}"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: run folder {missing} not found"
