@@ -15,6 +15,8 @@ Outputs are listed in README.md ("Outputs of sample.py").
 """
 
 import argparse
+import hashlib
+import os
 import time
 
 import torch
@@ -37,6 +39,7 @@ from guided_diffusion.script_util import (
 )
 from guided_diffusion.seg_sampling import plan_sampler, sample_members
 from preseg import load_preseg, read_precomputed_preseg
+from preseg.io import precomputed_preseg_path
 
 # The trainers' default --out_dir, so the original commands chain without extra flags.
 DEFAULT_PRESEG_PATH = "runs/preseg/best.pt"
@@ -70,7 +73,7 @@ SAMPLE_HELP = {
     "save_preseg": "also write the pre-segmentation of every case",
     "save_overlays": "write overlays/<case_id>.png",
     "overwrite": "recompute cases whose results already exist",
-    "seed": "seed of the sampling noise (explicit torch.Generator)",
+    "seed": "seed of the sampling noise: each batch draws from a torch.Generator seeded by --seed, --en_num and its case ids",
     "device": "auto, cpu, cuda, cuda:N or mps",
     "precision": "fp32, bf16 or fp16 (CUDA) autocast for the networks",
     "progress_steps": "show a progress bar over the reverse steps too",
@@ -110,8 +113,6 @@ def main():
         sampling_steps=args.sampling_steps, step_method=args.step_method, eta=args.eta,
         final_step=args.final_step,
     )
-    if args.num_ensemble < 1:
-        raise ConfigError(f"--num_ensemble must be >= 1, got {args.num_ensemble}")
     num_members = 1 if plan.sampler == "preseg" else args.num_ensemble
 
     dataset = create_dataset(
@@ -121,16 +122,17 @@ def main():
     selected = select_cases(dataset, args.file_list)
     writer = CaseWriter(args, dataset, plan, bundle, preprocess, num_members, ctx)
     todo = [i for i in selected[ctx.rank :: ctx.world_size] if args.overwrite or not writer.is_done(i)]
+    check_preseg_dir(args, plan, dataset, todo)
     loader = DataLoader(
         Subset(dataset, todo), batch_size=args.batch_size, shuffle=False,
         num_workers=args.num_workers, collate_fn=collate,
     )
-    generator = torch.Generator(device=ctx.device).manual_seed(args.seed + args.en_num + 1000 * ctx.rank)
     autocast = dist_util.autocast_context(ctx.device, args.precision)
     with torch.inference_mode():
         for batch in tqdm(loader, desc=f"{plan.sampler} sampling", disable=not ctx.is_main, unit="batch"):
             start = time.perf_counter()
             images = batch["image"].to(ctx.device)
+            generator = batch_generator(args, batch["case_id"], ctx.device)
             with autocast:
                 preseg_probs = preseg_probabilities(args, plan, preseg_net, batch, images)
                 members = sample_members(
@@ -147,6 +149,14 @@ def main():
     if ctx.is_main:
         finish_run(writer, selected)
     dist_util.cleanup()
+
+
+def batch_generator(args, case_ids, device):
+    """The noise of a batch depends only on --seed, --en_num and its cases, so a result does
+    not change with the rank that runs it or with the cases a rerun skips."""
+    key = f"{args.seed}:{args.en_num}:{','.join(case_ids)}".encode()
+    seed = int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 def load_preseg_source(args, preprocess, device):
@@ -173,6 +183,19 @@ def load_final_step(args, bundle, preprocess, device):
         return foreground_probability(net(denoiser_input(x_T, images, config["denoiser_cond"])))
 
     return denoise, T
+
+
+def check_preseg_dir(args, plan, dataset, todo):
+    """Fail before any sampling when --preseg_dir lacks a case: one line, nothing written."""
+    if not args.preseg_dir or plan.sampler not in ("addpm", "preseg"):
+        return
+    if not os.path.isdir(args.preseg_dir):
+        raise ConfigError(f"--preseg_dir {args.preseg_dir}: no such folder")
+    # Only the input's format (NIfTI or image) decides the file name; no item needs loading.
+    meta = {"format": "nifti_volume_slice" if dataset.kind == "volume" else dataset.kind}
+    case_ids = dataset.case_ids
+    for index in todo:
+        precomputed_preseg_path(args.preseg_dir, case_ids[index], meta)
 
 
 def preseg_probabilities(args, plan, net, batch, images):

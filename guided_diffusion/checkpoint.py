@@ -139,9 +139,15 @@ def _load(path: str, map_location="cpu", mmap: bool = False):
         if "Weights only load failed" not in text:
             raise CheckpointError(f"{path}: {_NOT_READABLE}") from None
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
-        what = f"holds a Python object of type {found.group(1)}" if found else "is a pickle of Python objects"
+        if not found:
+            # A pickle of Python objects and random bytes fail alike here: name both.
+            raise CheckpointError(
+                f"{path}: the safe loader (torch.load weights_only=True) cannot read it: a pickle "
+                f"of Python objects, or not a torch file at all"
+            ) from None
         raise CheckpointError(
-            f"{path}: not a checkpoint of this code: it {what}, which the safe loader "
+            f"{path}: not a checkpoint of this code: it holds a Python object of type "
+            f"{found.group(1)}, which the safe loader "
             f"(torch.load weights_only=True) refuses; only tensors and plain types are accepted"
         ) from None
     except RuntimeError as err:

@@ -1,0 +1,481 @@
+"""sample.py from the command line, on checkpoints made by the real trainers (tiny, CPU).
+
+The three networks are trained once per module (two steps each, 32x32) by train_addpm.py,
+train_preseg_network.py and train_denoising_network.py on demo data. The runs a user makes
+(the demo test split, the BraTS fixture, a 3D volume, pre-segmentations from a folder,
+reproducibility, torchrun) start sample.py in a fresh process. The cheaper variants (other
+samplers, the error lines, reruns, a raw state dict) call its ``main`` through the same
+``run_cli`` entry point with ``sys.argv`` set, in this process: a fresh interpreter spends
+about five seconds importing torch on the shared two-core machine.
+"""
+
+import csv
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+import sample
+from data import create_dataset
+from evaluation.outputs import load_record
+from guided_diffusion.checkpoint import load_checkpoint
+from guided_diffusion.script_util import run_cli
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PRE_T, T = 40, 25
+UNET_FLAGS = [
+    "--num_channels", "16", "--num_res_blocks", "1", "--attention_resolutions", "16",
+]
+SCHEDULE_FLAGS = ["--diffusion_steps", "100", "--noise_schedule", "cosine"]
+NET_FLAGS = ["--image_size", "32", "--base_channels", "8", "--depth", "2", "--batch_size", "2",
+             "--max_steps", "2", "--device", "cpu"]
+# A non-identity voxel-to-world map with anisotropic zooms: rows and columns swapped, one
+# axis flipped, 0.8 x 1.2 mm in plane and 3 mm slices (the slice axis stays array axis 2).
+VOLUME_AFFINE = np.array([
+    [0.0, -1.2, 0.0, 20.0],
+    [0.8, 0.0, 0.0, -15.0],
+    [0.0, 0.0, 3.0, 7.0],
+    [0.0, 0.0, 0.0, 1.0],
+])
+VOLUME_SHAPE = (30, 34, 5)
+
+
+def _env() -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("OPENAI_LOGDIR", None)
+    return env
+
+
+def _command(script: str, args, torchrun: bool = False) -> list:
+    launcher = [sys.executable]
+    if torchrun:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    return [*launcher, script, *[str(a) for a in args]]
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def sample_cli(*args, torchrun: bool = False) -> subprocess.CompletedProcess:
+    """sample.py in a fresh process, as a user runs it."""
+    return subprocess.run(_command("sample.py", args, torchrun), cwd=REPO_ROOT, env=_env(),
+                          capture_output=True, text=True, timeout=300)
+
+
+def sample_main(capfd, *args) -> tuple:
+    """sample.py's main in this process, through run_cli: (exit code, stderr)."""
+    capfd.readouterr()
+    argv = sys.argv
+    sys.argv = ["sample.py", *[str(a) for a in args]]
+    try:
+        run_cli(sample.main)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        sys.argv = argv
+    return code, capfd.readouterr().err
+
+
+def error_lines(stderr: str) -> list:
+    return [line for line in stderr.splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Demo data and the three checkpoints; the trainers run side by side."""
+    root = tmp_path_factory.mktemp("trained")
+    subprocess.run(
+        [sys.executable, "-m", "data.demo", "--out", str(root / "demo"), "--n_train", "12",
+         "--n_test", "3", "--image_size", "32", "--seed", "0"],
+        cwd=REPO_ROOT, env=_env(), check=True, capture_output=True, timeout=120,
+    )
+    train = root / "demo" / "training"
+    jobs = {
+        "diffusion": ("train_addpm.py", ["--image_size", "32", *UNET_FLAGS, *SCHEDULE_FLAGS,
+                                         "--batch_size", "2", "--max_steps", "2", "--device", "cpu",
+                                         "--progress", "False"]),
+        "preseg": ("train_preseg_network.py", NET_FLAGS),
+        "denoiser": ("train_denoising_network.py", [*NET_FLAGS, *SCHEDULE_FLAGS, "--T", str(T)]),
+    }
+    procs = {}
+    for name, (script, flags) in jobs.items():
+        args = ["--data_dir", train, *flags, "--out_dir", root / name]
+        procs[name] = subprocess.Popen(_command(script, args), cwd=REPO_ROOT, env=_env(),
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    paths = {}
+    for name, proc in procs.items():
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, (
+            f"{name} training failed ({proc.returncode})\n{out[-2000:]}\n{err[-4000:]}"
+        )
+        paths[name] = root / name / "final.pt"
+    return {"root": root, "test_dir": root / "demo" / "testing", **paths}
+
+
+def checkpoint_flags(trained) -> list:
+    return ["--model_path", trained["diffusion"], "--preseg_path", trained["preseg"],
+            "--denoiser_path", trained["denoiser"], "--device", "cpu"]
+
+
+def addpm_flags(trained, data_dir=None) -> list:
+    return ["--data_dir", data_dir or trained["test_dir"], *checkpoint_flags(trained),
+            "--pre_t", PRE_T, "--num_ensemble", 2]
+
+
+@pytest.fixture(scope="module")
+def addpm_run(trained, tmp_path_factory) -> Path:
+    """One addpm run on the demo test split: K=2, pre_t 40, T from the denoiser (25)."""
+    out = tmp_path_factory.mktemp("addpm") / "out"
+    ok(sample_cli(*addpm_flags(trained), "--out_dir", out))
+    return out
+
+
+def case_ids(data_dir) -> list:
+    return list(create_dataset(str(data_dir)).case_ids)
+
+
+def read_metrics(out: Path) -> list:
+    with open(out / "metrics.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def load_nifti(path: Path):
+    image = nib.load(str(path))
+    return image, np.asarray(image.dataobj)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def assert_no_temp_files(out: Path) -> None:
+    """Every file is written under a temporary name and renamed; none may be left over."""
+    leftovers = [str(p) for p in out.rglob(".tmp*")]
+    assert not leftovers, leftovers
+
+
+def outputs_of(out: Path) -> dict:
+    """Every mask and uncertainty array a run wrote, by relative path."""
+    return {str(p.relative_to(out)): load_nifti(p)[1] for p in sorted(out.glob("*/*.nii.gz"))
+            if p.parent.name in ("masks", "uncertainty")}
+
+
+# --------------------------------------------------------------------------------------------
+# The main run and what it writes
+
+
+def test_addpm_on_demo_writes_every_output(trained, addpm_run):
+    out, ids = addpm_run, case_ids(trained["test_dir"])
+    assert len(ids) == 3
+    for cid in ids:
+        assert (out / "masks" / f"{cid}.nii.gz").is_file()
+        assert (out / "uncertainty" / f"{cid}_variance.nii.gz").is_file()
+        assert (out / "uncertainty" / f"{cid}_entropy.nii.gz").is_file()
+        assert (out / "overlays" / f"{cid}.png").is_file()
+        assert (out / "cases" / f"{cid}.npz").is_file()
+    assert not (out / "preseg").exists()  # --save_preseg is off by default
+    assert_no_temp_files(out)
+
+    rows = read_metrics(out)
+    assert sorted(r["case_id"] for r in rows if r["kind"] == "case") == sorted(ids)
+    patients = [r for r in rows if r["kind"] == "patient"]
+    assert len(patients) == 1  # the demo test slices are three slices of one patient
+    for row in rows:
+        assert 0.0 <= float(row["dice"]) <= 1.0 and 0.0 <= float(row["preseg_dice"]) <= 1.0
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sampler"] == "addpm" and summary["final_step"] == "denoiser"
+    assert summary["pre_t"] == PRE_T and summary["T"] == T
+    assert summary["timesteps"] == [PRE_T, T]
+    assert summary["unet_evaluations_per_image"] == 2 * (PRE_T - T)
+    assert summary["n_cases_written"] == 3 and summary["n_cases"] == 3
+    hashes = summary["checkpoints"]
+    assert hashes["model_path"]["sha256"] == sha256(trained["diffusion"])
+    assert hashes["model_path"]["weights"].startswith("ema:")
+    assert hashes["preseg_path"]["sha256"] == sha256(trained["preseg"])
+    assert hashes["denoiser_path"]["sha256"] == sha256(trained["denoiser"])
+
+
+def test_masks_and_maps_keep_the_source_geometry(trained, addpm_run):
+    for cid in case_ids(trained["test_dir"]):
+        source = next(trained["test_dir"].glob(f"*/{cid[:-4]}_flair_{cid[-3:]}_w.nii.gz"))
+        reference = nib.load(str(source))
+        mask_image, mask = load_nifti(addpm_run / "masks" / f"{cid}.nii.gz")
+        assert mask.shape == reference.shape
+        np.testing.assert_allclose(mask_image.affine, reference.affine)
+        assert set(np.unique(mask)) <= {0, 1}
+        _, variance = load_nifti(addpm_run / "uncertainty" / f"{cid}_variance.nii.gz")
+        _, entropy = load_nifti(addpm_run / "uncertainty" / f"{cid}_entropy.nii.gz")
+        assert variance.shape == entropy.shape == reference.shape
+        assert variance.min() >= 0 and variance.max() <= 0.25 + 1e-6
+        assert entropy.min() >= 0 and entropy.max() <= math.log(2) + 1e-6
+
+
+def test_unlabelled_brats_fixture_comes_back_at_240(trained, brats2d_mini, tmp_path):
+    out = tmp_path / "out"
+    ok(sample_cli(*addpm_flags(trained, brats2d_mini / "testing"), "--out_dir", out))
+    ids = case_ids(brats2d_mini / "testing")
+    assert len(ids) == 2
+    for cid in ids:
+        source = next((brats2d_mini / "testing").glob(f"*/*_flair_*{cid[-3:]}_w.nii.gz"))
+        reference = nib.load(str(source))
+        image, mask = load_nifti(out / "masks" / f"{cid}.nii.gz")
+        assert mask.shape == reference.shape == (240, 240)
+        np.testing.assert_allclose(image.affine, reference.affine)
+        # The 32x32 network grid is the centre crop; the border it cut off comes back empty.
+        border = mask.copy()
+        border[104:136, 104:136] = 0
+        assert not border.any()
+        assert (out / "overlays" / f"{cid}.png").is_file()
+    assert not (out / "metrics.csv").exists()  # no labels, nothing to score
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_cases_written"] == 2 and summary["n_cases"] == 0
+
+
+def write_brats3d(root: Path) -> Path:
+    """One BraTS 2021-style volume (Case/Case_t1.nii.gz ... _seg) of VOLUME_SHAPE."""
+    rng = np.random.default_rng(0)
+    y, x, z = np.meshgrid(*[np.arange(n) for n in VOLUME_SHAPE], indexing="ij")
+    brain = ((y - 15) / 13) ** 2 + ((x - 17) / 15) ** 2 < 1
+    tumour = ((y - 12) / 5) ** 2 + ((x - 20) / 6) ** 2 + ((z - 2) / 2.5) ** 2 < 1
+    case = root / "Vol3d"
+    case.mkdir(parents=True)
+    for i, modality in enumerate(("t1", "t1ce", "t2", "flair")):
+        image = brain * (100.0 + 20 * i) + tumour * (50.0 + 10 * i) + rng.normal(0, 5, VOLUME_SHAPE) * brain
+        nib.save(nib.Nifti1Image(image.astype(np.float32), VOLUME_AFFINE),
+                 str(case / f"Vol3d_{modality}.nii.gz"))
+    seg = np.where(tumour, 2, 0).astype(np.uint8)
+    seg[tumour & (y < 12)] = 1
+    nib.save(nib.Nifti1Image(seg, VOLUME_AFFINE), str(case / "Vol3d_seg.nii.gz"))
+    return root
+
+
+def test_3d_volume_in_gives_volumes_out(trained, tmp_path):
+    data = write_brats3d(tmp_path / "brats3d")
+    out = tmp_path / "out"
+    ok(sample_cli(*addpm_flags(trained, data), "--out_dir", out))
+    source = nib.load(str(data / "Vol3d" / "Vol3d_flair.nii.gz"))
+    names = ("masks/Vol3d.nii.gz", "uncertainty/Vol3d_variance.nii.gz", "uncertainty/Vol3d_entropy.nii.gz")
+    for name in names:
+        image, volume = load_nifti(out / name)
+        assert volume.shape == source.shape == VOLUME_SHAPE, name
+        np.testing.assert_allclose(image.affine, source.affine, err_msg=name)
+        np.testing.assert_allclose(image.header.get_zooms(), (0.8, 1.2, 3.0), rtol=1e-6, err_msg=name)
+    _, mask = load_nifti(out / "masks" / "Vol3d.nii.gz")
+    assert mask.dtype == np.uint8
+    # Every slice sits where it came from.
+    for k in range(VOLUME_SHAPE[2]):
+        record = load_record(str(out / "cases" / f"Vol3d_{k:03d}.npz"))
+        np.testing.assert_array_equal(mask[:, :, k], record["mask"])
+
+    rows = read_metrics(out)
+    assert sorted(r["kind"] for r in rows) == ["case"] * VOLUME_SHAPE[2] + ["volume"]
+    volume_row = next(r for r in rows if r["kind"] == "volume")
+    assert volume_row["group_id"] == "Vol3d"
+    seg = np.asarray(nib.load(str(data / "Vol3d" / "Vol3d_seg.nii.gz")).dataobj)
+    assert int(float(volume_row["label_voxels"])) == int((seg > 0).sum())
+    assert int(float(volume_row["pred_voxels"])) == int(mask.sum())
+
+
+# --------------------------------------------------------------------------------------------
+# Pre-segmentations from a folder
+
+
+def write_preseg_dir(trained, folder: Path) -> dict:
+    """An asymmetric blob per case, as NIfTI at the input's size with the input's affine."""
+    folder.mkdir()
+    masks = {}
+    for n, cid in enumerate(case_ids(trained["test_dir"])):
+        source = nib.load(str(next(trained["test_dir"].glob(f"*/{cid[:-4]}_flair_{cid[-3:]}_w.nii.gz"))))
+        mask = np.zeros(source.shape, dtype=np.uint8)
+        mask[3 + n:12 + n, 5:21] = 1
+        mask[12 + n:16 + n, 5:8] = 1
+        nib.save(nib.Nifti1Image(mask, source.affine), str(folder / f"{cid}.nii.gz"))
+        masks[cid] = mask
+    return masks
+
+
+def test_preseg_dir_feeds_addpm_and_the_preseg_sampler(trained, tmp_path):
+    given = write_preseg_dir(trained, tmp_path / "presegs")
+    data = ["--data_dir", trained["test_dir"], "--model_path", trained["diffusion"], "--device", "cpu",
+            "--preseg_dir", tmp_path / "presegs"]
+    ok(sample_cli(*data, "--sampler", "preseg", "--out_dir", tmp_path / "preseg"))
+    for cid, mask in given.items():
+        np.testing.assert_array_equal(load_nifti(tmp_path / "preseg" / "masks" / f"{cid}.nii.gz")[1], mask)
+    for row in read_metrics(tmp_path / "preseg"):
+        assert row["dice"] == row["preseg_dice"]
+
+    ok(sample_cli(*data, "--denoiser_path", trained["denoiser"], "--pre_t", PRE_T,
+                  "--num_ensemble", 2, "--save_preseg", True, "--out_dir", tmp_path / "addpm"))
+    summary = json.loads((tmp_path / "addpm" / "summary.json").read_text())
+    assert summary["sampler"] == "addpm" and summary["n_cases_written"] == 3
+    assert "preseg_path" not in summary["checkpoints"]
+    assert summary["checkpoints"]["preseg_dir"]["path"] == str(tmp_path / "presegs")
+    for cid, mask in given.items():
+        np.testing.assert_array_equal(load_nifti(tmp_path / "addpm" / "preseg" / f"{cid}.nii.gz")[1], mask)
+
+
+# --------------------------------------------------------------------------------------------
+# Reruns, reproducibility, other samplers, models trained elsewhere
+
+
+def test_rerun_skips_finished_cases_unless_overwrite(trained, addpm_run, tmp_path, capfd):
+    out = tmp_path / "out"
+    shutil.copytree(addpm_run, out)
+    records = sorted((out / "cases").glob("*.npz"))
+    past = 1_000_000_000
+    for path in records:
+        os.utime(path, (past, past))
+    records[1].unlink()  # as if the run had stopped before this case
+
+    code, err = sample_main(capfd, *addpm_flags(trained), "--out_dir", out)
+    assert code == 0, err
+    assert records[1].is_file()
+    for path in (records[0], records[2]):
+        assert path.stat().st_mtime == past, f"{path.name} was recomputed"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_cases_written"] == 3
+    assert len([r for r in read_metrics(out) if r["kind"] == "case"]) == 3
+
+    code, err = sample_main(capfd, *addpm_flags(trained), "--out_dir", out, "--overwrite", True)
+    assert code == 0, err
+    assert all(path.stat().st_mtime != past for path in records)
+
+
+def test_same_seed_same_result_other_en_num_other_samples(trained, addpm_run, tmp_path, capfd):
+    ok(sample_cli(*addpm_flags(trained), "--seed", 0, "--out_dir", tmp_path / "again"))
+    first, again = outputs_of(addpm_run), outputs_of(tmp_path / "again")
+    assert first.keys() == again.keys() and len(first) == 9
+    for name in first:
+        np.testing.assert_array_equal(first[name], again[name], err_msg=name)
+
+    code, err = sample_main(capfd, *addpm_flags(trained), "--en_num", 1, "--out_dir", tmp_path / "en1")
+    assert code == 0, err
+    other = outputs_of(tmp_path / "en1")
+    variances = [name for name in first if name.endswith("_variance.nii.gz")]
+    assert any(not np.array_equal(first[name], other[name]) for name in variances)
+
+
+@pytest.mark.parametrize(
+    "flags, per_member",
+    [
+        (["--sampler", "ddpm", "--num_ensemble", 1], 100),
+        (["--sampler", "ddim", "--sampling_steps", 5, "--num_ensemble", 2], 5),
+        (["--final_step", "x0", "--pre_t", PRE_T, "--T", T, "--num_ensemble", 2], PRE_T - T + 1),
+    ],
+    ids=["ddpm-100", "ddim-5", "addpm-x0"],
+)
+def test_other_samplers_run(trained, tmp_path, capfd, flags, per_member):
+    # No denoiser exists at the given path: only addpm with --final_step denoiser reads one.
+    code, err = sample_main(
+        capfd, "--data_dir", trained["test_dir"], "--model_path", trained["diffusion"],
+        "--preseg_path", trained["preseg"], "--denoiser_path", tmp_path / "no-denoiser.pt",
+        "--device", "cpu", "--file_list", "0", "--out_dir", tmp_path / "out", *flags,
+    )
+    assert code == 0, err
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["unet_evaluations_per_member"] == per_member
+    assert summary["n_cases_written"] == 1
+    assert "denoiser_path" not in summary["checkpoints"]
+    assert len(list((tmp_path / "out" / "masks").glob("*.nii.gz"))) == 1
+
+
+def test_raw_state_dict_matches_the_checkpoint(trained, tmp_path, capfd):
+    raw = tmp_path / "savedmodel.pt"
+    torch.save(load_checkpoint(trained["diffusion"], kind="diffusion")["model"], raw)
+    common = ["--data_dir", trained["test_dir"], "--preseg_path", trained["preseg"],
+              "--denoiser_path", trained["denoiser"], "--device", "cpu", "--pre_t", PRE_T,
+              "--num_ensemble", 2, "--seed", 3]
+    code, err = sample_main(capfd, *common, "--model_path", trained["diffusion"], "--use_ema", False,
+                            "--out_dir", tmp_path / "ckpt")
+    assert code == 0, err
+    code, err = sample_main(capfd, *common, "--model_path", raw, "--image_size", 32, *UNET_FLAGS,
+                            *SCHEDULE_FLAGS, "--out_dir", tmp_path / "raw")
+    assert code == 0, err
+    from_ckpt, from_raw = outputs_of(tmp_path / "ckpt"), outputs_of(tmp_path / "raw")
+    assert from_ckpt.keys() == from_raw.keys() and from_ckpt
+    for name in from_ckpt:
+        np.testing.assert_array_equal(from_ckpt[name], from_raw[name], err_msg=name)
+    summary = json.loads((tmp_path / "raw" / "summary.json").read_text())
+    assert summary["checkpoints"]["model_path"]["weights"] == "raw"
+
+
+# --------------------------------------------------------------------------------------------
+# Errors: exit code 2, one line, nothing written
+
+
+def test_denoiser_of_another_T_is_refused_in_one_line(trained, tmp_path):
+    out = tmp_path / "out"
+    proc = sample_cli(*addpm_flags(trained), "--T", 20, "--out_dir", out)
+    assert proc.returncode == 2
+    lines = error_lines(proc.stderr)
+    assert len(lines) == 1 and lines[0].startswith("error:"), proc.stderr
+    assert "--T 20" in lines[0] and "T=25" in lines[0] and str(trained["denoiser"]) in lines[0]
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("case", ["wrong_kind", "missing", "corrupt", "truncated", "unknown_case",
+                                  "preseg_dir_without_the_case"])
+def test_bad_input_gives_one_error_line(trained, tmp_path, capfd, case):
+    model_path = trained["diffusion"]
+    preseg = ["--preseg_path", trained["preseg"]]
+    extra = []
+    if case == "wrong_kind":
+        model_path, expect = trained["preseg"], ["preseg", "diffusion"]
+    elif case == "missing":
+        model_path, expect = tmp_path / "nothere.pt", ["nothere.pt", "no such file"]
+    elif case == "corrupt":
+        model_path, expect = tmp_path / "corrupt.pt", ["corrupt.pt"]
+        model_path.write_bytes(np.random.default_rng(0).bytes(512))
+    elif case == "truncated":
+        model_path, expect = tmp_path / "truncated.pt", ["truncated.pt", "truncated"]
+        model_path.write_bytes(trained["diffusion"].read_bytes()[:20000])
+    elif case == "unknown_case":
+        extra, expect = ["--file_list", "0,no_such_case"], ["--file_list", "no_such_case"]
+    else:
+        (tmp_path / "empty").mkdir()
+        preseg = ["--preseg_dir", tmp_path / "empty"]
+        expect = ["--preseg_dir", case_ids(trained["test_dir"])[0]]
+    out = tmp_path / "out"
+    code, err = sample_main(capfd, "--data_dir", trained["test_dir"], "--model_path", model_path, *preseg,
+                            "--denoiser_path", trained["denoiser"], "--device", "cpu", "--pre_t", PRE_T,
+                            "--num_ensemble", 1, "--out_dir", out, *extra)
+    assert code == 2
+    lines = error_lines(err)
+    assert len(lines) == 1 and lines[0].startswith("error:"), err
+    for word in expect:
+        assert word in lines[0], lines[0]
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------
+# torchrun
+
+
+def test_torchrun_splits_cases_and_rank0_merges(trained, addpm_run, tmp_path):
+    out = tmp_path / "out"
+    ok(sample_cli(*addpm_flags(trained), "--out_dir", out, torchrun=True))
+    ids = case_ids(trained["test_dir"])
+    rows = read_metrics(out)
+    assert sorted(r["case_id"] for r in rows if r["kind"] == "case") == sorted(ids)
+    assert len([r for r in rows if r["kind"] == "patient"]) == 1
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["n_cases_written"] == 3
+    assert sorted(p.stem for p in (out / "cases").glob("*.npz")) == sorted(ids)
+    assert_no_temp_files(out)
+    # A case's noise depends on the seed and the case, not on the rank that ran it.
+    for cid in ids:
+        for name in (f"masks/{cid}.nii.gz", f"uncertainty/{cid}_variance.nii.gz"):
+            assert np.array_equal(nib.load(str(out / name)).get_fdata(), nib.load(str(addpm_run / name)).get_fdata())
