@@ -1,6 +1,6 @@
 """Evaluate a folder of predicted masks against a folder of labels.
 
-    python -m evaluation --pred_dir OUT/masks --label_dir DATA/labels [--out_dir OUT]
+    python -m evaluation --pred_dir OUT/masks --label_dir DATA/labels [--out_dir OUT] [--dataset files|brats2d|...]
         [--pred_suffix ""] [--label_suffix _seg] [--classes 1,2,4] [--dataset auto]
 
 Like nnU-Net's evaluate-folder: predictions and labels are paired by case id (file name
@@ -22,9 +22,10 @@ from evaluation.errors import EvaluationError
 from evaluation.files import MASK_EXTENSIONS, find_cases, read_mask
 from evaluation.metrics import METRIC_NAMES, segmentation_metrics
 from evaluation.report import metrics_row, summarize, write_metrics_csv, write_summary_json
+from data.layouts import DATASET_CHOICES, scan
 from guided_diffusion.errors import ConfigError
 
-DATASETS = ("auto", "files")
+DATASETS = ("files",) + tuple(d for d in DATASET_CHOICES if d != "auto")
 
 
 def create_argparser() -> argparse.ArgumentParser:
@@ -61,10 +62,15 @@ def create_argparser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--dataset",
-        default="auto",
+        default="files",
         choices=DATASETS,
-        help="how labels are read: 'files' reads each file in --label_dir as one case "
-        f"({', '.join(MASK_EXTENSIONS)}); 'auto' is the same",
+        help="how labels are found: 'files' reads each file in --label_dir as one case "
+        f"({', '.join(MASK_EXTENSIONS)}); a layout name ({', '.join(DATASETS[1:])}) reads "
+        "--label_dir as that dataset layout (e.g. the test folder sample.py ran on), "
+        "pairing each case (or volume) id with the file of the same name in --pred_dir",
+    )
+    parser.add_argument(
+        "--mask_suffix", default="_mask", help="with --dataset lgg: suffix that marks a mask file"
     )
     return parser
 
@@ -92,6 +98,8 @@ def evaluate_folders(
     pred_suffix: str = "",
     label_suffix: str = "",
     classes: tuple[int, ...] = (),
+    dataset: str = "files",
+    mask_suffix: str = "_mask",
     progress: bool = False,
 ) -> tuple[list[dict], dict]:
     """Score every prediction that has a label.
@@ -103,7 +111,10 @@ def evaluate_folders(
     pred_dir = _check_folder(pred_dir, "--pred_dir")
     label_dir = _check_folder(label_dir, "--label_dir")
     preds = find_cases(pred_dir, pred_suffix)
-    labels = find_cases(label_dir, label_suffix)
+    if dataset == "files":
+        labels = find_cases(label_dir, label_suffix)
+    else:
+        labels = labels_of_layout(label_dir, dataset, mask_suffix)
     for cases, folder, flag, suffix in (
         (preds, pred_dir, "--pred_dir", pred_suffix),
         (labels, label_dir, "--label_dir", label_suffix),
@@ -147,6 +158,17 @@ def evaluate_folders(
     return rows, info
 
 
+def labels_of_layout(label_dir, dataset: str, mask_suffix: str) -> dict[str, Path]:
+    """{case id: label file} of a dataset layout: a slice's or image's case id, a volume's id."""
+    found = scan(str(label_dir), dataset, mask_suffix=mask_suffix)
+    labels = {}
+    for rec in found.records:
+        if rec.label_file is not None:
+            case_id = rec.volume_id if found.kind == "volume" else rec.case_id
+            labels[case_id] = Path(rec.label_file)
+    return labels
+
+
 def main(argv=None) -> None:
     args = create_argparser().parse_args(argv)
     classes = _parse_classes(args.classes)
@@ -156,10 +178,12 @@ def main(argv=None) -> None:
         pred_suffix=args.pred_suffix,
         label_suffix=args.label_suffix,
         classes=classes,
+        dataset=args.dataset,
+        mask_suffix=args.mask_suffix,
         progress=True,
     )
     summary = summarize(rows)
-    summary.update(info, dataset="files", classes=list(classes))
+    summary.update(info, dataset=args.dataset, classes=list(classes))
     out_dir = Path(args.out_dir or args.pred_dir)
     try:
         write_metrics_csv(rows, out_dir / "metrics.csv")

@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data.layouts import scan
 from evaluation.cli import evaluate_folders, main
 from evaluation.errors import EvaluationError
 from evaluation.report import read_metrics_csv
@@ -136,3 +138,18 @@ def test_brats_fixture_labels_score_themselves(brats2d_mini, tmp_path):
     for row in rows:
         assert row["dice"] == 1.0 and row["hd95"] == 0.0
         assert row["class2_dice"] == 1.0
+
+
+def test_labels_read_through_a_dataset_layout(tmp_path, brats2d_mini):
+    """--dataset brats2d pairs predictions named by case id with the layout's own label files."""
+    training = brats2d_mini / "training"
+    pred_dir = tmp_path / "pred"
+    pred_dir.mkdir()
+    records = scan(str(training), "brats2d").records
+    for rec in records:
+        shutil.copy(rec.label_file, pred_dir / f"{rec.case_id}.nii.gz")
+    out = tmp_path / "out"
+    main(["--pred_dir", str(pred_dir), "--label_dir", str(training), "--dataset", "brats2d", "--out_dir", str(out)])
+    rows = read_metrics_csv(out / "metrics.csv")
+    assert len(rows) == len(records)
+    assert all(r["dice"] == 1.0 for r in rows)
