@@ -45,6 +45,9 @@ from preseg.io import precomputed_preseg_path
 DEFAULT_PRESEG_PATH = "runs/preseg/best.pt"
 DEFAULT_DENOISER_PATH = "runs/denoiser/best.pt"
 DEFAULT_T = 250
+# The data flags sampling reads; the preprocessing ones matter only for a raw state dict.
+SAMPLE_DATA_FLAGS = ("data_dir", "dataset", "mask_suffix", "num_workers", "image_size", "resize_mode",
+                     "label_mode", "foreground_labels")
 
 SAMPLE_HELP = {
     "model_path": "diffusion checkpoint from train_addpm.py (or a raw improved-diffusion state dict)",
@@ -92,10 +95,16 @@ def sample_defaults():
 
 
 def create_argparser():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_dict_to_argparser(parser, data_defaults(), DATA_HELP)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n")[0],
+        epilog="The UNet and diffusion flags (MODEL_FLAGS, DIFFUSION_FLAGS) and --image_size, "
+        "--resize_mode, --label_mode, --foreground_labels are read only when --model_path is a raw "
+        "state dict; a checkpoint of train_addpm.py records its own.",
+    )
+    data_flags = {k: v for k, v in data_defaults().items() if k in SAMPLE_DATA_FLAGS}
+    add_dict_to_argparser(parser, data_flags, DATA_HELP)
     add_dict_to_argparser(parser, sample_defaults(), SAMPLE_HELP)
-    # Only read for a raw state dict; our checkpoints carry their own model flags.
+    # Only read for a raw state dict; our checkpoints carry their own model and preprocessing flags.
     add_dict_to_argparser(parser, unet_defaults(), HELP)
     add_dict_to_argparser(parser, diffusion_defaults(), HELP)
     return parser
