@@ -27,6 +27,7 @@ from data import DATA_HELP, Preprocess, collate, create_dataset, data_defaults
 from data.preprocess import apply_geometry
 from denoiser import check_denoiser_matches, denoiser_input, load_denoiser
 from evaluation.outputs import CaseWriter, finish_run, select_cases
+from evaluation.uncertainty import FUSIONS
 from guided_diffusion import dist_util
 from guided_diffusion.errors import ConfigError
 from guided_diffusion.loading import load_diffusion_model
@@ -112,6 +113,7 @@ def create_argparser():
 
 def main():
     args = create_argparser().parse_args()
+    check_flags(args)
     ctx = dist_util.setup_dist(args.device)
     bundle = load_diffusion_model(args, ctx.device)
     preprocess = Preprocess.from_dict(bundle.config["preprocess"])
@@ -120,7 +122,7 @@ def main():
     plan = plan_sampler(
         args.sampler, num_timesteps=bundle.diffusion.num_timesteps, pre_t=args.pre_t, T=T,
         sampling_steps=args.sampling_steps, step_method=args.step_method, eta=args.eta,
-        final_step=args.final_step,
+        final_step=args.final_step, timestep_respacing=args.timestep_respacing,
     )
     num_members = 1 if plan.sampler == "preseg" else args.num_ensemble
 
@@ -158,6 +160,16 @@ def main():
     if ctx.is_main:
         finish_run(writer, selected)
     dist_util.cleanup()
+
+
+def check_flags(args):
+    """Flags that would otherwise fail only after the first batch has been sampled."""
+    if args.fusion not in FUSIONS:
+        raise ConfigError(f"--fusion {args.fusion!r} is unknown; choose one of {', '.join(FUSIONS)}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch_size must be >= 1, got {args.batch_size}")
+    if args.num_workers < 0:
+        raise ConfigError(f"--num_workers must be >= 0, got {args.num_workers}")
 
 
 def batch_generator(args, case_ids, device):
@@ -200,10 +212,11 @@ def check_preseg_dir(args, plan, dataset, todo):
         return
     if not os.path.isdir(args.preseg_dir):
         raise ConfigError(f"--preseg_dir {args.preseg_dir}: no such folder")
-    # Only the input's format (NIfTI or image) decides the file name; no item needs loading.
-    meta = {"format": "nifti_volume_slice" if dataset.kind == "volume" else dataset.kind}
-    case_ids = dataset.case_ids
+    # The input's format and the case (or volume) id decide the file name; no item needs loading.
+    fmt = "nifti_volume_slice" if dataset.kind == "volume" else dataset.kind
+    case_ids, groups = dataset.case_ids, dataset.group_ids
     for index in todo:
+        meta = {"format": fmt, "volume_id": dataset.records[groups[index]].volume_id if groups else None}
         precomputed_preseg_path(args.preseg_dir, case_ids[index], meta)
 
 
@@ -227,14 +240,20 @@ def foreground_probability(logits):
 
 
 def check_same_preprocess(config, preprocess, path):
-    """The three nets must see the same grid: a mask from one is fed to the next."""
-    other = Preprocess.from_dict(config["preprocess"])
-    for name in ("image_size", "resize_mode"):
-        if getattr(other, name) != getattr(preprocess, name):
+    """The three nets must see the same inputs: a mask from one is fed to the next."""
+    other = Preprocess.from_dict(config["preprocess"]).to_dict()
+    mine = preprocess.to_dict()
+    for name in ("image_size", "resize_mode", "clip_percentiles", "label_mode", "foreground_labels"):
+        if other[name] != mine[name]:
             raise ConfigError(
-                f"{path} was trained with {name}={getattr(other, name)}, but the diffusion model "
-                f"with {name}={getattr(preprocess, name)}; train all three networks on one grid"
+                f"{path} was trained with {name}={other[name]}, but the diffusion model with "
+                f"{name}={mine[name]}; train all three networks with the same preprocessing"
             )
+    if other["channel_names"] and mine["channel_names"] and len(other["channel_names"]) != len(mine["channel_names"]):
+        raise ConfigError(
+            f"{path} was trained on {len(other['channel_names'])} image channels, the diffusion "
+            f"model on {len(mine['channel_names'])}"
+        )
 
 
 if __name__ == "__main__":

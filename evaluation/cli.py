@@ -16,6 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from evaluation.errors import EvaluationError
@@ -72,16 +73,22 @@ def create_argparser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--mask_suffix", default="_mask", help="with --dataset lgg: suffix that marks a mask file"
     )
+    parser.add_argument(
+        "--foreground_labels",
+        default="",
+        help="label values that count as foreground, e.g. 1,4 for BraTS tumour core (as the "
+        "models' --label_mode subset); empty = any non-zero value",
+    )
     return parser
 
 
-def _parse_classes(text: str) -> tuple[int, ...]:
+def _parse_classes(text: str, flag: str) -> tuple[int, ...]:
     if not text.strip():
         return ()
     try:
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError as err:
-        raise ConfigError(f"--classes {text!r} must be comma-separated integers") from err
+        raise ConfigError(f"{flag} {text!r} must be comma-separated integers") from err
 
 
 def _check_folder(path, flag: str) -> Path:
@@ -100,6 +107,7 @@ def evaluate_folders(
     classes: tuple[int, ...] = (),
     dataset: str = "files",
     mask_suffix: str = "_mask",
+    foreground_labels: tuple[int, ...] = (),
     progress: bool = False,
 ) -> tuple[list[dict], dict]:
     """Score every prediction that has a label.
@@ -146,9 +154,8 @@ def evaluate_folders(
         for value in classes:
             per_class = segmentation_metrics(pred == value, label == value, spacing)
             extra.update({f"class{value}_{m}": per_class[m] for m in METRIC_NAMES})
-        rows.append(
-            metrics_row(case_id, segmentation_metrics(pred != 0, label != 0, spacing), extra=extra)
-        )
+        label_fg = np.isin(label, foreground_labels) if foreground_labels else label != 0
+        rows.append(metrics_row(case_id, segmentation_metrics(pred != 0, label_fg, spacing), extra=extra))
     info = {
         "pred_dir": str(pred_dir),
         "label_dir": str(label_dir),
@@ -171,7 +178,8 @@ def labels_of_layout(label_dir, dataset: str, mask_suffix: str) -> dict[str, Pat
 
 def main(argv=None) -> None:
     args = create_argparser().parse_args(argv)
-    classes = _parse_classes(args.classes)
+    classes = _parse_classes(args.classes, "--classes")
+    foreground_labels = _parse_classes(args.foreground_labels, "--foreground_labels")
     rows, info = evaluate_folders(
         args.pred_dir,
         args.label_dir,
@@ -180,10 +188,11 @@ def main(argv=None) -> None:
         classes=classes,
         dataset=args.dataset,
         mask_suffix=args.mask_suffix,
+        foreground_labels=foreground_labels,
         progress=True,
     )
     summary = summarize(rows)
-    summary.update(info, dataset=args.dataset, classes=list(classes))
+    summary.update(info, dataset=args.dataset, classes=list(classes), foreground_labels=list(foreground_labels))
     out_dir = Path(args.out_dir or args.pred_dir)
     try:
         write_metrics_csv(rows, out_dir / "metrics.csv")

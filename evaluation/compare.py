@@ -14,7 +14,8 @@ Each NAME=DIR is the ``--out_dir`` of one ``sample.py`` run; its ``metrics.csv``
 
 Every metric cell is the mean and a confidence interval of the mean from the t-distribution:
 ``mean +- t_{(1+c)/2, n-1} * s / sqrt(n)`` with ``s`` the sample standard deviation
-(ddof=1) of the n valid values. No interval is given for n < 2. nan values (HD95 where
+(ddof=1) of the n valid values. No interval is given for n < 2, and none is clipped to the
+metric's range (with few, spread values a Dice interval may pass 1). nan values (HD95 where
 exactly one of prediction and label is empty) are left out and counted.
 
 With ``--out FILE.md`` the table is written there and the rows, with every number, to
@@ -163,6 +164,16 @@ def _seconds(value) -> str:
     return f"{value:.3g}" if value < 100 else f"{value:.0f}"
 
 
+def _evaluations(row: dict) -> str:
+    per_image, per_member = row["unet_evaluations_per_image"], row["unet_evaluations_per_member"]
+    members = row["num_ensemble"]
+    if per_image is None:
+        return "-"
+    if per_image and members and members > 1 and per_member is not None:
+        return f"{per_image} ({members} x {per_member})"
+    return str(per_image)
+
+
 def format_table(rows: list[dict], *, confidence: float = DEFAULT_CONFIDENCE) -> str:
     """Markdown table of ``compare_runs`` rows, with the notes that say how to read it."""
     kinds = sorted({r["group"]["kind"] for r in rows if r["group"] is not None})
@@ -178,8 +189,7 @@ def format_table(rows: list[dict], *, confidence: float = DEFAULT_CONFIDENCE) ->
         if kinds:
             g = r["group"]
             cells += [str(g["n"]) if g else "-", _cell(g and g["dice"], 3), _cell(g and g["hd95"], 2)]
-        evals = r["unet_evaluations_per_image"]
-        cells += ["-" if evals is None else str(evals), _seconds(r["seconds_per_image"])]
+        cells += [_evaluations(r), _seconds(r["seconds_per_image"])]
         lines.append("| " + " | ".join(cells) + " |")
     percent = f"{100 * confidence:g}%"
     notes = [
@@ -187,13 +197,11 @@ def format_table(rows: list[dict], *, confidence: float = DEFAULT_CONFIDENCE) ->
         f"Mean [{percent} confidence interval of the mean, t-distribution: mean +- "
         f"t((1+c)/2, n-1) * s / sqrt(n)]. HD95 in mm (pixels for images without a spacing); "
         "it is undefined (n/a, left out of the mean) where exactly one of prediction and label "
-        "is empty. UNet evaluations per image count every ensemble member.",
+        "is empty. UNet evaluations per image count every ensemble member (members x "
+        "evaluations per member).",
     ]
     if kinds:
         notes.append(f"Per-{group_word} rows score each {group_word}'s slices stacked in 3D.")
-    ensembles = sorted({r["num_ensemble"] for r in rows if r["num_ensemble"] is not None})
-    if ensembles:
-        notes.append(f"Ensemble members per image: {', '.join(str(k) for k in ensembles)}.")
     if len({r["cases"] for r in rows}) > 1:
         notes.append("Warning: the runs were not scored on the same cases.")
     return "\n".join(lines + notes) + "\n"
@@ -237,7 +245,7 @@ def create_argparser() -> argparse.ArgumentParser:
                         help="write the markdown table here and the numbers to the .json beside "
                         "it (empty: print only)")
     parser.add_argument("--confidence", type=float, default=DEFAULT_CONFIDENCE,
-                        help="coverage of the confidence intervals of the mean")
+                        help="coverage of the confidence intervals of the mean (default: 0.95)")
     return parser
 
 

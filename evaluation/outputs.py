@@ -93,13 +93,18 @@ class CaseWriter:
         """members: [K, S, S] foreground probabilities; preseg_prob: [S, S] or None."""
         case_id, meta = batch["case_id"][i], batch["meta"][i]
         stats = ensemble_statistics(members)
-        _, fused_mask = fuse(members, self.args.fusion)
-        mask = restore_geometry(fused_mask.numpy().astype(np.uint8), meta, order=0)
+        fused_prob, _ = fuse(members, self.args.fusion)
+        # Resample the fused probability and threshold on the input's grid, so that a resized
+        # case gets smooth borders rather than blown-up network pixels (crop_pad: the same).
+        fused_prob = restore_geometry(fused_prob.numpy().astype(np.float32), meta, order=1)
+        # fuse's rules: mean >= 0.5, or a strict majority of the votes.
+        mask = (fused_prob > 0.5 if self.args.fusion == "vote" else fused_prob >= 0.5).astype(np.uint8)
         variance = restore_geometry(stats["variance"].numpy().astype(np.float32), meta, order=1)
         entropy = restore_geometry(stats["entropy"].numpy().astype(np.float32), meta, order=1)
         preseg = None
         if preseg_prob is not None:
-            preseg = restore_geometry((preseg_prob.numpy() >= 0.5).astype(np.uint8), meta, order=0)
+            preseg_prob = restore_geometry(preseg_prob.numpy().astype(np.float32), meta, order=1)
+            preseg = (preseg_prob >= 0.5).astype(np.uint8)
         label = None
         if "original_label" in batch:
             label = batch["original_label"][i]

@@ -138,6 +138,11 @@ class Logger:
 
     def _write_csv(self, kvs: dict) -> None:
         path = bf.join(self.dir, _CSV_NAME)
+        if not self._csv_keys and bf.exists(path):
+            # A resumed run appends to the table its earlier process wrote.
+            with bf.BlobFile(path, "r") as f:
+                header = next(csv.reader(f), [])
+            self._csv_keys = list(header)
         new_keys = [k for k in sorted(kvs) if k not in self._csv_keys]
         if new_keys:
             old_rows = []

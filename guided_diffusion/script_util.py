@@ -70,8 +70,9 @@ HELP = {
         "(ignored when --learn_sigma)"
     ),
     "timestep_respacing": (
-        "sampling-time option: spacing of the reverse chain as improved-diffusion's "
-        "('250', 'ddim50', '10,10,10'); empty = every step; training always uses the full chain"
+        "sampling-time option of sample.py --sampler ddpm|ddim: the levels kept from the chain, "
+        "as improved-diffusion's strings ('250', 'ddim50', '10,10,10'); empty = every step (or "
+        "--sampling_steps); training always uses the full chain"
     ),
     "rescale_timesteps": "feed the model t * 1000 / N instead of t, as improved-diffusion does",
     "rescale_learned_sigmas": (

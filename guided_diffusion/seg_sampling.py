@@ -73,10 +73,13 @@ def plan_sampler(
     step_method: str = "ddpm",
     eta: float = 0.0,
     final_step: str = "denoiser",
+    timestep_respacing: str = "",
 ) -> SamplerPlan:
     """Turn the sampling flags into the list of levels the reverse loop walks.
 
     ``sampling_steps`` 0 means every step of the chain (ddpm, addpm); ddim needs K >= 1.
+    ``timestep_respacing`` (improved-diffusion's strings: "250", "ddim50", "10,10,10") may
+    replace ``sampling_steps`` for the samplers that start from pure noise.
     """
     if sampler not in SAMPLERS:
         raise ConfigError(f"--sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
@@ -88,6 +91,16 @@ def plan_sampler(
         raise ConfigError(f"--sampling_steps must be >= 0, got {sampling_steps}")
     if not 0.0 <= eta <= 1.0:
         raise ConfigError(f"--eta must lie in [0, 1], got {eta}")
+    if timestep_respacing:
+        if sampler not in ("ddpm", "ddim"):
+            raise ConfigError(
+                f"--timestep_respacing applies to --sampler ddpm or ddim; --sampler {sampler} "
+                "spaces its steps with --sampling_steps"
+            )
+        if sampling_steps:
+            raise ConfigError("give --sampling_steps or --timestep_respacing, not both")
+        steps = full_chain_timesteps(num_timesteps, timestep_respacing)
+        return SamplerPlan(sampler, tuple(steps), sampler, eta if sampler == "ddim" else 0.0, None)
     if sampler == "preseg":
         return SamplerPlan("preseg", (), "none", 0.0, None)
     if sampler == "ddpm":

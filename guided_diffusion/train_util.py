@@ -280,7 +280,7 @@ class TrainLoop:
 
         self.ddp_model = dist_util.wrap_model(self.model, ctx)
         self.sampler = StepBatchSampler(
-            len(dataset), batch_size, rank=ctx.rank, world_size=ctx.world_size, seed=seed,
+            len(dataset), batch_size, rank=ctx.rank, world_size=ctx.world_size, seed=self.seed,
             start_position=self.samples_seen,
         )
 

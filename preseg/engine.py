@@ -172,8 +172,9 @@ ENGINE_HELP = {
     "device": HELP["device"],
     "seed": HELP["seed"],
     "out_dir": (
-        "folder (or blobfile URL) for checkpoints and logs; empty = $OPENAI_LOGDIR, else "
-        "./runs/preseg or ./runs/denoiser (where sample.py looks for best.pt by default)"
+        "folder (or blobfile URL) for checkpoints and logs; empty = $OPENAI_LOGDIR/preseg or "
+        "$OPENAI_LOGDIR/denoiser, else ./runs/preseg or ./runs/denoiser (where sample.py looks "
+        "for best.pt by default)"
     ),
     "resume": "auto: resume from the newest checkpoint in --out_dir if there is one; empty: start fresh",
     "resume_checkpoint": (
@@ -476,8 +477,10 @@ def train(*, kind, model, config, train_set, val_set, batch_to_input_target, opt
     autocast_context(device, options.precision)  # fp16 off CUDA fails here, before any work
     if len(train_set) == 0:
         raise ConfigError("the training set is empty: nothing to train on (check --data_dir and --val_fraction)")
-    # A fixed default (not date-stamped) is where sample.py looks for runs/<kind>/best.pt.
-    out_dir = options.out_dir or os.environ.get("OPENAI_LOGDIR") or os.path.join("runs", kind)
+    # A fixed default (not date-stamped) is where sample.py looks for runs/<kind>/best.pt; under
+    # OPENAI_LOGDIR each kind gets its own folder, so the two supervised trainers never share one.
+    log_root = os.environ.get("OPENAI_LOGDIR")
+    out_dir = options.out_dir or (os.path.join(log_root, kind) if log_root else os.path.join("runs", kind))
     logger.configure(dir=out_dir, rank=ctx.rank)
     has_val = val_set is not None and len(val_set) > 0
 

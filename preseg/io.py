@@ -9,15 +9,19 @@ Precomputed pre-segmentations (masks made by any other tool, given to ``sample.p
 a pre-segmentation checkpoint) live in one folder, one file per case, named by the case id
 that the dataset reports (``item["case_id"]``):
 
-- ``<case_id>.nii.gz`` or ``<case_id>.nii`` when the input images are NIfTI;
+- ``<case_id>.nii.gz`` or ``<case_id>.nii`` when the input images are NIfTI slices;
+- ``<volume_id>.nii.gz`` or ``<volume_id>.nii``, one whole volume, when the inputs are 3D
+  volumes (BraTS volumes, nnU-Net 3D): the same names sample.py gives its volume outputs;
 - ``<case_id>.png`` otherwise.
 
-The file holds the mask at the input image's own size (``meta["original_shape"]``), as one of:
+The file holds the mask at the input's own size (``meta["original_shape"]``, or the volume's
+shape), as one of:
 a binary mask in {0, 1} or {0, 255}; probabilities in [0, 1] (a float NIfTI, or an 8-/16-bit
 PNG scaled by 255 / 65535); or, for NIfTI only, an integer label map (e.g. an nnU-Net
 output), whose non-zero labels are the foreground.
 """
 
+import functools
 import json
 import os
 
@@ -164,7 +168,10 @@ def precomputed_preseg_path(preseg_dir, case_id, meta):
 
     :raises DataError: when there is none.
     """
-    if _is_nifti_input(meta):
+    if meta.get("format") == "nifti_volume_slice":
+        # Slices of a 3D input: one volume per case, as nnU-Net and other 3D tools write them.
+        names = [f"{meta['volume_id']}.nii.gz", f"{meta['volume_id']}.nii"]
+    elif _is_nifti_input(meta):
         names = [f"{case_id}.nii.gz", f"{case_id}.nii"]
     else:
         names = [f"{case_id}.png"]
@@ -176,6 +183,13 @@ def precomputed_preseg_path(preseg_dir, case_id, meta):
         f"--preseg_dir {preseg_dir}: no pre-segmentation for case {case_id!r} "
         f"(expected {' or '.join(names)})"
     )
+
+
+@functools.lru_cache(maxsize=2)
+def _read_volume(path):
+    """One decoded pre-segmentation volume, kept while its slices are read one after another."""
+    array, _ = read_nifti(path)
+    return array
 
 
 def read_precomputed_preseg(preseg_dir, case_id, meta):
@@ -194,6 +208,14 @@ def read_precomputed_preseg(preseg_dir, case_id, meta):
         array = read_image(path, as_mask=True)
         # 8-bit PNGs read as uint8; 16-bit ones as float32 holding 0..65535.
         png_scale = 255.0 if array.dtype == np.uint8 else 65535.0
+    elif meta.get("format") == "nifti_volume_slice":
+        volume = _read_volume(path)
+        if tuple(volume.shape) != tuple(meta["volume_shape"]):
+            raise DataError(
+                f"{path}: shape {tuple(volume.shape)} differs from the input volume's {tuple(meta['volume_shape'])}"
+            )
+        array = np.take(volume, int(meta["slice_index"]), axis=int(meta["slice_axis"]))
+        png_scale = None
     else:
         array, _ = read_nifti(path)
         png_scale = None

@@ -217,3 +217,19 @@ def test_logger_dir_precedence(tmp_path, monkeypatch):
     default = Path(logger.configure(formats=("csv",)))
     assert default.parent == tmp_path / "logs" and default.name.startswith("addpm-")
     assert default.is_dir()
+
+
+def test_a_resumed_run_appends_to_the_progress_table(tmp_path):
+    """A second process logging into the same folder (a resume) keeps the earlier rows."""
+    for step in (1, 2):
+        logger.configure(dir=str(tmp_path), rank=0, formats=("csv",))
+        logger.logkv("step", step)
+        logger.logkv("loss", 0.5 / step)
+        logger.dumpkvs()
+    logger.configure(dir=str(tmp_path), rank=0, formats=("csv",))
+    logger.logkv("step", 3)
+    logger.logkv("grad_norm", 1.0)
+    logger.dumpkvs()
+    rows = list(csv.DictReader(open(tmp_path / "progress.csv")))
+    assert [r["step"] for r in rows] == ["1", "2", "3"]
+    assert rows[0]["loss"] == "0.5" and rows[2]["grad_norm"] == "1.0" and rows[0]["grad_norm"] == ""

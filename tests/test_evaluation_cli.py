@@ -153,3 +153,19 @@ def test_labels_read_through_a_dataset_layout(tmp_path, brats2d_mini):
     rows = read_metrics_csv(out / "metrics.csv")
     assert len(rows) == len(records)
     assert all(r["dice"] == 1.0 for r in rows)
+
+
+def test_foreground_labels_score_a_label_subset(tmp_path):
+    """--foreground_labels 1,4 scores against BraTS tumour core, not the whole tumour."""
+    label = np.zeros((8, 8), dtype=np.uint8)
+    label[1:3, 1:3] = 1  # core
+    label[5:7, 5:7] = 2  # oedema only
+    pred = (label == 1).astype(np.uint8)
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "lab").mkdir()
+    nib.save(nib.Nifti1Image(pred, np.eye(4)), str(tmp_path / "pred" / "c1.nii.gz"))
+    nib.save(nib.Nifti1Image(label, np.eye(4)), str(tmp_path / "lab" / "c1.nii.gz"))
+    whole, _ = evaluate_folders(tmp_path / "pred", tmp_path / "lab")
+    core, _ = evaluate_folders(tmp_path / "pred", tmp_path / "lab", foreground_labels=(1, 4))
+    assert whole[0]["dice"] == pytest.approx(2 * 4 / (4 + 8))
+    assert core[0]["dice"] == 1.0

@@ -479,3 +479,18 @@ def test_torchrun_splits_cases_and_rank0_merges(trained, addpm_run, tmp_path):
     for cid in ids:
         for name in (f"masks/{cid}.nii.gz", f"uncertainty/{cid}_variance.nii.gz"):
             assert np.array_equal(nib.load(str(out / name)).get_fdata(), nib.load(str(addpm_run / name)).get_fdata())
+
+
+def test_preseg_dir_takes_whole_volumes_for_3d_input(trained, tmp_path):
+    """A 3D tool's output (one volume per case) is a pre-segmentation for volume inputs."""
+    data = write_brats3d(tmp_path / "brats3d")
+    seg = nib.load(str(data / "Vol3d" / "Vol3d_seg.nii.gz"))
+    preseg_dir = tmp_path / "preseg"
+    preseg_dir.mkdir()
+    given = (np.asarray(seg.dataobj) > 0).astype(np.uint8)
+    nib.save(nib.Nifti1Image(given, seg.affine), str(preseg_dir / "Vol3d.nii.gz"))
+    out = tmp_path / "out"
+    ok(sample_cli("--data_dir", data, "--model_path", trained["diffusion"], "--preseg_dir", preseg_dir,
+                  "--sampler", "preseg", "--out_dir", out))
+    _, mask = load_nifti(out / "masks" / "Vol3d.nii.gz")
+    np.testing.assert_array_equal(mask, given)

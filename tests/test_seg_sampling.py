@@ -335,3 +335,14 @@ def test_ensemble_members_are_conditioned_on_their_own_image():
         images=images, num_ensemble=members, mask_space="pm1",
     )
     assert torch.equal(model.images, images.repeat_interleave(members, dim=0))
+
+
+def test_timestep_respacing_strings_plan_the_noise_samplers():
+    plan = plan_sampler("ddpm", num_timesteps=1000, timestep_respacing="10,10,10")
+    assert plan.unet_evaluations == 30 and plan.timesteps[-1] == -1
+    plan = plan_sampler("ddim", num_timesteps=1000, timestep_respacing="ddim50")
+    assert plan.unet_evaluations == 50 and plan.method == "ddim"
+    with pytest.raises(ConfigError, match="--timestep_respacing"):
+        plan_sampler("addpm", num_timesteps=1000, timestep_respacing="250")
+    with pytest.raises(ConfigError, match="not both"):
+        plan_sampler("ddpm", num_timesteps=1000, sampling_steps=100, timestep_respacing="250")
