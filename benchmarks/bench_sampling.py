@@ -53,7 +53,7 @@ CONFIGS = {
     "small": dict(image_size=64, flags={**ORIGINAL_FLAGS, "num_channels": 32}),
     "default": dict(image_size=256, flags=dict(ORIGINAL_FLAGS)),
 }
-# Targets of the sampling issue: truncation pays off, batching members pays off on CPU, and the
+# Targets: truncation pays off, batching members pays off on CPU, and the
 # loop adds little to the UNet itself.
 ADDPM_SPEEDUP_TARGET = 18.0
 ENSEMBLE_SPEEDUP_TARGET = 1.5

@@ -1,6 +1,6 @@
 """Gaussian diffusion for conditional mask segmentation (improved-diffusion semantics).
 
-Conventions (see ../shared/DESIGN.md):
+Conventions:
 
 - Timesteps are 0-based: ``t = 0`` is the least noisy level, ``abar[t] = alphas_cumprod[t]``.
   Level ``-1`` means "clean" (``abar = 1``): stepping to it returns the x0 estimate.

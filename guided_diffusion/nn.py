@@ -85,20 +85,6 @@ def scale_module(module: nn.Module, scale: float) -> nn.Module:
     return module
 
 
-def mean_flat(tensor: torch.Tensor) -> torch.Tensor:
-    """Mean over all non-batch dimensions: [B, ...] -> [B]."""
-    return tensor.mean(dim=list(range(1, tensor.ndim)))
-
-
-@torch.no_grad()
-def update_ema(
-    target_params: Iterable[torch.Tensor], source_params: Iterable[torch.Tensor], rate: float = 0.99
-) -> None:
-    """Move ``target_params`` towards ``source_params`` in place: t <- rate * t + (1 - rate) * s."""
-    for targ, src in zip(target_params, source_params, strict=True):
-        targ.mul_(rate).add_(src, alpha=1 - rate)
-
-
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps.
 

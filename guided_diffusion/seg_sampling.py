@@ -1,7 +1,7 @@
 """Segmentation samplers: vanilla DDPM, DDIM-k and the truncated ADDPM process, as one function.
 
 Every sampler is the same reverse loop (``GaussianDiffusion.sample_loop``) over a different
-decreasing list of timesteps and a different start state (DESIGN.md):
+decreasing list of timesteps and a different start state:
 
     ddpm    [N-1, ..., 0, -1]     from pure noise (Wolleb et al.)
     ddim    K spaced steps + [-1] from pure noise, DDIM updates

@@ -90,7 +90,7 @@ def test_format_table_rows_and_notes(tmp_path):
     assert lines[0].startswith("| run | sampler | cases | Dice per case | HD95 per case | patients")
     assert lines[2].startswith("| preseg | preseg | 4 | 0.750 [")
     assert "| 4.00 [" in lines[3] and "(1 n/a)" in lines[3]
-    assert lines[3].endswith("| 150 | 1.25 |")
+    assert lines[3].endswith("| 150 (3 x 50) | 1.25 |")
     assert "t-distribution" in table and "Warning" not in table
 
 

@@ -75,7 +75,7 @@ def test_missing_help_is_an_error_when_the_parser_is_built():
         add_dict_to_argparser(argparse.ArgumentParser(), {"undocumented": 1}, HELP)
 
 
-def test_contract_defaults():
+def test_flag_defaults():
     assert unet_defaults()["num_heads"] == 4 and unet_defaults()["attention_resolutions"] == "16,8"
     assert diffusion_defaults()["rescale_timesteps"] is True
     assert diffusion_defaults()["mask_space"] == "pm1"
