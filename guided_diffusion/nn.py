@@ -6,7 +6,7 @@ parameter names and initialisation as that family of code.
 """
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn as nn
