@@ -88,7 +88,11 @@ HELP = {
     "weight_decay": "AdamW weight decay",
     "batch_size": "images per optimizer step (per process under torchrun)",
     "microbatch": "split each batch into chunks of this size and accumulate the gradients; -1 = no split",
-    "ema_rate": "comma-separated EMA decay rates; one EMA copy of the weights is kept per rate",
+    "ema_rate": (
+        "comma-separated EMA decay rates; one EMA copy of the weights is kept per rate, "
+        "with a warm-up (the rate after n steps is min(rate, (1 + n) / (10 + n))) so that short "
+        "runs do not sample from nearly the initial weights"
+    ),
     "log_interval": "log the means of the losses every this many steps",
     "save_interval": "save a checkpoint every this many steps",
     "resume_checkpoint": (

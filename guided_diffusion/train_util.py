@@ -433,8 +433,12 @@ class TrainLoop:
 
     @torch.no_grad()
     def _update_ema(self) -> None:
+        # Warm-up: the effective rate min(rate, (1 + n) / (10 + n)) after n updates lets a short
+        # run's average forget the random initial weights; after a few thousand steps it is the
+        # plain rate, as in improved-diffusion.
+        warmup = (1.0 + self.step) / (10.0 + self.step)
         for rate, ema in zip(self.ema_rates, self.ema_params):
-            weight = 1.0 - float(rate)
+            weight = 1.0 - min(float(rate), warmup)
             for target, source in zip(ema, self.params):
                 target.lerp_(source.detach(), weight)
 
