@@ -88,6 +88,10 @@ def test_two_steps_on_demo_data_write_a_checkpoint_that_rebuilds_the_model(demo_
     for state in ckpt["ema"].values():
         load_weights(model, state, source="final.pt")
     assert not torch.equal(ckpt["ema"]["0.999"]["out.2.weight"], ckpt["model"]["out.2.weight"])
+    # The EMA warms up: after two steps it follows the trained weights, not the zero-initialised
+    # output layer it started from (a plain 0.9999 average would still be ~0 there).
+    trained, averaged = ckpt["model"]["out.2.weight"], ckpt["ema"]["0.9999"]["out.2.weight"]
+    assert (averaged - trained).norm() < 0.1 * trained.norm()
 
     header = (out / "progress.csv").read_text().splitlines()[0].split(",")
     for key in ("loss", "mse", "grad_norm", "lr", "samples_per_sec", "step"):
