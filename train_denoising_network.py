@@ -29,7 +29,6 @@ from denoiser.model import (
 from guided_diffusion import dist_util
 from guided_diffusion.script_util import add_dict_to_argparser, run_cli
 from preseg.engine import seed_everything, train
-from preseg.options import ENGINE_HELP, TrainOptions, engine_defaults
 from preseg.io import (
     NETWORK_HELP,
     args_record,
@@ -37,6 +36,7 @@ from preseg.io import (
     network_config,
     network_defaults,
 )
+from preseg.options import ENGINE_HELP, TrainOptions, engine_defaults
 
 
 def create_argparser():

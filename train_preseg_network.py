@@ -24,7 +24,6 @@ from data import DATA_HELP, data_defaults, dataset_from_args
 from guided_diffusion import dist_util
 from guided_diffusion.script_util import add_dict_to_argparser, run_cli
 from preseg.engine import seed_everything, train
-from preseg.options import ENGINE_HELP, TrainOptions, engine_defaults
 from preseg.io import (
     NETWORK_HELP,
     args_record,
@@ -32,6 +31,7 @@ from preseg.io import (
     network_config,
     network_defaults,
 )
+from preseg.options import ENGINE_HELP, TrainOptions, engine_defaults
 
 
 def create_argparser():
