@@ -39,7 +39,7 @@ from guided_diffusion.script_util import (
     unet_defaults,
 )
 from guided_diffusion.seg_sampling import plan_sampler, sample_members
-from preseg import load_preseg, read_precomputed_preseg
+from preseg import foreground_probability, load_preseg, read_precomputed_preseg
 from preseg.io import precomputed_preseg_path
 
 # The trainers' default --out_dir, so the original commands chain without extra flags.
@@ -232,11 +232,6 @@ def preseg_probabilities(args, plan, net, batch, images):
         # The file is at the input's own size; the networks see the preprocessed grid.
         masks.append(torch.from_numpy(apply_geometry(mask, meta["geometry"], order=1)))
     return torch.stack(masks).unsqueeze(1).to(images.device)
-
-
-def foreground_probability(logits):
-    """Two-class logits [N,2,H,W] -> foreground probability [N,1,H,W]."""
-    return torch.softmax(logits.float(), dim=1)[:, 1:2]
 
 
 def check_same_preprocess(config, preprocess, path):

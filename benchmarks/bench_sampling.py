@@ -39,7 +39,7 @@ from guided_diffusion import dist_util
 from guided_diffusion.gaussian_diffusion import build_model_input
 from guided_diffusion.script_util import create_model_and_diffusion, diffusion_defaults, run_cli, unet_defaults
 from guided_diffusion.seg_sampling import plan_sampler, sample_members
-from preseg import build_network
+from preseg import build_network, foreground_probability
 
 IMAGE_CHANNELS = 4
 ENSEMBLE = 5
@@ -106,8 +106,7 @@ class Bench:
         self.preseg = (torch.rand(1, 1, self.size, self.size, generator=g) > 0.7).float().to(device)
 
     def denoise(self, x_T: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        logits = self.denoiser(denoiser_input(x_T, None, "none"))
-        return torch.softmax(logits, dim=1)[:, 1:2]
+        return foreground_probability(self.denoiser(denoiser_input(x_T, None, "none")))
 
     def forward_time(self, batch: int, evaluations: int) -> float:
         """Seconds per bare UNet forward at ``batch`` on a prebuilt input (the floor)."""

@@ -56,6 +56,11 @@ def registry_help() -> str:
     )
 
 
+def foreground_probability(logits: torch.Tensor) -> torch.Tensor:
+    """Two-class logits [N, 2, H, W] -> foreground probability [N, 1, H, W] (float32)."""
+    return torch.softmax(logits.float(), dim=1)[:, 1:2]
+
+
 def build_network(arch: str, *, in_channels: int, num_classes: int, base_channels: int = 32,
                   depth: int = 4, dropout: float = 0.0,
                   arch_kwargs: dict | None = None) -> nn.Module:
