@@ -15,8 +15,8 @@ Outputs are listed in README.md ("Outputs of sample.py").
 """
 
 import argparse
-import hashlib
 import os
+import sys
 import time
 
 import torch
@@ -24,8 +24,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from data import DATA_HELP, Preprocess, collate, create_dataset, data_defaults
-from data.preprocess import apply_geometry
-from denoiser import check_denoiser_matches, denoiser_input, load_denoiser
+from denoiser import load_final_step
 from evaluation.outputs import CaseWriter, finish_run, select_cases
 from evaluation.uncertainty import FUSIONS
 from guided_diffusion import dist_util
@@ -38,8 +37,8 @@ from guided_diffusion.script_util import (
     run_cli,
     unet_defaults,
 )
-from guided_diffusion.seg_sampling import plan_sampler, sample_members
-from preseg import foreground_probability, load_preseg, read_precomputed_preseg
+from guided_diffusion.seg_sampling import case_generator, plan_sampler, sample_members, untrained_levels_warning
+from preseg import PresegSource
 from preseg.io import precomputed_preseg_path
 
 # The trainers' default --out_dir, so the original commands chain without extra flags.
@@ -117,13 +116,16 @@ def main():
     ctx = dist_util.setup_dist(args.device)
     bundle = load_diffusion_model(args, ctx.device)
     preprocess = Preprocess.from_dict(bundle.config["preprocess"])
-    preseg_net = load_preseg_source(args, preprocess, ctx.device)
-    denoise_fn, T = load_final_step(args, bundle, preprocess, ctx.device)
+    preseg = load_preseg_source(args, preprocess, ctx.device)
+    denoise_fn, T = final_step(args, bundle, preprocess, ctx.device)
     plan = plan_sampler(
         args.sampler, num_timesteps=bundle.diffusion.num_timesteps, pre_t=args.pre_t, T=T,
         sampling_steps=args.sampling_steps, step_method=args.step_method, eta=args.eta,
         final_step=args.final_step, timestep_respacing=args.timestep_respacing,
     )
+    warning = untrained_levels_warning(plan, bundle.config.get("training"), args.model_path)
+    if warning and ctx.is_main:
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     num_members = 1 if plan.sampler == "preseg" else args.num_ensemble
 
     dataset = create_dataset(
@@ -143,9 +145,9 @@ def main():
         for batch in tqdm(loader, desc=f"{plan.sampler} sampling", disable=not ctx.is_main, unit="batch"):
             start = time.perf_counter()
             images = batch["image"].to(ctx.device)
-            generator = batch_generator(args, batch["case_id"], ctx.device)
+            generator = case_generator(args.seed, args.en_num, batch["case_id"], ctx.device)
             with autocast:
-                preseg_probs = preseg_probabilities(args, plan, preseg_net, batch, images)
+                preseg_probs = preseg(batch) if preseg is not None else None
                 members = sample_members(
                     plan, diffusion=bundle.diffusion, model=bundle.model, images=images,
                     num_ensemble=num_members, mask_space=bundle.mask_space, preseg_probs=preseg_probs,
@@ -172,38 +174,24 @@ def check_flags(args):
         raise ConfigError(f"--num_workers must be >= 0, got {args.num_workers}")
 
 
-def batch_generator(args, case_ids, device):
-    """The noise of a batch depends only on --seed, --en_num and its cases, so a result does
-    not change with the rank that runs it or with the cases a rerun skips."""
-    key = f"{args.seed}:{args.en_num}:{','.join(case_ids)}".encode()
-    seed = int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
-    return torch.Generator(device=device).manual_seed(seed)
-
-
 def load_preseg_source(args, preprocess, device):
-    """The pre-segmentation net (None when masks come from --preseg_dir or are not needed)."""
+    """The pre-segmentation source (None when the sampler needs none)."""
     if args.preseg_dir and args.preseg_path != DEFAULT_PRESEG_PATH:
         raise ConfigError("give --preseg_path or --preseg_dir, not both")
-    if args.sampler not in ("addpm", "preseg") or args.preseg_dir:
+    if args.sampler not in ("addpm", "preseg"):
         return None
-    net, config = load_preseg(args.preseg_path, device)
-    check_same_preprocess(config, preprocess, args.preseg_path)
-    return net
+    return PresegSource.from_flags(
+        preseg_path="" if args.preseg_dir else args.preseg_path, preseg_dir=args.preseg_dir,
+        preprocess=preprocess, device=device,
+    )
 
 
-def load_final_step(args, bundle, preprocess, device):
+def final_step(args, bundle, preprocess, device):
     """(denoise_fn or None, T): the map from x_T to the mask and the level it expects."""
     if args.sampler != "addpm" or args.final_step != "denoiser":
         return None, (args.T if args.T >= 0 else DEFAULT_T)
-    net, config = load_denoiser(args.denoiser_path, device)
-    check_same_preprocess(config, preprocess, args.denoiser_path)
-    T = config["T"] if args.T < 0 else args.T
-    check_denoiser_matches(config, T=T, source=args.denoiser_path, **bundle.schedule)
-
-    def denoise(x_T, images):
-        return foreground_probability(net(denoiser_input(x_T, images, config["denoiser_cond"])))
-
-    return denoise, T
+    return load_final_step(args.denoiser_path, preprocess=preprocess, schedule=bundle.schedule,
+                           T=args.T, device=device)
 
 
 def check_preseg_dir(args, plan, dataset, todo):
@@ -218,37 +206,6 @@ def check_preseg_dir(args, plan, dataset, todo):
     for index in todo:
         meta = {"format": fmt, "volume_id": dataset.records[groups[index]].volume_id if groups else None}
         precomputed_preseg_path(args.preseg_dir, case_ids[index], meta)
-
-
-def preseg_probabilities(args, plan, net, batch, images):
-    """Foreground probabilities [B,1,S,S] of the pre-segmentation on the network grid."""
-    if plan.sampler not in ("addpm", "preseg"):
-        return None
-    if net is not None:
-        return foreground_probability(net(images))
-    masks = []
-    for case_id, meta in zip(batch["case_id"], batch["meta"]):
-        mask = read_precomputed_preseg(args.preseg_dir, case_id, meta)
-        # The file is at the input's own size; the networks see the preprocessed grid.
-        masks.append(torch.from_numpy(apply_geometry(mask, meta["geometry"], order=1)))
-    return torch.stack(masks).unsqueeze(1).to(images.device)
-
-
-def check_same_preprocess(config, preprocess, path):
-    """The three nets must see the same inputs: a mask from one is fed to the next."""
-    other = Preprocess.from_dict(config["preprocess"]).to_dict()
-    mine = preprocess.to_dict()
-    for name in ("image_size", "resize_mode", "clip_percentiles", "label_mode", "foreground_labels"):
-        if other[name] != mine[name]:
-            raise ConfigError(
-                f"{path} was trained with {name}={other[name]}, but the diffusion model with "
-                f"{name}={mine[name]}; train all three networks with the same preprocessing"
-            )
-    if other["channel_names"] and mine["channel_names"] and len(other["channel_names"]) != len(mine["channel_names"]):
-        raise ConfigError(
-            f"{path} was trained on {len(other['channel_names'])} image channels, the diffusion "
-            f"model on {len(mine['channel_names'])}"
-        )
 
 
 if __name__ == "__main__":

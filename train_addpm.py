@@ -19,6 +19,18 @@ weights, EMA, optimizer state, step and data position; the step counter continue
 ``--max_steps`` is the total. A non-finite loss stops the run with one line naming the last
 good checkpoint.
 
+Beyond the paper (each off by default; see README "Training where ADDPM samples"):
+
+- ``--t_range 250,300`` trains on the levels the truncated sampler walks, ``--t_range_mix F``
+  keeps a share F of every batch on the whole chain (so ddpm / ddim stay possible);
+- ``--train_start preseg --preseg_path P --preseg_fraction F`` noises a share F of every batch
+  from the frozen pre-segmentation of the training image instead of the label (the target stays
+  the label), so the UNet learns to correct the pre-segmentation's own errors; best with
+  ``--predict_xstart True``;
+- ``--preseg_path P [--denoiser_path D] --val_interval N`` segments the held-out validation
+  patients with the truncated sampler every N steps, logs val Dice of addpm next to the
+  pre-segmentation alone, and keeps ``best.pt`` by the addpm Dice.
+
 Several GPUs (or CPU processes, with gloo)::
 
     torchrun --standalone --nproc_per_node 4 train_addpm.py --data_dir DIR ...
@@ -34,6 +46,8 @@ import argparse
 import torch
 
 from data import DATA_HELP, collate, data_defaults, dataset_from_args
+from denoiser import load_final_step
+from evaluation.validation import AddpmValidator
 from guided_diffusion import dist_util, logger
 from guided_diffusion.checkpoint import newest_checkpoint
 from guided_diffusion.errors import ConfigError
@@ -49,14 +63,42 @@ from guided_diffusion.script_util import (
     training_defaults,
     unet_defaults,
 )
+from guided_diffusion.resample import parse_t_range
+from guided_diffusion.seg_sampling import plan_sampler
 from guided_diffusion.train_util import TrainLoop, existing_checkpoint, parse_ema_rates, resolve_out_dir
+from preseg import PresegSource
 
-SCRIPT_DEFAULTS = dict(out_dir="", resume="", keep_checkpoints=3, progress=True)
+TRAIN_STARTS = ("label", "preseg")
+DEFAULT_VAL_T = 250
+SCRIPT_DEFAULTS = dict(
+    out_dir="", resume="", keep_checkpoints=3, progress=True,
+    t_range="", t_range_mix=0.0, train_start="label", preseg_fraction=0.5,
+    preseg_path="", preseg_dir="", denoiser_path="",
+    val_interval=0, val_sampling_steps=10, val_max_cases=64, val_batch_size=8, val_final_step="auto",
+    pre_t=300, T=-1,
+)
 SCRIPT_HELP = {
     "out_dir": "folder for checkpoints and logs; empty = $OPENAI_LOGDIR, else ./runs/addpm-<date-time>",
     "resume": "auto = continue from the newest checkpoint in --out_dir (start fresh if there is none); empty = no",
     "keep_checkpoints": "how many diffusion_<step>.pt files to keep (final.pt is kept besides)",
     "progress": "show a progress bar",
+    "t_range": "LO,HI: train only on the levels LO..HI, where the truncated sampler walks (e.g. 250,300); "
+               "empty = the whole chain, as the original",
+    "t_range_mix": "with --t_range, the fraction of every batch that is drawn from the whole chain instead",
+    "train_start": "label: x_t is noised from the label (the original); preseg: a --preseg_fraction share of "
+                   "every batch is noised from the pre-segmentation of its image, the label staying the target",
+    "preseg_fraction": "with --train_start preseg, the share of every batch noised from the pre-segmentation",
+    "preseg_path": "pre-segmentation checkpoint (train_preseg_network.py) for --train_start preseg and validation",
+    "preseg_dir": "folder of precomputed pre-segmentations (as sample.py's --preseg_dir), instead of --preseg_path",
+    "denoiser_path": "denoising checkpoint for the validation's final step (empty: the UNet's own x0)",
+    "val_interval": "validate every this many steps (and at the end) on the held-out validation patients "
+                    "with the truncated sampler, keeping best.pt by addpm Dice; 0 = never (needs --preseg_path)",
+    "val_sampling_steps": "UNet evaluations per validation case inside [pre_t, T]; 0 = every step",
+    "val_max_cases": "at most this many validation slices, spread over the validation patients; 0 = all",
+    "val_batch_size": "validation images per sampling batch",
+    "val_final_step": "denoiser or x0: the validation's final step; auto = denoiser when --denoiser_path is given",
+    "pre_t": "validation: level where the noised pre-segmentation enters",
+    "T": "validation: level where the truncated process ends; -1 = the denoiser's T (250 without one)",
 }
 
 
@@ -99,20 +141,25 @@ def main(argv=None) -> None:
         diffusion = create_gaussian_diffusion(learn_sigma=args.learn_sigma, **diffusion_flags)
         with torch.device("meta"):
             create_model(image_size=args.image_size, image_channels=1, **unet_flags)
+        training = training_record(args, diffusion.num_timesteps)
         out_dir = resolve_out_dir(args.out_dir, ctx)
         resume = resume_path(args, out_dir)
 
         # The train side of the split that every trainer shares (--val_fraction 0: every case).
         dataset = dataset_from_args(args, subset="train", require_labels=True)
+        preseg = preseg_source(args, dataset.preprocess, ctx.device)
+        validator = make_validator(args, diffusion, preseg, dataset.preprocess, ctx)
         torch.manual_seed(args.seed)
         model = create_model(image_size=args.image_size, image_channels=dataset.num_channels, **unet_flags)
         config = diffusion_checkpoint_config(
             args, image_channels=dataset.num_channels, preprocess=dataset.preprocess.to_dict()
         )
+        config["training"] = training
 
         logger.configure(dir=out_dir, rank=ctx.rank)
         logger.log(f"data: {len(dataset)} examples with {dataset.num_channels} channel(s) from {args.data_dir}")
         logger.log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; out_dir: {out_dir}")
+        logger.log(describe_training(training, validator, args))
         if "auto" in (args.resume, args.resume_checkpoint) and not resume:
             logger.log(f"--resume auto: no checkpoint in {out_dir} yet, starting fresh")
         TrainLoop(
@@ -133,6 +180,12 @@ def main(argv=None) -> None:
             grad_clip=args.grad_clip,
             precision=precision,
             schedule_sampler=args.schedule_sampler,
+            t_range=training["t_range"],
+            t_range_mix=args.t_range_mix,
+            preseg_fn=preseg if args.train_start == "preseg" else None,
+            preseg_fraction=args.preseg_fraction,
+            validator=validator,
+            val_interval=args.val_interval,
             log_interval=args.log_interval,
             save_interval=args.save_interval,
             keep_checkpoints=args.keep_checkpoints,
@@ -144,6 +197,91 @@ def main(argv=None) -> None:
         ).run()
     finally:
         dist_util.cleanup()
+
+
+def training_record(args, num_timesteps: int) -> dict:
+    """What the checkpoint records of where and from what the UNet was trained (checked flags)."""
+    t_range = parse_t_range(args.t_range, num_timesteps)
+    if not 0.0 <= args.t_range_mix <= 1.0:
+        raise ConfigError(f"--t_range_mix must lie in [0, 1], got {args.t_range_mix}")
+    if args.t_range_mix > 0 and t_range is None:
+        raise ConfigError("--t_range_mix needs --t_range LO,HI (without it every batch is on the whole chain)")
+    if args.train_start not in TRAIN_STARTS:
+        raise ConfigError(f"--train_start {args.train_start!r} is unknown; choose one of {', '.join(TRAIN_STARTS)}")
+    if args.train_start == "preseg" and not (args.preseg_path or args.preseg_dir):
+        raise ConfigError("--train_start preseg needs --preseg_path (or --preseg_dir)")
+    if not 0.0 <= args.preseg_fraction <= 1.0:
+        raise ConfigError(f"--preseg_fraction must lie in [0, 1], got {args.preseg_fraction}")
+    if args.val_interval < 0:
+        raise ConfigError(f"--val_interval must be >= 0, got {args.val_interval}")
+    if args.val_interval and not (args.preseg_path or args.preseg_dir):
+        raise ConfigError("--val_interval needs --preseg_path (or --preseg_dir): validation runs the truncated sampler")
+    return {
+        "t_range": list(t_range) if t_range else None,
+        "t_range_mix": float(args.t_range_mix) if t_range else 0.0,
+        "train_start": args.train_start,
+        "preseg_fraction": float(args.preseg_fraction) if args.train_start == "preseg" else 0.0,
+    }
+
+
+def preseg_source(args, preprocess, device):
+    """The frozen pre-segmentation, when training or validation needs it (else None)."""
+    if args.train_start != "preseg" and not args.val_interval:
+        return None
+    return PresegSource.from_flags(preseg_path=args.preseg_path, preseg_dir=args.preseg_dir,
+                                   preprocess=preprocess, device=device)
+
+
+def make_validator(args, diffusion, preseg, preprocess, ctx):
+    """The validation of ``--val_interval`` on the held-out patients (None when off)."""
+    if not args.val_interval:
+        return None
+    if args.val_final_step not in ("auto", "denoiser", "x0"):
+        raise ConfigError(f"--val_final_step {args.val_final_step!r} is unknown; choose auto, denoiser or x0")
+    final_step = args.val_final_step
+    if final_step == "auto":
+        final_step = "denoiser" if args.denoiser_path else "x0"
+    denoise_fn, T = None, (args.T if args.T >= 0 else DEFAULT_VAL_T)
+    if final_step == "denoiser":
+        if not args.denoiser_path:
+            raise ConfigError("--val_final_step denoiser needs --denoiser_path")
+        schedule = {"noise_schedule": args.noise_schedule, "diffusion_steps": args.diffusion_steps,
+                    "mask_space": args.mask_space}
+        denoise_fn, T = load_final_step(args.denoiser_path, preprocess=preprocess, schedule=schedule,
+                                        T=args.T, device=ctx.device)
+    plan = plan_sampler("addpm", num_timesteps=diffusion.num_timesteps, pre_t=args.pre_t, T=T,
+                        sampling_steps=args.val_sampling_steps, final_step=final_step)
+    val_set = dataset_from_args(args, subset="val", preprocess=preprocess, require_labels=True)
+    if len(val_set) == 0:
+        raise ConfigError("--val_interval: the validation split is empty (raise --val_fraction above 0)")
+    return AddpmValidator(
+        dataset=val_set, plan=plan, diffusion=diffusion, mask_space=args.mask_space, preseg=preseg,
+        denoise_fn=denoise_fn, max_cases=args.val_max_cases, batch_size=args.val_batch_size, ctx=ctx,
+        seed=args.seed, precision=dist_util.resolve_precision(args.precision, args.use_fp16),
+        progress=args.progress,
+    )
+
+
+def describe_training(training: dict, validator, args) -> str:
+    """One log line: the levels trained on, what x_t is noised from, and the validation."""
+    window = training["t_range"]
+    levels = "every level of the chain" if window is None else f"levels {window[0]}..{window[1]}"
+    if window is not None and training["t_range_mix"]:
+        levels += f" ({training['t_range_mix']:g} of every batch on the whole chain)"
+    start = "x_t noised from the label"
+    if training["train_start"] == "preseg":
+        start += f", {training['preseg_fraction']:g} of every batch from the pre-segmentation"
+    if validator is None:
+        held_out = "no validation (--val_interval 0)"
+        if args.val_fraction > 0:
+            held_out += (f"; --val_fraction {args.val_fraction:g} of the patients are held out unused: "
+                         "pass --preseg_path and --val_interval N to validate on them, or --val_fraction 0")
+    else:
+        plan = validator.plan
+        held_out = (f"validation every {args.val_interval} steps on {len(validator.cases)} cases with addpm "
+                    f"{plan.timesteps[0]} -> {plan.timesteps[-1]} ({plan.unet_evaluations} UNet evaluations, "
+                    f"final step {plan.final_step}), best.pt by addpm Dice")
+    return f"training on {levels}; {start}; {held_out}"
 
 
 if __name__ == "__main__":

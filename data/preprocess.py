@@ -106,6 +106,22 @@ class Preprocess:
     def with_data(self, channel_names, dataset: str) -> "Preprocess":
         return dataclasses.replace(self, channel_names=tuple(channel_names), dataset=dataset)
 
+    def check_same_as(self, recorded: dict, path: str) -> None:
+        """Refuse a network (checkpoint ``path``, preprocessing ``recorded``) that was trained on
+        other inputs: the three nets feed each other's masks, so they must see the same grid."""
+        other, mine = Preprocess.from_dict(recorded).to_dict(), self.to_dict()
+        for name in ("image_size", "resize_mode", "clip_percentiles", "label_mode", "foreground_labels"):
+            if other[name] != mine[name]:
+                raise DataConfigError(
+                    f"{path} was trained with {name}={other[name]}, but the diffusion model with "
+                    f"{name}={mine[name]}; train all three networks with the same preprocessing"
+                )
+        theirs, ours = other["channel_names"], mine["channel_names"]
+        if theirs and ours and len(theirs) != len(ours):
+            raise DataConfigError(
+                f"{path} was trained on {len(theirs)} image channels, the diffusion model on {len(ours)}"
+            )
+
     def map_label(self, raw: np.ndarray) -> np.ndarray:
         """Raw label values [H, W] -> int64 {0, 1} foreground mask."""
         if self.label_mode == "binary":

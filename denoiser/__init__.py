@@ -8,6 +8,7 @@ from denoiser.model import (
     denoiser_in_channels,
     denoiser_input,
     load_denoiser,
+    load_final_step,
 )
 
 __all__ = [
@@ -18,4 +19,5 @@ __all__ = [
     "denoiser_in_channels",
     "denoiser_input",
     "load_denoiser",
+    "load_final_step",
 ]

@@ -26,6 +26,7 @@ from guided_diffusion.gaussian_diffusion import (
 from guided_diffusion.mask_space import MASK_SPACES, to_diffusion_space
 from guided_diffusion.script_util import HELP
 from preseg.io import load_network_checkpoint
+from preseg.networks import foreground_probability
 
 DENOISER_CONDS = ("none", "image")
 # What a checkpoint must record so that a sampler can check it against its truncated loop.
@@ -171,3 +172,25 @@ def check_denoiser_matches(config, *, T=None, noise_schedule=None, diffusion_ste
                 f"{key} {value} (of the diffusion model) does not match the denoiser "
                 f"checkpoint {source}, trained with {key}={config[key]}"
             )
+
+
+def load_final_step(path, *, preprocess, schedule, T=-1, device="cpu"):
+    """The denoising net of ``path`` as ADDPM's final step, checked against the diffusion model.
+
+    :param preprocess: the diffusion model's ``Preprocess``; the net must have seen the same inputs.
+    :param schedule: the diffusion model's ``noise_schedule``, ``diffusion_steps`` and ``mask_space``.
+    :param T: the level where the truncated process ends; -1 = the net's own T.
+    :return: ``(denoise, T)``: ``denoise(x_T [N,1,S,S], images [N,C,S,S]) -> foreground
+        probabilities [N,1,S,S]`` and the level it expects.
+    :raises ConfigError: another preprocessing, T, schedule or mask space than the net's.
+    """
+    net, config = load_denoiser(path, device)
+    preprocess.check_same_as(config["preprocess"], path)
+    T = int(config["T"]) if T < 0 else int(T)
+    check_denoiser_matches(config, T=T, source=path, **schedule)
+    cond = config["denoiser_cond"]
+
+    def denoise(x_T, images):
+        return foreground_probability(net(denoiser_input(x_T, images, cond)))
+
+    return denoise, T

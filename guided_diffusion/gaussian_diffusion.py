@@ -4,7 +4,8 @@ Conventions:
 
 - Timesteps are 0-based: ``t = 0`` is the least noisy level, ``abar[t] = alphas_cumprod[t]``.
   Level ``-1`` means "clean" (``abar = 1``): stepping to it returns the x0 estimate.
-- The model predicts eps for the mask channels (plus the variance interpolation ``v`` when
+- The model predicts eps for the mask channels (or x0 itself with ``predict_xstart``, as
+  improved-diffusion's ``ModelMeanType.START_X``; plus the variance interpolation ``v`` when
   ``learn_sigma``) from ``build_model_input(image, x_t)`` and ``scale_timesteps(t)``.
 - Every reverse step goes from a level ``t`` to any lower level ``s`` (``-1 <= s < t``). For the
   pair we use the respaced-chain quantities of improved-diffusion's ``respace.py``:
@@ -170,6 +171,8 @@ class GaussianDiffusion:
     :param rescale_timesteps: feed the model ``t * 1000 / N`` (float) instead of ``t``.
     :param rescale_learned_sigmas: multiply the vb term by ``N / 1000`` (improved-diffusion's
         ``RESCALED_MSE`` hybrid loss).
+    :param predict_xstart: the model's mask channels are the x0 estimate instead of eps; eps is
+        derived from it (the same reverse steps, DDIM included, follow).
     """
 
     def __init__(
@@ -180,6 +183,7 @@ class GaussianDiffusion:
         sigma_small: bool = False,
         rescale_timesteps: bool = False,
         rescale_learned_sigmas: bool = False,
+        predict_xstart: bool = False,
     ):
         betas = np.array(betas, dtype=np.float64)
         if betas.ndim != 1 or betas.shape[0] < 1:
@@ -190,6 +194,7 @@ class GaussianDiffusion:
         self.sigma_small = bool(sigma_small)
         self.rescale_timesteps = bool(rescale_timesteps)
         self.rescale_learned_sigmas = bool(rescale_learned_sigmas)
+        self.predict_xstart = bool(predict_xstart)
 
         self.betas = betas
         self.num_timesteps = int(betas.shape[0])
@@ -289,7 +294,8 @@ class GaussianDiffusion:
         return c
 
     def _split_output(self, output: torch.Tensor, x_t: torch.Tensor):
-        """Split the model output into (eps, v); v is None without learn_sigma."""
+        """Split the model output into (mask prediction, v): the mask channels are eps (or x0
+        with predict_xstart); v is None without learn_sigma."""
         m = x_t.shape[1]
         expected = 2 * m if self.learn_sigma else m
         if output.shape[1] != expected:
@@ -340,7 +346,7 @@ class GaussianDiffusion:
     # ------------------------------------------------------------------ reverse process
 
     def _p_mean_variance_from_output(self, output, x_t, t, s, clip_denoised):
-        eps, v = self._split_output(output, x_t)
+        prediction, v = self._split_output(output, x_t)
         c = self._pair(t, s, x_t)
         if self.learn_sigma:
             # v in [-1, 1] interpolates log-variance between posterior (v=-1) and beta (v=+1).
@@ -353,7 +359,12 @@ class GaussianDiffusion:
         else:
             variance = c.large_variance.expand_as(x_t)
             log_variance = c.large_log_variance.expand_as(x_t)
-        pred_xstart = c.sqrt_recip_abar_t * x_t - c.sqrt_recipm1_abar_t * eps
+        if self.predict_xstart:
+            pred_xstart = prediction
+            eps = (c.sqrt_recip_abar_t * x_t - pred_xstart) / c.sqrt_recipm1_abar_t
+        else:
+            eps = prediction
+            pred_xstart = c.sqrt_recip_abar_t * x_t - c.sqrt_recipm1_abar_t * eps
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1.0, 1.0)
         mean = c.posterior_mean_coef1 * pred_xstart + c.posterior_mean_coef2 * x_t
@@ -374,7 +385,8 @@ class GaussianDiffusion:
         :param image: [B, C, H, W]; ``x_t``: [B, M, H, W]; ``t``: LongTensor [B].
         :param clip_denoised: clamp the x0 prediction to [-1, 1] before forming the mean.
         :return: dict with ``mean``, ``variance``, ``log_variance``, ``pred_xstart`` and
-            ``eps`` (the raw eps prediction), each [B, M, H, W].
+            ``eps`` (the eps prediction before clipping; derived from x0 with predict_xstart),
+            each [B, M, H, W].
         """
         s = self._prev_levels(t, t_prev)
         output = model(build_model_input(image, x_t), self.scale_timesteps(t))
@@ -518,26 +530,30 @@ class GaussianDiffusion:
         decoder_nll = mean_flat(decoder_nll) / math.log(2.0)
         return torch.where(t.to(kl.device) == 0, decoder_nll, kl)
 
-    def training_losses(self, model, image, x_start, t, noise=None) -> dict:
+    def training_losses(self, model, image, x_start, t, noise=None, noised_start=None) -> dict:
         """Per-sample training losses for one batch.
 
         :param image: [B, C, H, W] conditioning image.
-        :param x_start: [B, M, H, W] clean mask in diffusion space.
+        :param x_start: [B, M, H, W] clean mask in diffusion space: the target.
         :param t: LongTensor [B] of levels (from a schedule sampler).
         :param noise: optional [B, M, H, W] noise (drawn with the global RNG otherwise).
-        :return: dict of [B] tensors: ``mse`` (eps MSE over the mask channels), ``vb`` (only
-            with learn_sigma) and ``loss = mse (+ vb)``.
+        :param noised_start: optional [B, M, H, W] mask in diffusion space that is noised in
+            place of ``x_start`` (pre-segmentation-aware training, an extension beyond the
+            paper): ``x_t = q_sample(noised_start, t)`` while the target stays ``x_start``.
+        :return: dict of [B] tensors: ``mse`` (MSE of the mask prediction, eps or x0, over the
+            mask channels), ``vb`` (only with learn_sigma) and ``loss = mse (+ vb)``.
         """
         if noise is None:
             noise = torch.randn_like(x_start)
-        x_t = self.q_sample(x_start, t, noise=noise)
+        source = x_start if noised_start is None else noised_start
+        x_t = self.q_sample(source, t, noise=noise)
         output = model(build_model_input(image, x_t), self.scale_timesteps(t))
-        eps, v = self._split_output(output, x_t)
-        terms = {"mse": mean_flat((noise - eps) ** 2)}
+        prediction, v = self._split_output(output, x_t)
+        terms = {"mse": mean_flat((self._training_target(x_start, x_t, t, noise, noised_start) - prediction) ** 2)}
         if self.learn_sigma:
-            # The vb term trains only the variance: eps is frozen so that the bound's
-            # weighting does not pull on the mean prediction (improved-diffusion, sec. 3.1).
-            frozen = torch.cat([eps.detach(), v], dim=1)
+            # The vb term trains only the variance: the mask prediction is frozen so that the
+            # bound's weighting does not pull on the mean (improved-diffusion, sec. 3.1).
+            frozen = torch.cat([prediction.detach(), v], dim=1)
             vb = self._vb_terms_bpd(frozen, x_start, x_t, t)
             if self.rescale_learned_sigmas:
                 # improved-diffusion's RESCALED_MSE: keeps vb from swamping the MSE term.
@@ -547,3 +563,21 @@ class GaussianDiffusion:
         else:
             terms["loss"] = terms["mse"]
         return terms
+
+    def _training_target(self, x_start, x_t, t, noise, noised_start):
+        """What the mask channels must predict so that the sampler's x0 estimate is the label.
+
+        x0 itself with predict_xstart. For an eps model the plain target is the noise; when
+        x_t was noised from another mask (the pre-segmentation), it is the eps that explains
+        x_t from the label, ``(x_t - sqrt(abar_t) x0) / sqrt(1 - abar_t)``, so that
+        ``pred_xstart`` is still the label. That eps carries the pre-segmentation's error
+        scaled by ``sqrt(abar_t / (1 - abar_t))`` (about 2.4 at t = 250 of the cosine chain,
+        and unbounded as t -> 0), which is why pre-segmentation-aware training is best run
+        with --predict_xstart True: its target stays within the mask's range at every level.
+        """
+        if self.predict_xstart:
+            return x_start
+        if noised_start is None:
+            return noise
+        c = self._pair(t, t - 1, x_t)
+        return (x_t - c.sqrt_abar_t * x_start) / c.sqrt_one_minus_abar_t

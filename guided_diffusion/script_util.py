@@ -79,6 +79,10 @@ HELP = {
         "with --learn_sigma, scale the variational-bound term of the loss by N / 1000, as "
         "improved-diffusion's RESCALED_MSE"
     ),
+    "predict_xstart": (
+        "the UNet predicts the clean mask x0 instead of the noise eps (improved-diffusion's "
+        "flag); recommended with --train_start preseg"
+    ),
     "mask_space": (
         "pm1: masks live in {-1,+1} (default); 01: {0,1}, for models trained by the older "
         "improved-diffusion-based segmentation code"
@@ -146,6 +150,7 @@ def diffusion_defaults() -> dict:
         timestep_respacing="",
         rescale_timesteps=True,
         rescale_learned_sigmas=True,
+        predict_xstart=False,
         mask_space="pm1",
     )
 
@@ -317,6 +322,7 @@ def create_gaussian_diffusion(
     rescale_learned_sigmas: bool,
     timestep_respacing: str = "",
     mask_space: str = "pm1",
+    predict_xstart: bool = False,
 ) -> GaussianDiffusion:
     """The diffusion process of the full training chain (N = ``diffusion_steps`` steps).
 
@@ -339,6 +345,7 @@ def create_gaussian_diffusion(
         sigma_small=sigma_small,
         rescale_timesteps=rescale_timesteps,
         rescale_learned_sigmas=rescale_learned_sigmas,
+        predict_xstart=predict_xstart,
     )
 
 

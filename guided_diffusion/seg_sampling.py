@@ -14,8 +14,9 @@ The pre-segmentation and the denoising net enter as tensors and callables, so th
 knows nothing of their architectures.
 """
 
+import hashlib
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
 
@@ -45,10 +46,44 @@ class SamplerPlan:
     @property
     def unet_evaluations(self) -> int:
         """UNet forward passes per ensemble member."""
+        return len(self.evaluated_levels)
+
+    @property
+    def evaluated_levels(self) -> tuple:
+        """The levels at which the UNet is asked for a prediction, in order."""
         if self.sampler == "preseg":
-            return 0
-        loop = len(self.timesteps) - 1
-        return loop + (1 if self.final_step == "x0" else 0)
+            return ()
+        return tuple(self.timesteps[:-1]) + ((self.timesteps[-1],) if self.final_step == "x0" else ())
+
+
+def untrained_levels_warning(plan: SamplerPlan, training: Optional[dict], source: str) -> str:
+    """One line when ``plan`` asks the UNet about levels outside its training window, else "".
+
+    ``training`` is the checkpoint's ``config["training"]`` (None for a model trained on the
+    whole chain, as every raw state dict is). A window with a whole-chain share
+    (``t_range_mix`` > 0) has seen every level.
+    """
+    window = (training or {}).get("t_range")
+    if not window or float(training.get("t_range_mix") or 0.0) > 0 or not plan.evaluated_levels:
+        return ""
+    lo, hi = int(window[0]), int(window[1])
+    outside = [t for t in plan.evaluated_levels if not lo <= t <= hi]
+    if not outside:
+        return ""
+    return (
+        f"{source} was trained on levels {lo}..{hi} only (--t_range {lo},{hi}), but --sampler "
+        f"{plan.sampler} asks it about {len(outside)} of its {len(plan.evaluated_levels)} levels "
+        f"outside them ({max(outside)}..{min(outside)}); expect poor masks there"
+    )
+
+
+def case_generator(seed: int, en_num: int, case_ids: Sequence[str], device) -> torch.Generator:
+    """The generator of a batch's sampling noise, a function of the seed, the ensemble index and
+    the batch's case ids alone: a result does not change with the rank that runs it, the cases a
+    rerun skips, or (in validation) the step at which it is drawn."""
+    key = f"{seed}:{en_num}:{','.join(case_ids)}".encode()
+    mixed = int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
+    return torch.Generator(device=device).manual_seed(mixed)
 
 
 def _spaced_full_chain(sampler: str, num_timesteps: int, respacing: str, sampling_steps: int) -> list:

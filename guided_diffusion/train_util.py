@@ -48,10 +48,11 @@ from tqdm.auto import tqdm
 from guided_diffusion import checkpoint, dist_util, logger
 from guided_diffusion.errors import AddpmError, CheckpointError, ConfigError
 from guided_diffusion.mask_space import to_diffusion_space
-from guided_diffusion.resample import LossAwareSampler, create_named_schedule_sampler
+from guided_diffusion.resample import create_named_schedule_sampler
 
 CHECKPOINT_KIND = "diffusion"
 FINAL_NAME = "final.pt"
+BEST_NAME = "best.pt"
 _NUMBERED = re.compile(rf"^{CHECKPOINT_KIND}_(\d{{7,}})\.pt$")
 
 
@@ -75,7 +76,7 @@ def parse_ema_rates(ema_rate: str | float | Sequence[float]) -> list[str]:
     return tokens
 
 
-def _seed_from(*parts: int) -> int:
+def seed_from(*parts: int) -> int:
     """A 63-bit seed that mixes ``parts`` (independent streams for different tuples)."""
     return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
 
@@ -183,6 +184,20 @@ class TrainLoop:
         grad_clip: max global grad norm (0: no clipping; the norm is logged either way).
         precision: fp32 | bf16 | fp16 (autocast; fp16 adds a grad scaler).
         schedule_sampler: "uniform" | "loss-second-moment".
+        t_range: None (every level of the chain) or (lo, hi): train on the levels lo..hi only,
+            where the truncated sampler walks (an extension beyond the paper).
+        t_range_mix: with t_range, the fraction of every batch drawn from the whole chain.
+        preseg_fn: None, or ``f(batch) -> [B, 1, S, S]`` foreground probabilities of the
+            pre-segmentation of the batch's images (on this device). With it, a
+            ``preseg_fraction`` share of every batch is noised from the pre-segmentation
+            instead of the label, the label staying the target (pre-segmentation-aware
+            training, an extension beyond the paper).
+        preseg_fraction: that share, in [0, 1].
+        validator: None, or ``f(model) -> dict`` of validation scores with the key
+            ``"val_score"`` (higher is better); called every ``val_interval`` steps and at
+            the end with the first EMA's weights in the model, in eval mode. The best score's
+            weights are kept as ``best.pt``.
+        val_interval: steps between validations (0: never).
         log_interval, save_interval: in steps.
         keep_checkpoints: how many ``diffusion_<step>.pt`` to keep (``final.pt`` is kept besides).
         resume_checkpoint: a checkpoint path to continue from ("" for none).
@@ -212,6 +227,12 @@ class TrainLoop:
         grad_clip: float = 1.0,
         precision: str = "fp32",
         schedule_sampler: str = "uniform",
+        t_range: tuple[int, int] | None = None,
+        t_range_mix: float = 0.0,
+        preseg_fn: Callable[[dict], torch.Tensor] | None = None,
+        preseg_fraction: float = 0.0,
+        validator: Callable[[torch.nn.Module], dict] | None = None,
+        val_interval: int = 0,
         log_interval: int = 10,
         save_interval: int = 10000,
         keep_checkpoints: int = 3,
@@ -237,6 +258,10 @@ class TrainLoop:
             raise ConfigError(f"--lr must be a finite number >= 0, got {lr}")
         if grad_clip < 0:
             raise ConfigError(f"--grad_clip must be >= 0 (0 turns clipping off), got {grad_clip}")
+        if not 0.0 <= preseg_fraction <= 1.0:
+            raise ConfigError(f"--preseg_fraction must lie in [0, 1], got {preseg_fraction}")
+        if val_interval < 0:
+            raise ConfigError(f"--val_interval must be >= 0, got {val_interval}")
         self.ctx = ctx
         self.device = ctx.device
         self.model = model.to(self.device)
@@ -265,7 +290,15 @@ class TrainLoop:
         # Built once here so that a precision the device cannot run fails before training.
         dist_util.autocast_context(self.device, precision)
         self.scaler = dist_util.make_grad_scaler(self.device, precision)
-        self.schedule_sampler = create_named_schedule_sampler(schedule_sampler, diffusion)
+        self.schedule_sampler = create_named_schedule_sampler(
+            schedule_sampler, diffusion, t_range=t_range, t_range_mix=t_range_mix
+        )
+        self.preseg_fn = preseg_fn
+        self.preseg_fraction = preseg_fraction if preseg_fn is not None else 0.0
+        self.validator = validator
+        self.val_interval = val_interval if validator is not None else 0
+        self.best_val_score: float | None = None
+        self.best_step: int | None = None
 
         self.params = [p for p in self.model.parameters()]
         self.param_names = [name for name, _ in self.model.named_parameters()]
@@ -311,7 +344,7 @@ class TrainLoop:
             collate_fn=self.collate_fn,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
-            generator=torch.Generator().manual_seed(_seed_from(self.seed, self.step, 2)),
+            generator=torch.Generator().manual_seed(seed_from(self.seed, self.step, 2)),
         )
 
     def run(self) -> str:
@@ -337,13 +370,15 @@ class TrainLoop:
         data = iter(self._loader())
         try:
             while total is None or self.step < total:
-                torch.manual_seed(_seed_from(self.seed, self.step, self.ctx.rank, 1))
+                torch.manual_seed(seed_from(self.seed, self.step, self.ctx.rank, 1))
                 batch = next(data)
                 stats = self.run_step(batch)
                 interval_samples += self.global_batch
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{stats['loss']:.4f}", refresh=False)
+                if self.val_interval and self.step % self.val_interval == 0:
+                    self.validate()
                 if self.step % self.log_interval == 0:
                     self._dump(interval_samples, interval_start)
                     interval_start, interval_samples = time.perf_counter(), 0
@@ -354,6 +389,8 @@ class TrainLoop:
                 bar.close()
             del data
         if self.step > start_step:
+            if self.val_interval and self.step % self.val_interval != 0:
+                self.validate()
             if interval_samples:
                 self._dump(interval_samples, interval_start)
             # Checked before the final save, so that a diverged run leaves no final.pt.
@@ -371,7 +408,8 @@ class TrainLoop:
         image = batch["image"].to(self.device, non_blocking=True)
         x_start = to_diffusion_space(batch["label"].to(self.device).float().unsqueeze(1), self.mask_space)
         generator = torch.Generator(device=self.device)
-        generator.manual_seed(_seed_from(self.seed, self.step, self.ctx.rank, 0))
+        generator.manual_seed(seed_from(self.seed, self.step, self.ctx.rank, 0))
+        noised_start = self._noised_start(batch, x_start, generator) if self.preseg_fraction > 0 else None
 
         for group in self.opt.param_groups:
             group["lr"] = self.current_lr()
@@ -381,6 +419,7 @@ class TrainLoop:
         for start in range(0, size, self.microbatch):
             micro_image = image[start:start + self.microbatch]
             micro_x = x_start[start:start + self.microbatch]
+            micro_noised = None if noised_start is None else noised_start[start:start + self.microbatch]
             n = micro_image.shape[0]
             t, weights = self.schedule_sampler.sample(n, self.device, generator=generator)
             noise = torch.randn(micro_x.shape, generator=generator, device=self.device, dtype=micro_x.dtype)
@@ -390,9 +429,10 @@ class TrainLoop:
             sync = self.ddp_model.no_sync() if (self.ctx.is_distributed and not last) else nullcontext()
             with sync:
                 with dist_util.autocast_context(self.device, self.precision):
-                    losses = self.diffusion.training_losses(self.ddp_model, micro_image, micro_x, t, noise=noise)
-                if isinstance(self.schedule_sampler, LossAwareSampler):
-                    self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
+                    losses = self.diffusion.training_losses(
+                        self.ddp_model, micro_image, micro_x, t, noise=noise, noised_start=micro_noised
+                    )
+                self.schedule_sampler.update_with_local_losses(t, losses["loss"].detach())
                 # Sum over the microbatch divided by the whole batch: the accumulated gradient is
                 # that of the batch mean, whatever the microbatch split.
                 loss = (losses["loss"].float() * weights).sum() / size
@@ -422,6 +462,27 @@ class TrainLoop:
             logger.logkv("loss_scale", self.scaler.get_scale())
         return stats
 
+    @torch.no_grad()
+    def _noised_start(self, batch: dict, x_start: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The masks that the batch's x_t are noised from: the pre-segmentation for a
+        ``preseg_fraction`` share of the examples (``floor(F * B + u)`` of them, u uniform, at
+        random positions), the label for the rest."""
+        size = x_start.shape[0]
+        u = float(torch.rand((), generator=generator, device=self.device))
+        count = min(int(math.floor(self.preseg_fraction * size + u)), size)
+        chosen = torch.randperm(size, generator=generator, device=self.device)[:count]
+        noised = x_start.clone()
+        if count:
+            probs = self.preseg_fn({k: _take(v, chosen) for k, v in batch.items()})
+            preseg = (probs[:, :1].float() >= 0.5).float()
+            noised[chosen] = to_diffusion_space(preseg, self.mask_space)
+            label = batch["label"].to(self.device)[chosen].unsqueeze(1).float()
+            # How good the pre-segmentation is on training images: if far better than on
+            # validation images, the UNet sees fewer of its errors here than it must correct.
+            logger.logkv_mean("train_preseg_dice", float(_dice(preseg, label)))
+        logger.logkv_mean("preseg_share", count / size)
+        return noised
+
     def _check_finite(self, loss_sum: torch.Tensor) -> None:
         """Stop every rank on a non-finite loss before it reaches the weights."""
         bad = (~torch.isfinite(loss_sum)).to(torch.float32).reshape(1)
@@ -442,6 +503,36 @@ class TrainLoop:
             for target, source in zip(ema, self.params):
                 target.lerp_(source.detach(), weight)
 
+    def validate(self) -> dict:
+        """Score the first EMA's weights with ``validator``; keep ``best.pt`` on a new best."""
+        start = time.perf_counter()
+        backup = [p.detach().clone() for p in self.params]
+        was_training = self.model.training
+        with torch.no_grad():
+            for p, ema in zip(self.params, self.ema_params[0]):
+                p.copy_(ema)
+        self.model.eval()
+        try:
+            scores = self.validator(self.model)
+        finally:
+            with torch.no_grad():
+                for p, saved in zip(self.params, backup):
+                    p.copy_(saved)
+            self.model.train(was_training)
+        score = float(scores["val_score"])
+        improved = math.isfinite(score) and (self.best_val_score is None or score > self.best_val_score)
+        if improved:
+            self.best_val_score, self.best_step = score, self.step
+        for key, value in scores.items():
+            logger.logkv(key, value)
+        logger.logkv("val_seconds", time.perf_counter() - start)
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float))
+        best = "new best" if improved else f"best {self.best_val_score:.4f} at step {self.best_step}"
+        logger.log(f"step {self.step}: validation {shown} ({best}; {time.perf_counter() - start:.0f} s)")
+        if improved:
+            self.save(name=BEST_NAME)
+        return scores
+
     # ----------------------------------------------------------------------------- state
 
     def ema_state_dict(self, index: int) -> dict[str, torch.Tensor]:
@@ -460,13 +551,19 @@ class TrainLoop:
             "precision": self.precision,
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
         }
-        if isinstance(self.schedule_sampler, LossAwareSampler):
-            extra["schedule_sampler"] = _sampler_state(self.schedule_sampler)
+        sampler_state = self.schedule_sampler.state_dict()
+        if sampler_state:
+            extra["schedule_sampler"] = sampler_state
+        if self.best_step is not None:
+            extra.update(best_val_score=self.best_val_score, best_step=self.best_step)
         return extra
 
-    def save(self, final: bool = False) -> str:
-        """Write ``diffusion_<step>.pt`` (or ``final.pt``) on rank 0 and prune old numbered files."""
-        path = bf.join(self.out_dir, FINAL_NAME) if final else checkpoint_path(self.out_dir, self.step)
+    def save(self, final: bool = False, name: str | None = None) -> str:
+        """Write ``diffusion_<step>.pt`` (``final.pt`` when final, ``name`` when given) on rank 0
+        and prune old numbered files. Every file holds the whole training state."""
+        if name is None:
+            name = FINAL_NAME if final else os.path.basename(checkpoint_path(self.out_dir, self.step))
+        path = bf.join(self.out_dir, name)
         if self.ctx.is_main:
             checkpoint.save_checkpoint(
                 path,
@@ -481,7 +578,8 @@ class TrainLoop:
             logger.log(f"saved {path} (step {self.step})")
             for _, old in numbered_checkpoints(self.out_dir)[:-self.keep_checkpoints]:
                 bf.remove(old)
-        self.last_checkpoint = path
+        if name != BEST_NAME:
+            self.last_checkpoint = path
         return path
 
     def _load(self, path: str) -> None:
@@ -513,8 +611,13 @@ class TrainLoop:
         extra = ckpt.get("extra") or {}
         if self.scaler.is_enabled() and extra.get("scaler"):
             self.scaler.load_state_dict(extra["scaler"])
-        if isinstance(self.schedule_sampler, LossAwareSampler) and extra.get("schedule_sampler"):
-            _load_sampler_state(self.schedule_sampler, extra["schedule_sampler"])
+        if extra.get("schedule_sampler"):
+            try:
+                self.schedule_sampler.load_state_dict(extra["schedule_sampler"])
+            except ConfigError as err:
+                raise ConfigError(f"--resume: {path}: {err}") from None
+        if extra.get("best_step") is not None:
+            self.best_val_score, self.best_step = float(extra["best_val_score"]), int(extra["best_step"])
         self.step = int(ckpt.get("step") or 0)
         self.samples_seen = int(extra.get("samples_seen", self.step * self.global_batch))
         # The seed is the run's RNG state (data order, noise): the resumed run keeps it.
@@ -563,7 +666,7 @@ def _check_same_setup(path: str, saved: dict, current: dict) -> None:
     for key in ("image_size", "image_channels", "mask_channels"):
         if key in saved and key in current and saved[key] != current[key]:
             raise ConfigError(f"--resume: {path} has {key}={saved[key]}, this run has {current[key]}")
-    for group in ("model", "diffusion", "preprocess"):
+    for group in ("model", "diffusion", "preprocess", "training"):
         old, new = saved.get(group) or {}, current.get(group) or {}
         for key in sorted(set(old) & set(new)):
             if old[key] != new[key]:
@@ -572,30 +675,17 @@ def _check_same_setup(path: str, saved: dict, current: dict) -> None:
                 )
 
 
-def _sampler_state(sampler) -> dict:
-    """The loss history of a loss-aware timestep sampler (tensors and ints only)."""
-    state = {}
-    for name, value in vars(sampler).items():
-        if name == "diffusion":
-            continue
-        if isinstance(value, np.ndarray):
-            state[name] = torch.from_numpy(value.copy())
-        elif isinstance(value, torch.Tensor):
-            state[name] = value.detach().cpu().clone()
-        elif isinstance(value, (int, float, bool)):
-            state[name] = value
-    return state
+def _take(value, index: torch.Tensor):
+    """Rows ``index`` of one batch entry (a tensor, or a list such as case ids and metas)."""
+    if isinstance(value, torch.Tensor):
+        return value[index.to(value.device)]
+    return [value[i] for i in index.tolist()]
 
 
-def _load_sampler_state(sampler, state: dict) -> None:
-    for name, value in state.items():
-        current = getattr(sampler, name, None)
-        if isinstance(current, np.ndarray):
-            setattr(sampler, name, value.numpy().astype(current.dtype))
-        elif isinstance(current, torch.Tensor):
-            setattr(sampler, name, value.to(current.device, current.dtype))
-        elif current is not None:
-            setattr(sampler, name, type(current)(value))
+def _dice(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    """Dice of two {0,1} float masks pooled over every pixel (1 when both are empty)."""
+    total = pred.sum() + label.sum()
+    return 2 * (pred * label).sum() / total if total > 0 else torch.ones(())
 
 
 def resolve_out_dir(flag: str, ctx: dist_util.DistContext) -> str:

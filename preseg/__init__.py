@@ -15,6 +15,6 @@ __all__ = [
 ]
 
 # Loading trained pre-segmentation nets and precomputed masks (sample.py's two sources).
-from preseg.io import load_preseg, read_precomputed_preseg  # noqa: E402
+from preseg.io import PresegSource, load_preseg, read_precomputed_preseg  # noqa: E402
 
-__all__ += ["load_preseg", "read_precomputed_preseg"]
+__all__ += ["PresegSource", "load_preseg", "read_precomputed_preseg"]

@@ -26,12 +26,14 @@ import json
 import os
 
 import numpy as np
+import torch
 
 from data.errors import DataError
 from data.io import read_image, read_nifti
+from data.preprocess import apply_geometry
 from guided_diffusion.checkpoint import load_checkpoint, load_weights
 from guided_diffusion.errors import CheckpointError, ConfigError
-from preseg.networks import build_network, registry_help
+from preseg.networks import build_network, foreground_probability, registry_help
 
 NUM_CLASSES = 2
 
@@ -132,6 +134,50 @@ def load_preseg(path, device="cpu"):
     :raises CheckpointError: missing, foreign or wrong-kind file, or weights that do not fit.
     """
     return load_network_checkpoint(path, "preseg", device)
+
+
+class PresegSource:
+    """Where the pre-segmentation of a batch comes from: a trained net or a folder of masks.
+
+    ``source(batch)`` returns foreground probabilities [B, 1, S, S] on the network grid, on
+    ``device``: the net's softmax on ``batch["image"]``, or each case's precomputed file
+    (``read_precomputed_preseg``) mapped through the case's own geometry (``meta["geometry"]``,
+    augmentation included) onto the grid the networks see.
+    """
+
+    def __init__(self, *, net=None, preseg_dir="", device="cpu"):
+        if (net is None) == (not preseg_dir):
+            raise ConfigError("give --preseg_path or --preseg_dir, not both")
+        self.net = net
+        self.preseg_dir = preseg_dir
+        self.device = torch.device(device)
+
+    @classmethod
+    def from_flags(cls, *, preseg_path="", preseg_dir="", preprocess=None, device="cpu"):
+        """Load ``--preseg_path`` (checked against ``preprocess``, the diffusion model's) or
+        take ``--preseg_dir``; one of the two must be given."""
+        if preseg_path and preseg_dir:
+            raise ConfigError("give --preseg_path or --preseg_dir, not both")
+        if preseg_dir:
+            if not os.path.isdir(preseg_dir):
+                raise ConfigError(f"--preseg_dir {preseg_dir}: no such folder")
+            return cls(preseg_dir=preseg_dir, device=device)
+        if not preseg_path:
+            raise ConfigError("a pre-segmentation is needed: give --preseg_path or --preseg_dir")
+        net, config = load_preseg(preseg_path, device)
+        if preprocess is not None:
+            preprocess.check_same_as(config["preprocess"], preseg_path)
+        return cls(net=net, device=device)
+
+    def __call__(self, batch):
+        if self.net is not None:
+            return foreground_probability(self.net(batch["image"].to(self.device)))
+        masks = []
+        for case_id, meta in zip(batch["case_id"], batch["meta"]):
+            mask = read_precomputed_preseg(self.preseg_dir, case_id, meta)
+            # The file is at the input's own size; the networks see the preprocessed grid.
+            masks.append(torch.from_numpy(apply_geometry(mask, meta["geometry"], order=1)))
+        return torch.stack(masks).unsqueeze(1).to(self.device)
 
 
 def _is_nifti_input(meta):

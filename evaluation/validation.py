@@ -1,0 +1,115 @@
+"""Validation of the diffusion UNet while it trains: ADDPM on held-out patients, next to its
+pre-segmentation (an extension beyond the paper).
+
+Every call segments the same validation cases with the truncated sampler (one member each, the
+noise of every batch seeded by the run's seed and the batch's case ids, so successive calls
+differ only by the weights) and scores, on the network grid, the addpm masks and the
+pre-segmentation alone. The headline score is the mean over patients (volumes, or single cases
+when the layout has neither) of the Dice of all a patient's slices pooled, as the per-patient
+figures of ``sample.py`` are; slices where label and prediction are both empty count only there.
+
+Under torchrun every rank segments its share and the counts are gathered, so each rank returns
+the same scores.
+"""
+
+from collections import defaultdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader, Subset
+from tqdm.auto import tqdm
+
+from data import collate
+from evaluation.metrics import overlap_metrics
+from guided_diffusion.dist_util import autocast_context
+from guided_diffusion.seg_sampling import case_generator, sample_members
+
+
+def spread_cases(num_items: int, max_cases: int) -> list[int]:
+    """At most ``max_cases`` indices spread evenly over ``range(num_items)`` (0 = all): every
+    patient of an ordered dataset keeps some of its slices."""
+    if max_cases <= 0 or max_cases >= num_items:
+        return list(range(num_items))
+    return sorted({int(round(i)) for i in np.linspace(0, num_items - 1, max_cases)})
+
+
+def _group_of(meta: dict, case_id: str) -> str:
+    return meta.get("volume_id") or meta.get("patient_id") or case_id
+
+
+def _mean_group_dice(group_counts, row: int) -> float:
+    """Mean Dice over the groups whose prediction or label is not empty (nan if none is)."""
+    scores = [overlap_metrics(*c[row], tn=0)["dice"] for c in group_counts if c[row].sum() > 0]
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+class AddpmValidator:
+    """``validator(model) -> scores`` for ``TrainLoop``; see the module docstring.
+
+    Args (keyword-only):
+        dataset: validation items (``image``, ``label``, ``case_id``, ``meta``).
+        plan: the ``SamplerPlan`` of the truncated sampler (``plan_sampler("addpm", ...)``).
+        diffusion, mask_space: the diffusion being trained and its mask space.
+        preseg: ``f(batch) -> [B, 1, S, S]`` foreground probabilities (``preseg.PresegSource``).
+        denoise_fn: the final step for ``plan.final_step == "denoiser"``, else None.
+        max_cases: cap on validation slices (0 = all), spread over the dataset.
+        batch_size: images per sampling batch.
+        ctx: the ``dist_util.DistContext``; seed: the run's seed; precision: autocast precision.
+        progress: show a progress bar on rank 0.
+    """
+
+    def __init__(self, *, dataset, plan, diffusion, mask_space, preseg, denoise_fn, max_cases,
+                 batch_size, ctx, seed=0, precision="fp32", progress=True):
+        self.plan = plan
+        self.diffusion = diffusion
+        self.mask_space = mask_space
+        self.preseg = preseg
+        self.denoise_fn = denoise_fn
+        self.ctx = ctx
+        self.seed = seed
+        self.precision = precision
+        self.progress = progress
+        self.cases = spread_cases(len(dataset), max_cases)
+        self.loader = DataLoader(Subset(dataset, self.cases[ctx.rank::ctx.world_size]),
+                                 batch_size=batch_size, shuffle=False, collate_fn=collate)
+
+    @torch.no_grad()
+    def __call__(self, model) -> dict:
+        counts = defaultdict(lambda: np.zeros((2, 3), dtype=np.int64))  # [addpm|preseg] x [tp fp fn]
+        device = self.ctx.device
+        bar = tqdm(self.loader, desc="validation", unit="batch", leave=False,
+                   disable=not (self.progress and self.ctx.is_main))
+        for batch in bar:
+            images = batch["image"].to(device)
+            generator = case_generator(self.seed, 0, batch["case_id"], device)
+            with autocast_context(device, self.precision):
+                preseg = self.preseg(batch)
+                members = sample_members(
+                    self.plan, diffusion=self.diffusion, model=model, images=images, num_ensemble=1,
+                    mask_space=self.mask_space, preseg_probs=preseg, denoise_fn=self.denoise_fn,
+                    generator=generator,
+                )
+            addpm = members[:, 0].float().cpu() >= 0.5
+            pre = preseg[:, 0].float().cpu() >= 0.5
+            label = batch["label"].cpu() > 0
+            for i, (case_id, meta) in enumerate(zip(batch["case_id"], batch["meta"])):
+                group = counts[_group_of(meta, case_id)]
+                for row, pred in enumerate((addpm[i], pre[i])):
+                    tp = int((pred & label[i]).sum())
+                    group[row] += (tp, int(pred.sum()) - tp, int(label[i].sum()) - tp)
+        counts = self._gather(dict(counts))
+        addpm, preseg = (_mean_group_dice(counts.values(), row) for row in (0, 1))
+        return {"val_score": addpm, "val_addpm_dice": addpm, "val_preseg_dice": preseg,
+                "val_gain": addpm - preseg, "val_groups": len(counts), "val_cases": len(self.cases)}
+
+    def _gather(self, counts: dict) -> dict:
+        if not (self.ctx.is_distributed and dist.is_initialized()):
+            return counts
+        parts = [None] * self.ctx.world_size
+        dist.all_gather_object(parts, counts)
+        merged = defaultdict(lambda: np.zeros((2, 3), dtype=np.int64))
+        for part in parts:
+            for group, c in part.items():
+                merged[group] += c
+        return dict(merged)
