@@ -249,11 +249,13 @@ def make_validator(args, diffusion, preseg, preprocess, ctx):
                     "mask_space": args.mask_space}
         denoise_fn, T = load_final_step(args.denoiser_path, preprocess=preprocess, schedule=schedule,
                                         T=args.T, device=ctx.device)
-    plan = plan_sampler("addpm", num_timesteps=diffusion.num_timesteps, pre_t=args.pre_t, T=T,
-                        sampling_steps=args.val_sampling_steps, final_step=final_step)
+    try:
+        plan = plan_sampler("addpm", num_timesteps=diffusion.num_timesteps, pre_t=args.pre_t, T=T,
+                            sampling_steps=args.val_sampling_steps, final_step=final_step)
+    except ConfigError as err:
+        # The sampler's own message names sample.py's flag; here it is the validation's.
+        raise ConfigError(f"validation: {err}".replace("--sampling_steps", "--val_sampling_steps")) from None
     val_set = dataset_from_args(args, subset="val", preprocess=preprocess, require_labels=True)
-    if len(val_set) == 0:
-        raise ConfigError("--val_interval: the validation split is empty (raise --val_fraction above 0)")
     return AddpmValidator(
         dataset=val_set, plan=plan, diffusion=diffusion, mask_space=args.mask_space, preseg=preseg,
         denoise_fn=denoise_fn, max_cases=args.val_max_cases, batch_size=args.val_batch_size, ctx=ctx,

@@ -87,6 +87,8 @@ class ScheduleSampler(ABC):
         :param generator: optional ``torch.Generator`` (CPU or on ``device``) for reproducible draws.
         :return: (t LongTensor [batch_size], weights FloatTensor [batch_size]) on ``device``.
         """
+        if batch_size == 0:
+            return torch.zeros(0, dtype=torch.long, device=device), torch.zeros(0, device=device)
         w = self.weights()
         draw_device = generator.device if generator is not None else torch.device("cpu")
         # MPS has no float64; everywhere else keep the probabilities exact.

@@ -389,10 +389,13 @@ class TrainLoop:
                 bar.close()
             del data
         if self.step > start_step:
-            if self.val_interval and self.step % self.val_interval != 0:
+            validate_last = self.val_interval and self.step % self.val_interval != 0
+            if validate_last:
                 self.validate()
             if interval_samples:
                 self._dump(interval_samples, interval_start)
+            elif validate_last:
+                logger.dumpkvs()
             # Checked before the final save, so that a diverged run leaves no final.pt.
             self.check_consistent_across_ranks()
             self.save(final=True)
@@ -525,6 +528,7 @@ class TrainLoop:
             self.best_val_score, self.best_step = score, self.step
         for key, value in scores.items():
             logger.logkv(key, value)
+        logger.logkv("step", self.step)
         logger.logkv("val_seconds", time.perf_counter() - start)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float))
         best = "new best" if improved else f"best {self.best_val_score:.4f} at step {self.best_step}"

@@ -433,3 +433,84 @@ def test_channel_mismatch_is_config_error():
     model = TinyNet(IMAGE_CHANNELS + 1, 1)
     with pytest.raises(ConfigError, match="--learn_sigma"):
         d.training_losses(model, torch.zeros(1, IMAGE_CHANNELS, 4, 4), torch.zeros(1, 1, 4, 4), torch.tensor([3]))
+
+
+# ---------------------------------------------------------------- predict_xstart and pre-seg-aware targets
+
+
+class OracleX0(torch.nn.Module):
+    """An x0-predicting model that knows x0 (and a constant v per channel for learn_sigma)."""
+
+    def __init__(self, x0, v=None):
+        super().__init__()
+        self.x0 = x0
+        self.v = v
+
+    def forward(self, inp, ts):
+        out = self.x0.to(inp.dtype).expand(inp.shape[0], -1, -1, -1)
+        if self.v is not None:
+            out = torch.cat([out, torch.full_like(out, self.v)], dim=1)
+        return out
+
+
+@pytest.mark.parametrize("method,eta", [("ddpm", 0.0), ("ddim", 0.0), ("ddim", 1.0)])
+def test_x0_model_recovers_x0_and_gives_the_eps_models_steps(method, eta):
+    d_eps = make_diffusion(60, "cosine")
+    d_x0 = make_diffusion(60, "cosine", predict_xstart=True)
+    x0 = binary_x0(2)
+    image = torch.randn(2, IMAGE_CHANNELS, 8, 8)
+    start = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    levels = [40, 30, 20, 10, -1]
+    outs = [
+        d.sample_loop(m, image, start, levels, method=method, eta=eta, generator=torch.Generator().manual_seed(4))
+        for d, m in ((d_eps, OracleEps(d_eps, x0)), (d_x0, OracleX0(x0)))
+    ]
+    torch.testing.assert_close(outs[1]["sample"], x0, atol=1e-5, rtol=0)
+    # The same exact x0, so the same reverse steps as the exact eps model.
+    torch.testing.assert_close(outs[0]["sample"], outs[1]["sample"], atol=1e-5, rtol=0)
+
+
+def test_x0_model_mean_and_eps_are_the_eps_models():
+    d_eps, d_x0 = make_diffusion(50), make_diffusion(50, predict_xstart=True)
+    x0, image = binary_x0(3), torch.zeros(3, IMAGE_CHANNELS, 8, 8)
+    t = torch.tensor([3, 17, 40])
+    x_t = d_eps.q_sample(x0, t, noise=torch.randn(3, 1, 8, 8))
+    a = d_eps.p_mean_variance(OracleEps(d_eps, x0), image, x_t, t)
+    b = d_x0.p_mean_variance(OracleX0(x0), image, x_t, t)
+    for key in ("mean", "pred_xstart", "eps", "variance"):
+        torch.testing.assert_close(a[key], b[key], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("predict_xstart", [False, True])
+def test_preseg_noised_targets_make_the_x0_estimate_the_label(predict_xstart):
+    """x_t is noised from another mask (the pre-segmentation): the target still points at the label."""
+    d = make_diffusion(100, "cosine", predict_xstart=predict_xstart)
+    # float64: at t = 99 the x0 estimate divides by sqrt(abar) ~ 1e-2.
+    label, preseg = binary_x0(4, seed=0).double(), binary_x0(4, seed=1).double()
+    t = torch.tensor([0, 25, 60, 99])
+    noise = torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    x_t = d.q_sample(preseg, t, noise=noise)
+
+    class Recorder(torch.nn.Module):
+        def forward(self, inp, ts):
+            self.x_t = inp[:, -1:].clone()
+            return torch.zeros_like(self.x_t)
+
+    recorder = Recorder()
+    image = torch.zeros(4, IMAGE_CHANNELS, 8, 8, dtype=torch.float64)
+    terms = d.training_losses(recorder, image, label, t, noise=noise, noised_start=preseg)
+    torch.testing.assert_close(recorder.x_t, x_t)  # noised from the pre-segmentation
+    target = d._training_target(label, x_t, t, noise, preseg)
+    # The model that outputs exactly the target has zero loss, and its x0 estimate is the label.
+    class Exact(torch.nn.Module):
+        def forward(self, inp, ts):
+            return target
+
+    exact = d.training_losses(Exact(), image, label, t, noise=noise, noised_start=preseg)
+    assert exact["mse"].max() < 1e-10 and (terms["mse"] > 0).all()
+    pred = d.p_mean_variance(Exact(), image, x_t, t, clip_denoised=False)
+    torch.testing.assert_close(pred["pred_xstart"], label, atol=1e-9, rtol=0)
+    if predict_xstart:
+        torch.testing.assert_close(target, label)
+    # Without a pre-segmentation the eps target is the noise, as before.
+    assert torch.equal(d._training_target(label, x_t, t, noise, None), label if predict_xstart else noise)

@@ -1,5 +1,7 @@
 """Respacing, the truncated ADDPM segment and the training timestep samplers."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -9,7 +11,9 @@ from guided_diffusion.gaussian_diffusion import GaussianDiffusion, get_named_bet
 from guided_diffusion.resample import (
     LossSecondMomentResampler,
     UniformSampler,
+    WindowMixture,
     create_named_schedule_sampler,
+    parse_t_range,
 )
 from guided_diffusion.respace import (
     full_chain_timesteps,
@@ -191,3 +195,76 @@ def test_loss_history_keeps_the_latest_terms():
 def test_unknown_schedule_sampler():
     with pytest.raises(ConfigError, match="--schedule_sampler"):
         create_named_schedule_sampler("importance", make_diffusion(5, "cosine"))
+
+
+# ---------------------------------------------------------------- the training window
+
+
+@pytest.mark.parametrize("name", ["uniform", "loss-second-moment"])
+def test_window_draws_only_levels_in_range(name):
+    d = make_diffusion(100, "cosine")
+    sampler = create_named_schedule_sampler(name, d, t_range=(25, 30))
+    t, w = sampler.sample(3000, "cpu", generator=torch.Generator().manual_seed(0))
+    assert t.min() >= 25 and t.max() <= 30
+    assert set(t.tolist()) == set(range(25, 31))
+    assert torch.equal(w, torch.ones(3000))
+
+
+@pytest.mark.parametrize("name", ["uniform", "loss-second-moment"])
+def test_window_mix_sends_its_share_to_the_whole_chain(name):
+    d = make_diffusion(100, "cosine")
+    sampler = create_named_schedule_sampler(name, d, t_range=(25, 30), t_range_mix=0.3)
+    assert isinstance(sampler, WindowMixture)
+    generator = torch.Generator().manual_seed(1)
+    outside, total = 0, 0
+    for batch in (1, 3, 8):  # microbatches of one get their share on average too
+        for _ in range(400):
+            t, w = sampler.sample(batch, "cpu", generator=generator)
+            n_out = int(((t < 25) | (t > 30)).sum())
+            # floor(0.3 * n + u) examples go to the whole chain: never more than ceil(0.3 * n).
+            assert n_out <= math.ceil(0.3 * batch)
+            outside += n_out
+            total += batch
+            assert torch.equal(w, torch.ones(batch))
+    # Whole-chain draws land in the window ~6% of the time, so the share outside is ~0.3 * 0.94.
+    assert outside / total == pytest.approx(0.3 * 94 / 100, abs=0.03)
+
+
+def test_window_mix_count_per_batch_is_the_rounded_share():
+    d = make_diffusion(1000, "cosine")
+    sampler = create_named_schedule_sampler("uniform", d, t_range=(250, 300), t_range_mix=0.25)
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(200):
+        t, _ = sampler.sample(8, "cpu", generator=generator)
+        # 2 of 8 from the whole chain (which may itself hit the window); 6 always inside it.
+        assert int(((t >= 250) & (t <= 300)).sum()) >= 6
+
+
+def test_loss_aware_window_warms_up_on_the_window_alone_and_keeps_its_state():
+    d = make_diffusion(100, "cosine")
+    sampler = create_named_schedule_sampler("loss-second-moment", d, t_range=(20, 23), t_range_mix=0.5)
+    window = torch.arange(20, 24)
+    for _ in range(10):
+        # Losses of levels outside the window (the whole-chain share) are not recorded.
+        sampler.update_with_local_losses(torch.tensor([0, 50, 99]), torch.tensor([5.0, 5.0, 5.0]))
+        sampler.update_with_local_losses(window, torch.tensor([0.1, 0.1, 10.0, 10.0]))
+    inner = sampler.window.weights()
+    assert inner.shape == (4,) and inner[2:].min() > 50 * inner[:2].max()
+    state = sampler.state_dict()
+    again = create_named_schedule_sampler("loss-second-moment", d, t_range=(20, 23), t_range_mix=0.5)
+    again.load_state_dict(state)
+    np.testing.assert_array_equal(again.window.weights(), inner)
+    other = create_named_schedule_sampler("loss-second-moment", d, t_range=(20, 40))
+    with pytest.raises(ConfigError, match="t_range"):
+        other.load_state_dict(state)
+
+
+@pytest.mark.parametrize("text,expected", [("", None), ("250,300", (250, 300)), (" 5 , 5 ", (5, 5))])
+def test_parse_t_range(text, expected):
+    assert parse_t_range(text, 1000) == expected
+
+
+@pytest.mark.parametrize("text", ["300,250", "250", "a,b", "900,1000", "-1,5"])
+def test_parse_t_range_errors_name_the_flag(text):
+    with pytest.raises(ConfigError, match="--t_range"):
+        parse_t_range(text, 1000)
