@@ -1,74 +1,85 @@
-"""Segmentation quality of addpm against ddpm, ddim and the pre-segmentation alone, on any data.
+"""Does the diffusion stage improve on the pre-segmentation? An ablation on any labelled data.
 
     python -m benchmarks.bench_quality --data_dir DIR --out OUT [--dataset auto]
         [--steps_preseg 2000] [--steps_denoiser 2000] [--steps_diffusion 20000]
         [--image_size 128] [--num_channels 64] [--base_channels 32] [--num_ensemble 5]
-        [--test_fraction 0.2] [--split_seed 0] [--max_test_cases 0] [--ddpm_steps 0]
-        [--device auto]
+        [--test_fraction 0.2] [--val_fraction 0.1] [--split_seed 0] [--jobs 1]
+        [--rows preseg,addpm,window,window_preseg,denoiser_image,x0,few_steps] [--baselines ddpm,ddim]
 
-The check of ADDPM's central claim on a user's own data: at about a tenth of the UNet
-evaluations, addpm is at least as accurate as vanilla ddpm and improves on the
-pre-segmentation it starts from. Phases, each a run of the real scripts (``sys.executable``):
+Every row is a run of the real scripts (``sys.executable``) on one patient split and one
+budget, and each row adds one change to the row above it:
 
-1. split: the layout's records (``data.layouts.scan``; a record is a slice, an image or a
-   volume, with its patient) are split BY PATIENT with ``--split_seed`` into
-   ``OUT/split/train`` and ``OUT/split/test`` (``--test_fraction`` of the patients). Each
-   record's files are mirrored there as symbolic links at their relative paths, with the
-   layout's own files (dataset.json and the like) beside them, so every layout reads as
-   before. Records without a label are left out. ``--max_test_cases N`` keeps N test records
-   drawn at random (seeded) from all test patients.
-2. train: the pre-segmentation net, the denoising net and the diffusion UNet on the training
-   split, each with its own patient-wise validation split inside it (``--val_fraction``).
-3. sample: the test split with ``--sampler preseg``, ``ddpm`` (``--ddpm_steps``; 0 = the full
-   chain), ``ddim`` (``--ddim_steps``) and ``addpm`` (``--pre_t`` -> ``--T``), all with the
-   same ``--num_ensemble`` and seed.
-4. report: ``evaluation.compare`` gives Dice and HD95 per case and per patient (or volume),
-   each with a 95% confidence interval of the mean (t-distribution), with UNet evaluations and
-   seconds per image. ``OUT/table.md`` holds the budget and the table, ``OUT/table.json`` every
+    preseg          the pre-segmentation alone
+    addpm           ADDPM as the paper: a UNet trained on the whole chain, pre_t -> T, denoiser
+    window          the UNet trained on the levels T..pre_t only (--t_range)
+    window_preseg   ... and pre-segmentation-aware (--train_start preseg, --predict_xstart True)
+    denoiser_image  ... with a denoiser that also sees the image (--denoiser_cond image)
+    x0              ... with the UNet's own x0 estimate at T as the final step
+    few_steps       window_preseg's sampler with --sampling_steps K (--few_steps, default 10)
+
+``--baselines ddpm,ddim`` adds Wolleb's ddpm and ddim from pure noise on the ``addpm`` UNet.
+
+Phases:
+
+1. split (``benchmarks.quality_split``): test patients held out, the trainers' validation
+   patients mirrored so that they can be segmented too.
+2. train: the pre-segmentation net, the denoisers and the diffusion UNets the rows need; each
+   UNet validates every ``--val_interval`` steps on the validation patients (truncated sampler,
+   ``best.pt`` by addpm Dice) and is sampled from its ``best.pt``.
+3. sample: every row on the validation patients and on the test patients.
+4. report: per-patient (or per-volume) Dice and HD95 with 95% intervals, the paired per-patient
+   difference to ``preseg`` with its 95% interval, and each row's training wall time; the row
+   chosen is the addpm row with the best validation Dice per patient, and its test figures are
+   the headline. ``OUT/table.md`` holds the budget and both tables, ``OUT/table.json`` every
    number; both are printed.
 
-Logs of every phase go to ``OUT/logs``. A rerun with the same settings reuses the finished
-phases (a trained net's final.pt, a sampler's summary.json), continues an interrupted trainer
-from its newest checkpoint (``--resume auto``) and an interrupted sampler from its last written
-case; ``--fresh`` starts over. OUT/settings.json records the settings; a rerun with others is
-refused.
+``--jobs N`` runs up to N independent phases at once (one thread each is best on a CPU). Logs
+go to ``OUT/logs``. A rerun with the same settings reuses finished phases, resumes interrupted
+trainers (``--resume auto``) and samplers; ``--fresh`` starts over; a rerun with other settings
+is refused.
 """
 
 import argparse
 import json
 import os
 import platform
-import random
 import shutil
 import subprocess
 import sys
 import time
-from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from data.io import is_image, is_nifti
-from data.layouts import DATASET_CHOICES, scan
+from benchmarks.quality_split import BenchError, make_split
+from data.layouts import DATASET_CHOICES
 from evaluation.compare import compare_runs, format_table
 from evaluation.report import write_summary_json
-from guided_diffusion.errors import AddpmError, ConfigError
+from guided_diffusion.errors import ConfigError
 from guided_diffusion.script_util import run_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-SAMPLERS = ("preseg", "ddpm", "ddim", "addpm")
 LOG_TAIL_LINES = 15
-
-
-class BenchError(AddpmError):
-    """A phase of the benchmark that cannot run or failed."""
+BASELINE_ROW = "preseg"
+# Row -> (UNet, denoiser or None, sampler flags) and what it adds to the row above.
+ROWS = {
+    "preseg": (None, None, ["--sampler", "preseg"], "the pre-segmentation alone"),
+    "addpm": ("unet_chain", "denoiser", [], "UNet trained on the whole chain (the paper)"),
+    "window": ("unet_window", "denoiser", [], "UNet trained on levels T..pre_t only"),
+    "window_preseg": ("unet_window_preseg", "denoiser", [], "... and noised from the pre-segmentation"),
+    "denoiser_image": ("unet_window_preseg", "denoiser_image", [], "... denoiser sees the image"),
+    "x0": ("unet_window_preseg", None, ["--final_step", "x0"], "... UNet's x0 at T as final step"),
+    "few_steps": ("unet_window_preseg", "denoiser", ["--sampling_steps", "FEW"], "window_preseg with --few_steps UNet evaluations"),
+}
+BASELINES = ("ddpm", "ddim")
 
 
 def create_argparser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.bench_quality",
-        description="Train the three ADDPM networks on a patient-wise training split of any "
-        "dataset and compare addpm, ddpm, ddim and the pre-segmentation on its test split.",
+        description="Train the ADDPM networks on a patient-wise split of any labelled dataset and "
+        "compare the pre-segmentation, ADDPM and its variants, paired per patient.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     add = parser.add_argument
@@ -80,10 +91,12 @@ def create_argparser() -> argparse.ArgumentParser:
     add("--resize_mode", default="resize",
         help="resize (any input size maps to --image_size) or crop_pad (centre crop/pad)")
     add("--out", required=True, help="folder for the split, checkpoints, samples, logs and tables")
+    add("--rows", default=",".join(ROWS), help=f"table rows, from: {', '.join(ROWS)}")
+    add("--baselines", default="", help=f"extra rows from pure noise on the addpm UNet: {', '.join(BASELINES)}")
     add("--steps_preseg", type=int, default=2000, help="optimizer steps of the pre-segmentation net")
-    add("--steps_denoiser", type=int, default=2000, help="optimizer steps of the denoising net")
-    add("--steps_diffusion", type=int, default=20000, help="optimizer steps of the diffusion UNet")
-    add("--image_size", type=int, default=128, help="input side of all three networks")
+    add("--steps_denoiser", type=int, default=2000, help="optimizer steps of each denoising net")
+    add("--steps_diffusion", type=int, default=20000, help="optimizer steps of each diffusion UNet")
+    add("--image_size", type=int, default=128, help="input side of all networks")
     add("--num_channels", type=int, default=64, help="base width of the diffusion UNet")
     add("--num_res_blocks", type=int, default=2, help="residual blocks per level of the diffusion UNet")
     add("--attention_resolutions", default="16",
@@ -99,6 +112,15 @@ def create_argparser() -> argparse.ArgumentParser:
     add("--noise_schedule", default="cosine", help="beta schedule (linear or cosine)")
     add("--pre_t", type=int, default=300, help="addpm: level where the noised pre-segmentation enters")
     add("--T", type=int, default=250, help="addpm: level where the denoising net takes over")
+    add("--t_range_mix", type=float, default=0.0,
+        help="window rows: share of every batch trained on the whole chain")
+    add("--preseg_fraction", type=float, default=0.5,
+        help="window_preseg rows: share of every batch noised from the pre-segmentation")
+    add("--val_interval", type=int, default=0,
+        help="validate each UNet every this many steps; 0 = --steps_diffusion / 5")
+    add("--val_sampling_steps", type=int, default=10, help="UNet evaluations per validation case")
+    add("--val_max_cases", type=int, default=96, help="validation slices per validation run of a UNet")
+    add("--few_steps", type=int, default=10, help="UNet evaluations per member of the few_steps row")
     add("--ddpm_steps", type=int, default=0,
         help="UNet evaluations per member of the ddpm baseline (a respaced chain); 0 = the full chain")
     add("--ddim_steps", type=int, default=100, help="UNet evaluations per member of the ddim baseline")
@@ -106,27 +128,38 @@ def create_argparser() -> argparse.ArgumentParser:
     add("--sample_batch_size", type=int, default=1, help="images per sampling batch")
     add("--test_fraction", type=float, default=0.2, help="fraction of the patients held out for testing")
     add("--val_fraction", type=float, default=0.1,
-        help="fraction of the training patients each trainer holds out for validation")
+        help="fraction of the training patients held out for validation (settings are chosen there)")
     add("--split_seed", type=int, default=0, help="seed of the patient split and of --max_test_cases")
     add("--max_test_cases", type=int, default=0, help="test on at most this many records (0 = all)")
     add("--seed", type=int, default=0, help="seed of the trainers and the samplers")
     add("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    add("--jobs", type=int, default=1, help="phases run at once (trainings and samplings that do not wait on each other)")
     add("--fresh", action="store_true", help="delete the previous results in --out and start over")
     return parser
+
+
+def _names(text: str, known, flag: str) -> list:
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ConfigError(f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
+    return names
 
 
 def check_args(args) -> None:
     positive = ("steps_preseg", "steps_denoiser", "steps_diffusion", "image_size", "num_channels",
                 "num_res_blocks", "base_channels", "batch_size", "diffusion_batch_size",
-                "num_ensemble", "sample_batch_size", "ddim_steps", "diffusion_steps")
+                "num_ensemble", "sample_batch_size", "ddim_steps", "diffusion_steps", "jobs", "few_steps")
     for name in positive:
         if getattr(args, name) < 1:
             raise ConfigError(f"--{name} must be at least 1, got {getattr(args, name)}")
-    for name in ("ddpm_steps", "max_test_cases"):
+    for name in ("ddpm_steps", "max_test_cases", "val_interval", "val_sampling_steps", "val_max_cases"):
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name} must be 0 or more, got {getattr(args, name)}")
     if not 0.0 < args.test_fraction < 1.0:
         raise ConfigError(f"--test_fraction must lie in (0, 1), got {args.test_fraction}")
+    if not 0.0 < args.val_fraction < 1.0:
+        raise ConfigError(f"--val_fraction must lie in (0, 1): settings are chosen on validation patients, got {args.val_fraction}")
     if not 0 <= args.T < args.pre_t < args.diffusion_steps:
         raise ConfigError(
             f"--pre_t {args.pre_t} and --T {args.T} must satisfy 0 <= T < pre_t < "
@@ -134,6 +167,12 @@ def check_args(args) -> None:
         )
     if not 0.0 <= args.ema_rate < 1.0:
         raise ConfigError(f"--ema_rate must lie in [0, 1), got {args.ema_rate}")
+    if args.few_steps > args.pre_t - args.T:
+        raise ConfigError(f"--few_steps {args.few_steps} exceeds the {args.pre_t - args.T} levels of pre_t -> T")
+    rows = _names(args.rows, ROWS, "--rows")
+    if BASELINE_ROW not in rows:
+        raise ConfigError(f"--rows must include {BASELINE_ROW}: every row is compared with it")
+    _names(args.baselines, BASELINES, "--baselines")
 
 
 def ema_rate(args) -> float:
@@ -142,106 +181,17 @@ def ema_rate(args) -> float:
     return round(min(0.9999, max(0.9, 1.0 - 10.0 / args.steps_diffusion)), 6)
 
 
-# ---------------------------------------------------------------- phase 1: the patient split
+# ---------------------------------------------------------------- phases
 
 
-def split_patients(patients: list[str], test_fraction: float, seed: int) -> tuple[list, list]:
-    """(train, test) patient ids: a seeded shuffle, round(fraction * n) test patients (at least
-    one on each side)."""
-    if len(patients) < 2:
-        raise BenchError(f"the data holds {len(patients)} labelled patient(s); a split needs at least 2")
-    order = sorted(patients)
-    random.Random(seed).shuffle(order)
-    n_test = min(max(1, round(test_fraction * len(order))), len(order) - 1)
-    return sorted(order[n_test:]), sorted(order[:n_test])
+@dataclass
+class Phase:
+    """One run of a script: its command, the phases it waits for and the file that marks it done."""
 
-
-def _link(target: str, link: Path) -> None:
-    link.parent.mkdir(parents=True, exist_ok=True)
-    if not link.is_symlink():
-        os.symlink(os.path.abspath(target), link)
-
-
-def mirror(records, base: str, layout_files: list[str], dest: Path) -> None:
-    """Symbolic links to every file of ``records`` under ``dest`` at its path relative to
-    ``base``, and to the layout files (dataset.json and the like)."""
-    for record in records:
-        for path in list(record.image_files) + [record.label_file]:
-            _link(path, dest / os.path.relpath(path, base))
-    for path in layout_files:
-        _link(path, dest / os.path.relpath(path, base))
-
-
-def _layout_files(base: str, root: str) -> list[str]:
-    """Files beside the data that describe it (not images or NIfTI volumes) in ``base`` and
-    ``root``, e.g. nnU-Net's dataset.json."""
-    found = []
-    for folder in dict.fromkeys((base, root)):
-        for name in sorted(os.listdir(folder)):
-            path = os.path.join(folder, name)
-            if os.path.isfile(path) and not name.startswith(".") and not is_image(name) and not is_nifti(name):
-                found.append(path)
-    return found
-
-
-def make_split(args, out: Path) -> dict:
-    """Mirror the train and test records into ``out/split``; returns the split's description."""
-    found = scan(args.data_dir, args.dataset, mask_suffix=args.mask_suffix)
-    labelled = [r for r in found.records if r.label_file]
-    if not labelled:
-        raise BenchError(f"--data_dir {args.data_dir}: no record has a label; the benchmark needs labels")
-    train_ids, test_ids = split_patients(sorted({r.patient_id for r in labelled}),
-                                         args.test_fraction, args.split_seed)
-    test_set = set(test_ids)
-    train = [r for r in labelled if r.patient_id not in test_set]
-    test = [r for r in labelled if r.patient_id in test_set]
-    n_test_all = len(test)
-    if args.max_test_cases and len(test) > args.max_test_cases:
-        keep = set(random.Random(args.split_seed).sample(range(len(test)), args.max_test_cases))
-        test = [r for i, r in enumerate(test) if i in keep]
-    files = [f for r in labelled for f in list(r.image_files) + [r.label_file]]
-    base = os.path.commonpath([found.root] + [os.path.abspath(f) for f in files])
-    layout_files = _layout_files(base, found.root)
-    split_dir = out / "split"
-    data_rel = os.path.relpath(found.root, base)
-    for part, records in (("train", train), ("test", test)):
-        mirror(records, base, layout_files, split_dir / part)
-    description = {
-        "data_dir": found.root,
-        "layout": found.layout,
-        "records": len(found.records),
-        "unlabelled_records_left_out": len(found.records) - len(labelled),
-        "patients": {"train": len(train_ids), "test": len(test_ids)},
-        "cases": {"train": len(train), "test": len(test), "test_before_max_test_cases": n_test_all},
-        "test_patients": test_ids,
-        "test_cases_per_patient": dict(sorted(Counter(r.patient_id for r in test).items())),
-        "train_dir": str(split_dir / "train" / data_rel),
-        "test_dir": str(split_dir / "test" / data_rel),
-    }
-    write_summary_json(description, split_dir / "split.json")
-    return description
-
-
-# ---------------------------------------------------------------- phases 2-3: the scripts
-
-
-def run_phase(name: str, command: list[str], out: Path) -> float:
-    """Run one script with its output in OUT/logs/<name>.log; returns its wall time (s)."""
-    log_path = out / "logs" / f"{name}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    print(f"[{time.strftime('%H:%M:%S')}] {name}: running (log: {log_path})", flush=True)
-    start = time.perf_counter()
-    with open(log_path, "w", encoding="utf-8") as log:
-        log.write(" ".join(command) + "\n\n")
-        log.flush()
-        code = subprocess.call(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-    seconds = time.perf_counter() - start
-    if code != 0:
-        lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
-        sys.stderr.write("\n".join(lines[-LOG_TAIL_LINES:]) + "\n")
-        raise BenchError(f"phase {name} failed with exit code {code}; see {log_path}")
-    print(f"[{time.strftime('%H:%M:%S')}] {name}: done in {seconds:.0f} s", flush=True)
-    return seconds
+    name: str
+    command: list
+    done_file: Path
+    needs: list = field(default_factory=list)
 
 
 def data_flags(args, data_dir: str) -> list[str]:
@@ -252,7 +202,13 @@ def data_flags(args, data_dir: str) -> list[str]:
     return flags
 
 
-def train_commands(args, train_dir: str, runs: Path) -> dict:
+def best_or_final(folder: Path) -> Path:
+    best = folder / "best.pt"
+    return best if best.is_file() else folder / "final.pt"
+
+
+def training_phases(args, train_dir: str, runs: Path, needed: set) -> list:
+    """The trainers the rows need; UNets validate with the preseg net and the plain denoiser."""
     common = data_flags(args, train_dir) + [
         "--split_by", "patient", "--val_fraction", str(args.val_fraction),
         "--split_seed", str(args.split_seed), "--seed", str(args.seed), "--device", args.device,
@@ -262,55 +218,145 @@ def train_commands(args, train_dir: str, runs: Path) -> dict:
                   "--max_epoch", "0", "--save_interval", "0", "--log_interval", "100"]
     chain = ["--diffusion_steps", str(args.diffusion_steps), "--noise_schedule", args.noise_schedule]
     py = sys.executable
-    return {
-        "train_preseg": [py, "train_preseg_network.py", *common, *supervised,
-                         "--max_steps", str(args.steps_preseg), "--out_dir", str(runs / "preseg")],
-        "train_denoiser": [py, "train_denoising_network.py", *common, *supervised, *chain,
-                           "--T", str(args.T), "--max_steps", str(args.steps_denoiser),
-                           "--out_dir", str(runs / "denoiser")],
-        "train_diffusion": [
+    window = ["--t_range", f"{args.T},{args.pre_t}", "--t_range_mix", str(args.t_range_mix)]
+    unet_variants = {
+        "unet_chain": [],
+        "unet_window": window,
+        "unet_window_preseg": [*window, "--train_start", "preseg", "--preseg_fraction",
+                               str(args.preseg_fraction), "--predict_xstart", "True"],
+    }
+    phases = [Phase("preseg", [py, "train_preseg_network.py", *common, *supervised,
+                               "--max_steps", str(args.steps_preseg), "--out_dir", str(runs / "preseg")],
+                    runs / "preseg" / "final.pt")]
+    for name, cond in (("denoiser", "none"), ("denoiser_image", "image")):
+        if name in needed:
+            phases.append(Phase(name, [py, "train_denoising_network.py", *common, *supervised, *chain,
+                                       "--T", str(args.T), "--denoiser_cond", cond,
+                                       "--max_steps", str(args.steps_denoiser), "--out_dir", str(runs / name)],
+                                runs / name / "final.pt"))
+    val_interval = args.val_interval or max(1, args.steps_diffusion // 5)
+    for name, extra in unet_variants.items():
+        if name not in needed:
+            continue
+        command = [
             py, "train_addpm.py", *common, *chain,
             "--num_channels", str(args.num_channels), "--num_res_blocks", str(args.num_res_blocks),
             "--num_heads", "1", "--attention_resolutions", args.attention_resolutions,
-            "--learn_sigma", "False", "--use_scale_shift_norm", "False",
+            "--learn_sigma", "False", "--class_cond", "False", "--use_scale_shift_norm", "False",
             "--rescale_learned_sigmas", "False", "--rescale_timesteps", "False",
             "--lr", str(args.diffusion_lr), "--batch_size", str(args.diffusion_batch_size),
             "--ema_rate", str(ema_rate(args)), "--max_steps", str(args.steps_diffusion),
             "--log_interval", "100", "--save_interval", str(max(1000, args.steps_diffusion // 10)),
-            "--progress", "False", "--out_dir", str(runs / "addpm"),
-        ],
-    }
+            "--progress", "False", "--out_dir", str(runs / name), *extra,
+            "--preseg_path", runs / "preseg", "--denoiser_path", runs / "denoiser",
+            "--pre_t", str(args.pre_t), "--T", str(args.T), "--val_interval", str(val_interval),
+            "--val_sampling_steps", str(args.val_sampling_steps), "--val_max_cases", str(args.val_max_cases),
+        ]
+        phases.append(Phase(name, command, runs / name / "final.pt", needs=["preseg", "denoiser"]))
+    return phases
 
 
-def run_names(args) -> dict:
-    """Table row name -> sampler; names carry the steps each sampler walks."""
-    ddpm = args.ddpm_steps or args.diffusion_steps
-    return {"preseg": "preseg", f"ddpm-{ddpm}": "ddpm", f"ddim-{args.ddim_steps}": "ddim",
-            f"addpm-{args.pre_t}-{args.T}": "addpm"}
+def row_specs(args) -> dict:
+    """Table row -> (UNet, denoiser, sampler flags, description), rows then baselines."""
+    specs = {}
+    for row in _names(args.rows, ROWS, "--rows"):
+        unet, denoiser, flags, words = ROWS[row]
+        specs[row] = (unet, denoiser, [str(args.few_steps) if f == "FEW" else f for f in flags], words)
+    for base in _names(args.baselines, BASELINES, "--baselines"):
+        steps = args.ddpm_steps if base == "ddpm" else args.ddim_steps
+        name = f"{base}-{steps or args.diffusion_steps}"
+        specs[name] = ("unet_chain", None, ["--sampler", base, "--sampling_steps", str(steps)],
+                       f"{base} from pure noise (addpm's UNet)")
+    return specs
 
 
-def sample_command(args, sampler: str, test_dir: str, runs: Path, out_dir: Path) -> list[str]:
-    def checkpoint(folder: Path) -> str:
-        best = folder / "best.pt"
-        return str(best if best.is_file() else folder / "final.pt")
+def sampling_phases(args, split: dict, runs: Path, samples: Path, specs: dict) -> list:
+    """Every row on the validation patients and on the test patients."""
+    phases = []
+    for part in ("val", "test"):
+        for row, (unet, denoiser, flags, _) in specs.items():
+            out_dir = samples / part / row
+            # sample.py loads a diffusion checkpoint also for the preseg row (it is not used there).
+            model = runs / (unet or "unet_chain")
+            needs = ["preseg", unet or "unet_chain"] + ([denoiser] if denoiser else [])
+            phases.append(Phase(f"sample_{part}_{row}", [
+                sys.executable, "sample.py", *data_flags(args, split[f"{part}_dir"]),
+                "--model_path", model, "--preseg_path", runs / "preseg",
+                "--denoiser_path", runs / (denoiser or "denoiser"), *flags,
+                "--pre_t", str(args.pre_t), "--T", str(args.T),
+                "--num_ensemble", str(args.num_ensemble), "--batch_size", str(args.sample_batch_size),
+                "--seed", str(args.seed), "--device", args.device, "--out_dir", str(out_dir),
+            ], out_dir / "summary.json", needs=needs))
+    return phases
 
-    steps = {"ddpm": args.ddpm_steps, "ddim": args.ddim_steps}.get(sampler, 0)
-    return [
-        sys.executable, "sample.py", *data_flags(args, test_dir),
-        "--model_path", str(runs / "addpm" / "final.pt"),
-        "--preseg_path", checkpoint(runs / "preseg"),
-        "--denoiser_path", checkpoint(runs / "denoiser"),
-        "--sampler", sampler, "--sampling_steps", str(steps),
-        "--pre_t", str(args.pre_t), "--T", str(args.T),
-        "--num_ensemble", str(args.num_ensemble), "--batch_size", str(args.sample_batch_size),
-        "--seed", str(args.seed), "--device", args.device, "--out_dir", str(out_dir),
-    ]
+
+CHECKPOINT_FLAGS = ("--model_path", "--preseg_path", "--denoiser_path")
+
+
+def _resolve(command: list) -> list:
+    """Checkpoint folders in a command -> their best.pt (else final.pt), known once the phases
+    it needs have run."""
+    resolved = []
+    for previous, item in zip([None, *command], command):
+        if isinstance(item, Path) and previous in CHECKPOINT_FLAGS:
+            item = best_or_final(item)
+        resolved.append(str(item))
+    return resolved
+
+
+def _start(phase: Phase, out: Path):
+    log_path = out / "logs" / f"{phase.name}.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    command = _resolve(phase.command)
+    log = open(log_path, "w", encoding="utf-8")
+    log.write(" ".join(command) + "\n\n")
+    log.flush()
+    print(f"[{time.strftime('%H:%M:%S')}] {phase.name}: running (log: {log_path})", flush=True)
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+    return proc, log, log_path, time.perf_counter()
+
+
+def run_phases(phases: list, out: Path, jobs: int, record) -> None:
+    """Run the phases not yet done, at most ``jobs`` at once, each after the phases it needs."""
+    pending = [p for p in phases if not (p.done_file.is_file() and record.get(p.name) is not None)]
+    for p in phases:
+        if p not in pending:
+            print(f"{p.name}: reusing {p.done_file}")
+    done = {p.name for p in phases if p not in pending}
+    running = {}
+    try:
+        while pending or running:
+            ready = [p for p in pending if all(n in done for n in p.needs)]
+            while ready and len(running) < jobs:
+                phase = ready.pop(0)
+                pending.remove(phase)
+                running[phase.name] = (phase, *_start(phase, out))
+            if not running:
+                raise BenchError(f"phases {', '.join(p.name for p in pending)} wait on phases that never ran")
+            time.sleep(1.0)
+            for name, (phase, proc, log, log_path, start) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[name]
+                seconds = time.perf_counter() - start
+                if proc.returncode != 0:
+                    lines = log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+                    sys.stderr.write("\n".join(lines[-LOG_TAIL_LINES:]) + "\n")
+                    raise BenchError(f"phase {name} failed with exit code {proc.returncode}; see {log_path}")
+                print(f"[{time.strftime('%H:%M:%S')}] {name}: done in {seconds:.0f} s", flush=True)
+                record(name, seconds)
+                done.add(name)
+    finally:
+        for _, proc, log, _, _ in running.values():
+            proc.terminate()
+            log.close()
 
 
 # ---------------------------------------------------------------- bookkeeping and report
 
 
-SETTINGS_EXCLUDED = ("fresh", "out")
+SETTINGS_EXCLUDED = ("fresh", "out", "jobs")
 
 
 def settings_of(args) -> dict:
@@ -333,9 +379,9 @@ def prepare_out(args, out: Path) -> dict:
                 path.unlink()
     if settings_path.is_file():
         previous = json.loads(settings_path.read_text(encoding="utf-8"))
-        if previous != json.loads(json.dumps(settings_of(args))):
-            changed = sorted(k for k in set(previous) | set(settings_of(args))
-                             if previous.get(k) != settings_of(args).get(k))
+        current = json.loads(json.dumps(settings_of(args)))
+        if previous != current:
+            changed = sorted(k for k in set(previous) | set(current) if previous.get(k) != current.get(k))
             raise BenchError(
                 f"--out {out} holds a run with other settings ({', '.join(changed)}); "
                 "choose another --out or pass --fresh"
@@ -356,25 +402,54 @@ def hardware(device_flag: str) -> str:
     return words
 
 
-def budget_lines(args, split: dict, phases: dict, device: str) -> list[str]:
-    ddpm = args.ddpm_steps or args.diffusion_steps
+def _group_dice(row: dict) -> float:
+    level = row["group"] or row["case"]
+    mean = level["dice"]["mean"]
+    return float("-inf") if mean is None else mean
+
+
+def choose_row(val_rows: list) -> str:
+    """The ADDPM row (not the pre-segmentation, not a baseline) with the best validation Dice
+    per patient (per case where the data has no patients)."""
+    candidates = [r for r in val_rows if r["name"] in ROWS and r["name"] != BASELINE_ROW]
+    return max(candidates, key=_group_dice)["name"] if candidates else BASELINE_ROW
+
+
+def training_seconds(specs: dict, phases: dict) -> dict:
+    """Row -> wall time of the trainings it needs beyond the pre-segmentation (UNet + denoiser)."""
+    return {row: sum(phases.get(n, 0.0) for n in (unet, denoiser) if n) for row, (unet, denoiser, _, _) in specs.items()}
+
+
+def report_text(args, split: dict, phases: dict, specs: dict, test_rows, val_rows, chosen: str) -> str:
     total = sum(phases.values())
+    seconds = training_seconds(specs, phases)
     lines = [
         f"data: {split['data_dir']} ({split['layout']}); split by patient with seed {args.split_seed}: "
-        f"{split['patients']['train']} training patients ({split['cases']['train']} cases), "
-        f"{split['patients']['test']} test patients ({split['cases']['test']} test cases"
-        + (f" of {split['cases']['test_before_max_test_cases']}" if args.max_test_cases else "") + ")",
-        f"budget: preseg {args.steps_preseg} steps, denoiser {args.steps_denoiser} steps "
-        f"(base channels {args.base_channels}, batch {args.batch_size}); diffusion UNet "
-        f"{args.steps_diffusion} steps (num_channels {args.num_channels}, {args.num_res_blocks} res "
-        f"blocks, batch {args.diffusion_batch_size}, lr {args.diffusion_lr:g}, EMA {ema_rate(args):g}); "
-        f"image size {args.image_size}",
-        f"chain: {args.diffusion_steps} steps, {args.noise_schedule}; addpm pre_t {args.pre_t} -> T {args.T}; "
-        f"ddpm {ddpm} steps; ddim {args.ddim_steps} steps; {args.num_ensemble} ensemble members",
-        f"device: {device} ({hardware(args.device)})",
-        "wall time: " + ", ".join(f"{k} {v:.0f} s" for k, v in phases.items()) + f"; total {total:.0f} s",
+        f"{split['patients']['train']} training patients ({split['cases']['train']} cases, of which "
+        f"{split['patients']['val']} patients / {split['cases']['val']} cases held out for validation), "
+        f"{split['patients']['test']} test patients ({split['cases']['test']} cases)",
+        f"budget: preseg {args.steps_preseg} steps, each denoiser {args.steps_denoiser} steps (base "
+        f"channels {args.base_channels}, batch {args.batch_size}); each diffusion UNet {args.steps_diffusion} "
+        f"steps (num_channels {args.num_channels}, {args.num_res_blocks} res blocks, batch "
+        f"{args.diffusion_batch_size}, lr {args.diffusion_lr:g}, EMA {ema_rate(args):g}); image size {args.image_size}",
+        f"chain: {args.diffusion_steps} steps, {args.noise_schedule}; pre_t {args.pre_t} -> T {args.T}; window "
+        f"{args.T}..{args.pre_t} (whole-chain share {args.t_range_mix:g}); pre-segmentation share "
+        f"{args.preseg_fraction:g}; {args.num_ensemble} ensemble member(s)",
+        f"device: {', '.join(sorted({str(r['device']) for r in test_rows}))} ({hardware(args.device)}); "
+        f"--jobs {args.jobs}",
+        "training wall time per row (UNet + denoiser; the pre-segmentation, "
+        f"{phases.get('preseg', 0):.0f} s, is shared): "
+        + ", ".join(f"{row} {s:.0f} s" for row, s in seconds.items()),
+        f"total wall time {total:.0f} s",
     ]
-    return lines
+    rows_doc = "\n".join(f"- `{row}`: {spec[3]}" for row, spec in specs.items())
+    return (
+        "\n".join(f"- {line}" for line in lines)
+        + f"\n\nRows (each adds one change to the row above):\n{rows_doc}\n\n"
+        + f"Chosen on the validation patients: **{chosen}** (best validation Dice per patient).\n\n"
+        + "### Test patients\n\n" + format_table(test_rows, baseline=BASELINE_ROW)
+        + "\n### Validation patients (where the row was chosen)\n\n" + format_table(val_rows, baseline=BASELINE_ROW)
+    )
 
 
 def main(argv=None) -> dict:
@@ -395,35 +470,25 @@ def main(argv=None) -> dict:
         start = time.perf_counter()
         split = make_split(args, out)
         record("split", time.perf_counter() - start)
-    print(f"split: {split['patients']['train']} training / {split['patients']['test']} test patients, "
-          f"{split['cases']['train']} / {split['cases']['test']} cases", flush=True)
+    print(f"split: {split['patients']['train']} training ({split['patients']['val']} of them for validation) / "
+          f"{split['patients']['test']} test patients", flush=True)
 
-    runs = out / "runs"
-    for name, command in train_commands(args, split["train_dir"], runs).items():
-        folder = Path(command[command.index("--out_dir") + 1])
-        if (folder / "final.pt").is_file() and name in phases:
-            print(f"{name}: reusing {folder / 'final.pt'}")
-            continue
-        record(name, run_phase(name, command, out))
+    specs = row_specs(args)
+    needed = {n for unet, denoiser, _, _ in specs.values() for n in (unet, denoiser) if n}
+    needed |= {"denoiser", "unet_chain"}  # the UNets' validation; sample.py's preseg row
+    runs, samples = out / "runs", out / "samples"
+    plan = training_phases(args, split["train_dir"], runs, needed)
+    plan += sampling_phases(args, split, runs, samples, specs)
+    run_phases(plan, out, args.jobs, record)
 
-    run_dirs = {}
-    for row, sampler in run_names(args).items():
-        sample_dir = out / "samples" / row
-        run_dirs[row] = sample_dir
-        if (sample_dir / "summary.json").is_file() and f"sample_{row}" in phases:
-            print(f"sample_{row}: reusing {sample_dir}")
-            continue
-        command = sample_command(args, sampler, split["test_dir"], runs, sample_dir)
-        record(f"sample_{row}", run_phase(f"sample_{row}", command, out))
-
-    rows = compare_runs(run_dirs)
-    device = ", ".join(sorted({str(r["device"]) for r in rows}))
-    lines = budget_lines(args, split, phases, device)
-    table = format_table(rows)
-    text = "\n".join(f"- {line}" for line in lines) + "\n\n" + table
+    test_rows = compare_runs({row: samples / "test" / row for row in specs}, baseline=BASELINE_ROW)
+    val_rows = compare_runs({row: samples / "val" / row for row in specs}, baseline=BASELINE_ROW)
+    chosen = choose_row(val_rows)
+    text = report_text(args, split, phases, specs, test_rows, val_rows, chosen)
     (out / "table.md").write_text(text, encoding="utf-8")
     report = {"settings": settings_of(args), "split": split, "wall_seconds": phases,
-              "device": device, "hardware": hardware(args.device), "runs": rows}
+              "training_seconds": training_seconds(specs, phases), "hardware": hardware(args.device),
+              "chosen_on_validation": chosen, "test": test_rows, "val": val_rows}
     write_summary_json(report, out / "table.json")
     print()
     print(text, end="")

@@ -18,6 +18,13 @@ Every metric cell is the mean and a confidence interval of the mean from the t-d
 metric's range (with few, spread values a Dice interval may pass 1). nan values (HD95 where
 exactly one of prediction and label is empty) are left out and counted.
 
+With ``--baseline NAME`` every other row also gets the paired difference to that run: the
+mean and confidence interval of ``metric(run) - metric(baseline)`` over the units both runs
+scored (patients or volumes where the runs have them, else cases), matched by id. Pairs where
+either value is undefined are left out and counted. A paired interval answers "does this run
+improve on the baseline on the same patients", which two overlapping intervals of the means
+cannot.
+
 With ``--out FILE.md`` the table is written there and the rows, with every number, to
 ``FILE.json`` beside it.
 """
@@ -103,7 +110,40 @@ def _cases_digest(case_ids) -> str:
     return hashlib.sha1("\n".join(sorted(case_ids)).encode("utf-8")).hexdigest()[:12]
 
 
-def compare_runs(run_dirs: Mapping, *, confidence: float = DEFAULT_CONFIDENCE) -> list[dict]:
+def _units(rows: list[dict]) -> tuple[str, dict]:
+    """(kind, {id: row}) of the units a paired comparison uses: groups if any, else cases."""
+    for kind in (*GROUP_KINDS, "case"):
+        units = {r["case_id"]: r for r in rows if r.get("kind", "case") == kind}
+        if units:
+            return kind, units
+    return "case", {}
+
+
+def paired_difference(rows: list[dict], baseline_rows: list[dict], *,
+                      confidence: float = DEFAULT_CONFIDENCE) -> dict:
+    """Paired differences ``run - baseline`` per unit (see the module docstring).
+
+    Returns:
+        {"kind": patient|volume|case, "n_pairs": units in both runs,
+         metric: mean_ci of the differences (n_nan: pairs with an undefined value)}.
+    """
+    kind, mine = _units(rows)
+    base_kind, theirs = _units(baseline_rows)
+    if kind != base_kind:
+        raise EvaluationError(f"cannot pair {kind} rows with the baseline's {base_kind} rows")
+    common = sorted(set(mine) & set(theirs))
+    out = {"kind": kind, "n_pairs": len(common)}
+    for metric in METRICS:
+        diffs = []
+        for unit in common:
+            a, b = mine[unit].get(metric), theirs[unit].get(metric)
+            diffs.append(None if a is None or b is None else float(a) - float(b))
+        out[metric] = mean_ci(diffs, confidence)
+    return out
+
+
+def compare_runs(run_dirs: Mapping, *, confidence: float = DEFAULT_CONFIDENCE,
+                 baseline: str | None = None) -> list[dict]:
     """One row per run, in the order given.
 
     Args:
@@ -115,13 +155,18 @@ def compare_runs(run_dirs: Mapping, *, confidence: float = DEFAULT_CONFIDENCE) -
         "unet_evaluations_per_member", "seconds_per_image", "device", "cases" (a digest of
         the sorted case ids, equal for runs on the same cases),
         "case": {"n", "dice": mean_ci, "hd95": mean_ci},
-        "group": the same plus "kind" (patient|volume) for the group rows, or None}.
+        "group": the same plus "kind" (patient|volume) for the group rows, or None,
+        "paired": ``paired_difference`` to the ``baseline`` run (None for the baseline itself
+        or without one)}.
     """
     if not run_dirs:
         raise ConfigError("give at least one run as NAME=DIR")
+    if baseline is not None and baseline not in run_dirs:
+        raise ConfigError(f"--baseline {baseline!r} is not one of the runs ({', '.join(run_dirs)})")
+    loaded = {name: load_run(run_dir) for name, run_dir in run_dirs.items()}
     out = []
     for name, run_dir in run_dirs.items():
-        rows, summary = load_run(run_dir)
+        rows, summary = loaded[name]
         cases = [r for r in rows if r.get("kind", "case") == "case"]
         if not cases:
             raise EvaluationError(f"{Path(run_dir) / 'metrics.csv'} has no case rows")
@@ -143,16 +188,19 @@ def compare_runs(run_dirs: Mapping, *, confidence: float = DEFAULT_CONFIDENCE) -
             "cases": _cases_digest(r["case_id"] for r in cases),
             "case": _level(cases, confidence),
             "group": group,
+            "paired": (None if baseline is None or name == baseline
+                       else paired_difference(rows, loaded[baseline][0], confidence=confidence)),
         })
     return out
 
 
-def _cell(ci: dict | None, digits: int) -> str:
+def _cell(ci: dict | None, digits: int, signed: bool = False) -> str:
     if ci is None or ci["mean"] is None:
         return "-"
-    text = f"{ci['mean']:.{digits}f}"
+    sign = "+" if signed else ""
+    text = f"{ci['mean']:{sign}.{digits}f}"
     if ci["low"] is not None:
-        text += f" [{ci['low']:.{digits}f}, {ci['high']:.{digits}f}]"
+        text += f" [{ci['low']:{sign}.{digits}f}, {ci['high']:{sign}.{digits}f}]"
     if ci["n_nan"]:
         text += f" ({ci['n_nan']} n/a)"
     return text
@@ -174,13 +222,18 @@ def _evaluations(row: dict) -> str:
     return str(per_image)
 
 
-def format_table(rows: list[dict], *, confidence: float = DEFAULT_CONFIDENCE) -> str:
+def format_table(rows: list[dict], *, confidence: float = DEFAULT_CONFIDENCE,
+                 baseline: str | None = None) -> str:
     """Markdown table of ``compare_runs`` rows, with the notes that say how to read it."""
     kinds = sorted({r["group"]["kind"] for r in rows if r["group"] is not None})
     group_word = kinds[0] if len(kinds) == 1 else "group"
+    paired = [r["paired"] for r in rows if r.get("paired")]
+    pair_word = paired[0]["kind"] if paired else ""
     header = ["run", "sampler", "cases", "Dice per case", "HD95 per case"]
     if kinds:
         header += [f"{group_word}s", f"Dice per {group_word}", f"HD95 per {group_word}"]
+    if paired:
+        header += [f"Dice - {baseline} (paired, per {pair_word})", f"HD95 - {baseline} (paired)"]
     header += ["UNet evals / image", "s / image"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
@@ -189,6 +242,9 @@ def format_table(rows: list[dict], *, confidence: float = DEFAULT_CONFIDENCE) ->
         if kinds:
             g = r["group"]
             cells += [str(g["n"]) if g else "-", _cell(g and g["dice"], 3), _cell(g and g["hd95"], 2)]
+        if paired:
+            p = r.get("paired")
+            cells += [_cell(p and p["dice"], 3, signed=True), _cell(p and p["hd95"], 2, signed=True)]
         cells += [_evaluations(r), _seconds(r["seconds_per_image"])]
         lines.append("| " + " | ".join(cells) + " |")
     percent = f"{100 * confidence:g}%"
@@ -202,6 +258,11 @@ def format_table(rows: list[dict], *, confidence: float = DEFAULT_CONFIDENCE) ->
     ]
     if kinds:
         notes.append(f"Per-{group_word} rows score each {group_word}'s slices stacked in 3D.")
+    if paired:
+        notes.append(
+            f"Paired columns: mean [{percent} interval] of run - {baseline} over the same "
+            f"{pair_word}s; an interval above 0 (Dice) or below 0 (HD95) is a gain on those {pair_word}s."
+        )
     if len({r["cases"] for r in rows}) > 1:
         notes.append("Warning: the runs were not scored on the same cases.")
     return "\n".join(lines + notes) + "\n"
@@ -246,13 +307,17 @@ def create_argparser() -> argparse.ArgumentParser:
                         "it (empty: print only)")
     parser.add_argument("--confidence", type=float, default=DEFAULT_CONFIDENCE,
                         help="coverage of the confidence intervals of the mean (default: 0.95)")
+    parser.add_argument("--baseline", default="",
+                        help="NAME of the run that the others are compared with, paired per patient "
+                        "(or volume, or case); empty: no paired columns")
     return parser
 
 
 def main(argv=None) -> list[dict]:
     args = create_argparser().parse_args(argv)
-    rows = compare_runs(parse_runs(args.runs), confidence=args.confidence)
-    table = format_table(rows, confidence=args.confidence)
+    baseline = args.baseline or None
+    rows = compare_runs(parse_runs(args.runs), confidence=args.confidence, baseline=baseline)
+    table = format_table(rows, confidence=args.confidence, baseline=baseline)
     print(table, end="")
     if args.out:
         json_path = write_outputs(rows, table, args.out, confidence=args.confidence)

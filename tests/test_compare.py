@@ -142,3 +142,24 @@ def test_module_entry_point_prints_one_line_error(tmp_path):
     )
     assert result.returncode == 2
     assert result.stderr.strip() == f"error: run folder {missing} not found"
+
+
+def test_paired_difference_to_a_baseline_per_patient(tmp_path):
+    base_csv = METRICS_CSV.replace("p1,p1,patient,0.72,0.56,3.0", "p1,p1,patient,0.62,0.56,4.0").replace(
+        "p2,p2,patient,0.82,0.69,5.0", "p2,p2,patient,0.77,0.69,nan")
+    runs = {"preseg": write_run(tmp_path / "preseg", base_csv, sampler="preseg"),
+            "addpm": write_run(tmp_path / "addpm")}
+    rows = compare_runs(runs, baseline="preseg")
+    assert rows[0]["paired"] is None
+    paired = rows[1]["paired"]
+    # Dice: p1 0.72 - 0.62 = 0.10, p2 0.82 - 0.77 = 0.05: mean 0.075, s = 0.05 / sqrt(2).
+    assert paired["kind"] == "patient" and paired["n_pairs"] == 2
+    assert paired["dice"]["mean"] == pytest.approx(0.075)
+    half = 12.706204736174698 * (0.05 / math.sqrt(2)) / math.sqrt(2)
+    assert paired["dice"]["low"] == pytest.approx(0.075 - half)
+    # HD95: p2's baseline is undefined, so one pair (3 - 4 = -1) and one counted n/a.
+    assert paired["hd95"]["mean"] == pytest.approx(-1.0) and paired["hd95"]["n_nan"] == 1
+    table = format_table(rows, baseline="preseg")
+    assert "Dice - preseg (paired, per patient)" in table and "+0.075 [" in table
+    with pytest.raises(ConfigError, match="--baseline"):
+        compare_runs(runs, baseline="ddpm")
