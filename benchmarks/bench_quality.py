@@ -316,9 +316,13 @@ def _start(phase: Phase, out: Path):
     return proc, log, log_path, time.perf_counter()
 
 
-def run_phases(phases: list, out: Path, jobs: int, record) -> None:
-    """Run the phases not yet done, at most ``jobs`` at once, each after the phases it needs."""
-    pending = [p for p in phases if not (p.done_file.is_file() and record.get(p.name) is not None)]
+def run_phases(phases: list, out: Path, jobs: int, finished: dict, record) -> None:
+    """Run the phases not yet done, at most ``jobs`` at once, each after the phases it needs.
+
+    ``finished``: the phase times recorded so far (a phase counts as done when it is there and
+    its done file exists); ``record(name, seconds)`` is called as each phase ends.
+    """
+    pending = [p for p in phases if not (p.done_file.is_file() and p.name in finished)]
     for p in phases:
         if p not in pending:
             print(f"{p.name}: reusing {p.done_file}")
@@ -479,7 +483,7 @@ def main(argv=None) -> dict:
     runs, samples = out / "runs", out / "samples"
     plan = training_phases(args, split["train_dir"], runs, needed)
     plan += sampling_phases(args, split, runs, samples, specs)
-    run_phases(plan, out, args.jobs, record)
+    run_phases(plan, out, args.jobs, phases, record)
 
     test_rows = compare_runs({row: samples / "test" / row for row in specs}, baseline=BASELINE_ROW)
     val_rows = compare_runs({row: samples / "val" / row for row in specs}, baseline=BASELINE_ROW)
