@@ -7,7 +7,9 @@
 
 Outputs in the log folder: ``progress.csv`` (its header is rewritten when new keys appear,
 as improved-diffusion does), ``progress.jsonl`` (one JSON object per dump), ``log.txt``
-(the tables and ``log(...)`` lines). Only rank 0 writes anything. Paths go through blobfile,
+(the tables and ``log(...)`` lines), ``curves.png`` (loss, learning rate and validation Dice
+against the step, ``guided_diffusion.curves``; redrawn after a dump at most every
+``CURVES_SECONDS`` and by ``draw_curves()`` at the end of a run; local folders only). Only rank 0 writes anything. Paths go through blobfile,
 so the folder may be a cloud URL; nothing is opened before ``configure`` or the first write.
 Before ``configure``, output goes to stdout only.
 """
@@ -16,13 +18,19 @@ import csv
 import datetime
 import io
 import json
+import math
 import numbers
 import os
 import sys
+import time
 
 import blobfile as bf
 
-FORMATS = ("stdout", "csv", "jsonl", "log")
+from guided_diffusion import curves
+
+FORMATS = ("stdout", "csv", "jsonl", "log", "curves")
+# Redrawing costs a few tenths of a second: not after every dump of a fast run.
+CURVES_SECONDS = 20.0
 
 _CSV_NAME = "progress.csv"
 _JSONL_NAME = "progress.jsonl"
@@ -86,6 +94,7 @@ class Logger:
         self.name2val = {}
         self.name2cnt = {}
         self._csv_keys = []
+        self._curves_drawn = -math.inf
         if self.writes and any(fmt != "stdout" for fmt in self.formats):
             bf.makedirs(dir)
 
@@ -120,7 +129,22 @@ class Logger:
             self._append(_JSONL_NAME, json.dumps(kvs, sort_keys=True, default=str) + "\n")
         if "csv" in self.formats:
             self._write_csv(kvs)
+        if time.monotonic() - self._curves_drawn >= CURVES_SECONDS:
+            self.draw_curves()
         return kvs
+
+    def draw_curves(self) -> None:
+        """Redraw curves.png from progress.csv (rank 0, local folders, with "curves" and "csv")."""
+        if not (self.writes and "curves" in self.formats and "csv" in self.formats) or "://" in self.dir:
+            return
+        if not bf.exists(bf.join(self.dir, curves.PROGRESS_NAME)):
+            return
+        try:
+            curves.draw_run_curves(self.dir)
+        except OSError as err:
+            # A picture must not end a training run; the numbers are in progress.csv.
+            self.log(f"curves.png not drawn: {err}")
+        self._curves_drawn = time.monotonic()
 
     def log(self, *args) -> None:
         if not self.writes:
@@ -184,7 +208,7 @@ def configure(dir=None, rank: int | None = None, formats=FORMATS) -> str:
 
     :param dir: the log folder; None -> ``$OPENAI_LOGDIR``, else ./logs/addpm-<date-time>.
     :param rank: this process's rank; only rank 0 writes. None -> ``$RANK`` (torchrun), else 0.
-    :param formats: any of "stdout", "csv", "jsonl", "log".
+    :param formats: any of "stdout", "csv", "jsonl", "log", "curves".
     """
     global _current
     if dir is None:
@@ -219,6 +243,11 @@ def dumpkvs() -> dict:
 def log(*args) -> None:
     """A free-text line to stdout and log.txt (rank 0)."""
     _logger().log(*args)
+
+
+def draw_curves() -> None:
+    """Redraw curves.png now (the trainers call it when a run ends)."""
+    _logger().draw_curves()
 
 
 def reset() -> None:

@@ -377,9 +377,14 @@ class TrainLoop:
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{stats['loss']:.4f}", refresh=False)
-                if self.val_interval and self.step % self.val_interval == 0:
+                validated = bool(self.val_interval) and self.step % self.val_interval == 0
+                if validated:
+                    # The validation's time is left out of the interval's samples per second.
+                    started = time.perf_counter()
                     self.validate()
-                if self.step % self.log_interval == 0:
+                    interval_start += time.perf_counter() - started
+                # A validation row is dumped at its own step, with the interval's training means.
+                if self.step % self.log_interval == 0 or validated:
                     self._dump(interval_samples, interval_start)
                     interval_start, interval_samples = time.perf_counter(), 0
                 if self.step % self.save_interval == 0:
@@ -396,6 +401,7 @@ class TrainLoop:
                 self._dump(interval_samples, interval_start)
             elif validate_last:
                 logger.dumpkvs()
+            logger.draw_curves()
             # Checked before the final save, so that a diverged run leaves no final.pt.
             self.check_consistent_across_ranks()
             self.save(final=True)

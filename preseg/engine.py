@@ -523,6 +523,7 @@ def train(*, kind, model, config, train_set, val_set, batch_to_input_target, opt
     if has_val and state.validated_step != state.step:
         validate()
         logger.dumpkvs()
+    logger.draw_curves()
     final_path = bf.join(out_dir, "final.pt")
     save(final_path, training_state=True)
     logger.log(f"saved {final_path} at step {state.step}")
