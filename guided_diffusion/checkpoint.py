@@ -16,6 +16,7 @@ Resume reads the step from inside the file, not from its name (renaming saved fi
 silently drop the EMA and optimizer state).
 """
 
+import hashlib
 import io
 import os
 import pickle
@@ -312,6 +313,19 @@ def list_checkpoints(folder, kind: str | None = None) -> list[tuple[int, str]]:
         del obj
     found.sort(key=lambda item: item[0])
     return found
+
+
+def file_sha256(path) -> str:
+    """SHA-256 of a file, read through blobfile as the checkpoint loaders read it, so a cloud
+    URL is hashed as it loads."""
+    digest = hashlib.sha256()
+    try:
+        with bf.BlobFile(os.fspath(path), "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except (OSError, bf.Error) as err:
+        raise CheckpointError(f"{path}: cannot read it to record its SHA-256 ({err})") from None
+    return digest.hexdigest()
 
 
 def _is_zip(path: str) -> bool:
