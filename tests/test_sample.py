@@ -162,7 +162,7 @@ def sha256(path: Path) -> str:
 
 def assert_no_temp_files(out: Path) -> None:
     """Every file is written under a temporary name and renamed; none may be left over."""
-    leftovers = [str(p) for p in out.rglob(".tmp*")]
+    leftovers = [str(p) for p in out.rglob(".*") if ".tmp" in p.name]
     assert not leftovers, leftovers
 
 
@@ -636,3 +636,47 @@ def test_remote_model_path_is_hashed_through_blobfile(trained, tmp_path, capfd, 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["checkpoints"]["model_path"] == {"path": url, "sha256": sha256(trained["diffusion"]),
                                                     "weights": summary["checkpoints"]["model_path"]["weights"]}
+
+
+def test_unicode_names_keep_their_own_stems(tmp_path, capfd):
+    """``病例 2.png`` and ``2.png`` are two cases, and every output keeps the input's stem."""
+    from PIL import Image
+
+    from evaluation.cli import evaluate_folders
+
+    data = tmp_path / "kvasir"
+    for folder in ("images", "masks"):
+        (data / folder).mkdir(parents=True)
+    masks = {}
+    for n, stem in enumerate(("病例 2", "2")):
+        image = np.full((20, 24, 3), 40 + 30 * n, dtype=np.uint8)
+        mask = np.zeros((20, 24), dtype=np.uint8)
+        mask[4 + n:12, 5:15 + n] = 255
+        Image.fromarray(image).save(data / "images" / f"{stem}.png")
+        Image.fromarray(mask).save(data / "masks" / f"{stem}.png")
+        masks[stem] = mask
+    assert sorted(case_ids(data)) == ["2", "病例 2"]
+    out = tmp_path / "out"
+    code, err = sample_main(capfd, "--data_dir", data, "--sampler", "preseg", "--preseg_dir", data / "masks",
+                            "--image_size", 24, "--device", "cpu", "--out_dir", out)
+    assert code == 0, err
+    for stem, mask in masks.items():
+        np.testing.assert_array_equal(np.asarray(Image.open(out / "masks" / f"{stem}.png")), mask)
+        assert (out / "cases" / f"{stem}.npz").is_file() and (out / "overlays" / f"{stem}.png").is_file()
+    assert sorted(r["case_id"] for r in read_metrics(out)) == ["2", "病例 2"]
+    rows, info = evaluate_folders(out / "masks", data / "masks")
+    assert sorted(r["case_id"] for r in rows) == ["2", "病例 2"] and all(r["dice"] == 1.0 for r in rows)
+
+
+def test_rerun_removes_the_temporary_files_of_a_killed_run(trained, addpm_run, tmp_path, capfd):
+    from tests.test_run_folders import killed_writer
+
+    out = tmp_path / "out"
+    shutil.copytree(addpm_run, out)
+    cid = case_ids(trained["test_dir"])[0]
+    stale = [killed_writer(out / "masks" / f"{cid}.nii.gz"), killed_writer(out / "cases" / f"{cid}.npz"),
+             killed_writer(out / "summary.json")]
+    code, err = sample_main(capfd, *addpm_flags(trained), "--out_dir", out)
+    assert code == 0, err
+    assert not any(path.exists() for path in stale)
+    assert_no_temp_files(out)
