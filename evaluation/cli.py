@@ -37,6 +37,7 @@ from evaluation.report import (
     write_summary_json,
 )
 from data.layouts import DATASET_CHOICES, scan
+from guided_diffusion.atomic import remove_stale_temp_files
 from guided_diffusion.errors import ConfigError
 
 DATASETS = ("files",) + tuple(d for d in DATASET_CHOICES if d != "auto")
@@ -223,6 +224,7 @@ def main(argv=None) -> None:
     summary = summarize(rows)
     summary.update(info, dataset=args.dataset, classes=list(classes), foreground_labels=list(foreground_labels))
     out_dir = Path(args.out_dir or args.pred_dir)
+    remove_stale_temp_files(out_dir, depth=0)
     try:
         write_metrics_csv(rows, out_dir / "metrics.csv")
         write_summary_json(summary, out_dir / "summary.json")

@@ -258,3 +258,21 @@ def test_denoiser_takes_the_diffusion_flags_and_records_the_ignored_ones(demo_di
                                        "rescale_timesteps": False, "rescale_learned_sigmas": False}
     assert (config["diffusion_steps"], config["noise_schedule"]) == (1000, "cosine")
     assert "ignored (they do not concern the denoising net): " in (out / "log.txt").read_text()
+
+
+def test_mask_of_another_size_stops_a_trainer_before_it_writes(tmp_path, capfd):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    for folder in ("images", "masks"):
+        (data / folder).mkdir(parents=True)
+    for n in range(4):
+        Image.fromarray(np.full((32, 32, 3), 50 + n, dtype=np.uint8)).save(data / "images" / f"c{n}.png")
+        size = (30, 32) if n == 3 else (32, 32)
+        Image.fromarray(np.zeros(size, dtype=np.uint8)).save(data / "masks" / f"c{n}.png")
+    out = tmp_path / "run"
+    code, lines = run_main(capfd, "train_preseg_network.py", "--data_dir", data, *TINY_NET, "--max_steps", 2,
+                           "--val_fraction", 0, "--out_dir", out)
+    assert code == 2 and lines == [f"error: mask {data / 'masks' / 'c3.png'} has shape (30, 32) but image "
+                                   f"{data / 'images' / 'c3.png'} has shape (32, 32)"]
+    assert not out.exists()
