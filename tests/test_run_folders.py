@@ -89,6 +89,14 @@ def killed_writer(target: Path) -> Path:
 # A lost final.pt, and the temporary files of writers that were killed
 
 
+def assert_final_equals(out: Path, numbered: str) -> None:
+    """final.pt holds step 4, with the weights of the numbered checkpoint of that step."""
+    final, saved = load_checkpoint(out / "final.pt"), load_checkpoint(out / numbered)
+    assert final["step"] == saved["step"] == 4
+    for key, value in saved["model"].items():
+        assert torch.equal(value, final["model"][key]), key
+
+
 def test_train_addpm_writes_a_lost_final_pt_and_removes_stale_temp_files(demo_dir, tmp_path):
     out = tmp_path / "run"
     first = run_script("train_addpm.py", "--data_dir", demo_dir, *TINY_UNET, "--max_steps", 4,
@@ -103,10 +111,7 @@ def test_train_addpm_writes_a_lost_final_pt_and_removes_stale_temp_files(demo_di
         assert resumed.returncode == 0, resumed.stderr[-2000:]
         assert Path(live).is_file()
     assert not stale.exists()
-    final, numbered = load_checkpoint(out / "final.pt"), load_checkpoint(out / "diffusion_0000004.pt")
-    assert final["step"] == 4
-    for key, value in numbered["model"].items():
-        assert torch.equal(value, final["model"][key]), key
+    assert_final_equals(out, "diffusion_0000004.pt")
     # Nothing left to do and final.pt up to date: it is not written again.
     mtime = (out / "final.pt").stat().st_mtime_ns
     again = run_script("train_addpm.py", "--data_dir", demo_dir, *TINY_UNET, "--max_steps", 4,
@@ -131,10 +136,7 @@ def test_preseg_engine_writes_a_lost_final_pt_and_removes_stale_temp_files(demo_
     stale = killed_writer(tmp_path / "preseg_0000004.pt")
     assert run(resume="auto").step == 4
     assert not stale.exists()
-    final, numbered = load_checkpoint(tmp_path / "final.pt"), load_checkpoint(tmp_path / "preseg_0000004.pt")
-    assert final["step"] == 4
-    for key, value in numbered["model"].items():
-        assert torch.equal(value, final["model"][key]), key
+    assert_final_equals(tmp_path, "preseg_0000004.pt")
     mtime = (tmp_path / "final.pt").stat().st_mtime_ns
     run(resume="auto")
     assert (tmp_path / "final.pt").stat().st_mtime_ns == mtime
