@@ -24,10 +24,12 @@ as the image diagonal in mm.
 
 With ``--baseline NAME`` every other row also gets the paired difference to that run: the
 mean and confidence interval of ``metric(run) - metric(baseline)`` over the units both runs
-scored (patients or volumes where the runs have them, else cases), matched by id. Pairs where
-either value is undefined are left out and counted. A paired interval answers "does this run
-improve on the baseline on the same patients", which two overlapping intervals of the means
-cannot.
+scored (patients or volumes where the runs have them, else cases), matched by id, of the same
+per-unit values the means take: a unit both empty in either run is left out and counted
+(``n_both_empty``), pairs where either value is undefined (an HD95 miss) are left out and
+counted, and "HD95, miss = diagonal" pairs every other unit. A paired interval answers "does
+this run improve on the baseline on the same patients", which two overlapping intervals of the
+means cannot.
 
 With ``--out FILE.md`` the table is written there and the rows, with every number, to
 ``FILE.json`` beside it.
@@ -140,13 +142,13 @@ def paired_difference(rows: list[dict], baseline_rows: list[dict], *,
     if kind != base_kind:
         raise EvaluationError(f"cannot pair {kind} rows with the baseline's {base_kind} rows")
     common = sorted(set(mine) & set(theirs))
-    # The convention of the means: a unit both empty (in either run) enters no difference.
+    # The convention of the means: a unit both empty (in either run) is in neither run's mean
+    # (or only in one), so it enters no difference.
     scored = [u for u in common if not (is_both_empty(mine[u]) or is_both_empty(theirs[u]))]
     out = {"kind": kind, "n_pairs": len(scored), "n_both_empty": len(common) - len(scored)}
-    common = scored
     for metric in METRICS:
         diffs = []
-        for unit in common:
+        for unit in scored:
             a, b = mine[unit].get(metric), theirs[unit].get(metric)
             diffs.append(None if a is None or b is None else float(a) - float(b))
         out[metric] = mean_ci(diffs, confidence)
@@ -260,7 +262,8 @@ def format_table(rows: list[dict], *, confidence: float = DEFAULT_CONFIDENCE,
     for _, word in levels:
         header += [f"{word}s", f"Dice per {word}", f"HD95 per {word}", f"HD95 per {word}, miss = diagonal"]
     if paired:
-        header += [f"Dice - {baseline} (paired, per {pair_word})", f"HD95 - {baseline} (paired)"]
+        header += [f"Dice - {baseline} (paired, per {pair_word})", f"HD95 - {baseline} (paired)",
+                   f"HD95, miss = diagonal - {baseline} (paired)"]
     header += ["UNet evals / image", "s / image"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
@@ -269,7 +272,8 @@ def format_table(rows: list[dict], *, confidence: float = DEFAULT_CONFIDENCE,
             cells += _level_cells(r[key])
         if paired:
             p = r.get("paired")
-            cells += [_cell(p and p["dice"], 3, signed=True), _cell(p and p["hd95"], 2, signed=True)]
+            cells += [_cell(p and p["dice"], 3, signed=True), _cell(p and p["hd95"], 2, "miss", signed=True),
+                      _cell(p and p["hd95_penalized"], 2, signed=True)]
         cells += [_evaluations(r), _seconds(r["seconds_per_image"])]
         lines.append("| " + " | ".join(cells) + " |")
     percent = f"{100 * confidence:g}%"
@@ -287,8 +291,10 @@ def format_table(rows: list[dict], *, confidence: float = DEFAULT_CONFIDENCE,
     if paired:
         notes.append(
             f"Paired columns: mean [{percent} interval] of run - {baseline} over the same "
-            f"{pair_word}s, leaving out those that are both empty in either run; an interval above 0 "
-            f"(Dice) or below 0 (HD95) is a gain on those {pair_word}s."
+            f"{pair_word}s, of the per-{pair_word} values the means above take: a {pair_word} both "
+            f"empty in either run is left out, a miss in either run leaves the HD95 pair out (counted "
+            f"as miss) and enters miss = diagonal with the diagonal; an interval above 0 (Dice) or "
+            f"below 0 (HD95) is a gain on those {pair_word}s."
         )
     if len({r["cases"] for r in rows}) > 1:
         notes.append("Warning: the runs were not scored on the same cases.")

@@ -175,3 +175,45 @@ def test_paired_difference_to_a_baseline_per_patient(tmp_path):
     assert "Dice - preseg (paired, per patient)" in table and "+0.075 [" in table
     with pytest.raises(ConfigError, match="--baseline"):
         compare_runs(runs, baseline="ddpm")
+
+
+PAIRED_BASE_CSV = """\
+case_id,group_id,kind,dice,iou,hd95,hd95_penalized,assd,pred_voxels,label_voxels,preseg_dice
+p1_000,p1,case,0.5,0.33,3.0,3.0,1.0,10,12,0.5
+p2_000,p2,case,0.0,0.0,nan,50.0,,0,9,0.0
+p3_000,p3,case,1.0,1.0,0.0,0.0,0.0,0,0,1.0
+p1,p1,patient,0.5,0.33,3.0,3.0,1.0,10,12,0.5
+p2,p2,patient,0.0,0.0,nan,50.0,,0,9,0.0
+p3,p3,patient,1.0,1.0,0.0,0.0,0.0,0,0,1.0
+"""
+PAIRED_RUN_CSV = """\
+case_id,group_id,kind,dice,iou,hd95,hd95_penalized,assd,pred_voxels,label_voxels,preseg_dice
+p1_000,p1,case,0.7,0.54,2.0,2.0,1.0,10,12,0.5
+p2_000,p2,case,0.6,0.43,10.0,10.0,2.0,8,9,0.0
+p3_000,p3,case,0.0,0.0,nan,50.0,,4,0,1.0
+p1,p1,patient,0.7,0.54,2.0,2.0,1.0,10,12,0.5
+p2,p2,patient,0.6,0.43,10.0,10.0,2.0,8,9,0.0
+p3,p3,patient,0.0,0.0,nan,50.0,,4,0,1.0
+"""
+
+
+def test_paired_difference_takes_the_values_of_the_means(tmp_path):
+    # p3 is empty in label and baseline prediction: out of the baseline's means, so out of every
+    # pair (although the run's false positive scores 0 there). p2 is a miss of the baseline.
+    runs = {"preseg": write_run(tmp_path / "preseg", PAIRED_BASE_CSV, sampler="preseg"),
+            "addpm": write_run(tmp_path / "addpm", PAIRED_RUN_CSV)}
+    rows = compare_runs(runs, baseline="preseg")
+    base_group, paired = rows[0]["group"], rows[1]["paired"]
+    assert base_group["n_both_empty"] == 1 and base_group["dice"]["mean"] == pytest.approx(0.25)
+    assert (paired["n_pairs"], paired["n_both_empty"]) == (2, 1)
+    # Dice: p1 +0.2, p2 +0.6 -- the same per-patient values as the two runs' Dice columns.
+    assert paired["dice"]["mean"] == pytest.approx(0.4) and paired["dice"]["n"] == 2
+    # HD95: p2's baseline is a miss, so one pair (2 - 3); miss = diagonal pairs both (-1, -40).
+    assert (paired["hd95"]["n"], paired["hd95"]["n_nan"]) == (1, 1)
+    assert paired["hd95"]["mean"] == pytest.approx(-1.0)
+    assert paired["hd95_penalized"]["n"] == 2 and paired["hd95_penalized"]["mean"] == pytest.approx(-20.5)
+    table = format_table(rows, baseline="preseg")
+    header = table.splitlines()[0]
+    assert "| HD95, miss = diagonal - preseg (paired) |" in header
+    assert "| -1.00 (1 miss) | -20.50 [" in table.splitlines()[3]
+    assert "both empty in either run is left out" in table
