@@ -9,9 +9,11 @@ diffusion checkpoint. The original ADDPM command also runs as it is:
     python sample.py --data_dir DIR --model_path savedmodel.pt --file_list 0 --pre_t 300 --en_num 0
 
 A raw state dict written by improved-diffusion-based segmentation code loads as the diffusion
-model when MODEL_FLAGS and DIFFUSION_FLAGS are given (and --mask_space 01 for models trained on
-{0,1} masks). Under torchrun the cases are split across ranks and rank 0 merges the results.
-Outputs are listed in README.md ("Outputs of sample.py").
+model when MODEL_FLAGS and DIFFUSION_FLAGS are given; it samples in the {0,1} mask space the
+original ADDPM and Wolleb et al. code trains on (--mask_space pm1 for one trained on {-1,+1}).
+``--sampler preseg`` needs no diffusion model: ``--preseg_path`` alone scores the
+pre-segmentation net with its own preprocessing. Under torchrun the cases are split across
+ranks and rank 0 merges the results. Outputs are listed in README.md ("Outputs of sample.py").
 """
 
 import argparse
@@ -23,11 +25,12 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
-from data import DATA_HELP, Preprocess, collate, create_dataset, data_defaults
+from data import DATA_HELP, Preprocess, collate, create_dataset, data_defaults, preprocess_from_args
 from denoiser import load_final_step
-from evaluation.outputs import CaseWriter, finish_run, select_cases
+from evaluation.outputs import CaseWriter, checkpoint_hashes, finish_run, run_settings, select_cases
 from evaluation.uncertainty import FUSIONS
 from guided_diffusion import dist_util
+from guided_diffusion.atomic import check_writable_dir
 from guided_diffusion.errors import ConfigError
 from guided_diffusion.loading import load_diffusion_model
 from guided_diffusion.script_util import (
@@ -59,7 +62,7 @@ SAMPLE_HELP = {
     "sampler": "addpm (truncated reverse process + denoiser), ddpm (all steps from noise), "
     "ddim (--sampling_steps K from noise), preseg (the pre-segmentation alone)",
     "pre_t": "level at which the noised pre-segmentation enters the reverse process",
-    "T": "level where the truncated process ends; -1 = the denoiser checkpoint's T "
+    "T": "level where the truncated process ends, >= 0; -1 = the denoiser checkpoint's T "
     "(a different value is refused); 250 when --final_step x0 without a denoiser",
     "sampling_steps": "UNet evaluations per member: addpm spaces them inside [pre_t, T], "
     "ddim from pure noise, ddpm respaces the chain; 0 = every step",
@@ -75,12 +78,19 @@ SAMPLE_HELP = {
     "out_dir": "where masks, uncertainty maps, overlays, metrics.csv and summary.json go",
     "save_preseg": "also write the pre-segmentation of every case",
     "save_overlays": "write overlays/<case_id>.png",
-    "overwrite": "recompute cases whose results already exist",
+    "overwrite": "recompute cases whose results already exist, also when --out_dir holds results "
+    "of other settings (refused otherwise)",
     "seed": "seed of the sampling noise: each batch draws from a torch.Generator seeded by --seed, --en_num and its case ids",
     "device": "auto, cpu, cuda, cuda:N or mps",
     "precision": "fp32, bf16 or fp16 (CUDA) autocast for the networks",
     "progress_steps": "show a progress bar over the reverse steps too",
 }
+# A raw state dict records nothing; the original ADDPM and Wolleb et al. code trains on {0,1}.
+RAW_MASK_SPACE = "01"
+RAW_MASK_SPACE_HELP = (
+    "only for a raw state dict (our checkpoints record their own): the mask space it was trained "
+    "in; 01 ({0,1}, as the original ADDPM and Wolleb et al. code trains) or pm1 ({-1,+1})"
+)
 
 
 def sample_defaults():
@@ -99,14 +109,16 @@ def create_argparser():
         description=__doc__.split("\n")[0],
         epilog="The UNet and diffusion flags (MODEL_FLAGS, DIFFUSION_FLAGS) and --image_size, "
         "--resize_mode, --label_mode, --foreground_labels are read only when --model_path is a raw "
-        "state dict; a checkpoint of train_addpm.py records its own.",
+        "state dict (the preprocessing flags also for --sampler preseg --preseg_dir without "
+        "--model_path); a checkpoint of train_addpm.py records its own.",
     )
     data_flags = {k: v for k, v in data_defaults().items() if k in SAMPLE_DATA_FLAGS}
     add_dict_to_argparser(parser, data_flags, DATA_HELP)
     add_dict_to_argparser(parser, sample_defaults(), SAMPLE_HELP)
     # Only read for a raw state dict; our checkpoints carry their own model and preprocessing flags.
     add_dict_to_argparser(parser, unet_defaults(), HELP)
-    add_dict_to_argparser(parser, diffusion_defaults(), HELP)
+    add_dict_to_argparser(parser, {**diffusion_defaults(), "mask_space": RAW_MASK_SPACE},
+                          {**HELP, "mask_space": RAW_MASK_SPACE_HELP})
     return parser
 
 
@@ -114,28 +126,34 @@ def main():
     args = create_argparser().parse_args()
     check_flags(args)
     ctx = dist_util.setup_dist(args.device)
-    bundle = load_diffusion_model(args, ctx.device)
-    preprocess = Preprocess.from_dict(bundle.config["preprocess"])
-    preseg = load_preseg_source(args, preprocess, ctx.device)
+    bundle = load_diffusion_source(args, ctx)
+    preseg, preprocess = load_preseg_source(args, bundle, ctx.device)
     denoise_fn, T = final_step(args, bundle, preprocess, ctx.device)
     plan = plan_sampler(
-        args.sampler, num_timesteps=bundle.diffusion.num_timesteps, pre_t=args.pre_t, T=T,
-        sampling_steps=args.sampling_steps, step_method=args.step_method, eta=args.eta,
+        args.sampler, num_timesteps=bundle.diffusion.num_timesteps if bundle else 0, pre_t=args.pre_t,
+        T=T, sampling_steps=args.sampling_steps, step_method=args.step_method, eta=args.eta,
         final_step=args.final_step, timestep_respacing=args.timestep_respacing,
     )
-    warning = untrained_levels_warning(plan, bundle.config.get("training"), args.model_path)
+    warning = untrained_levels_warning(plan, bundle.config.get("training"), args.model_path) if bundle else ""
     if warning and ctx.is_main:
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     num_members = 1 if plan.sampler == "preseg" else args.num_ensemble
+    diffusion, model, mask_space = (bundle.diffusion, bundle.model, bundle.mask_space) if bundle else (None,) * 3
 
     dataset = create_dataset(
         args.data_dir, dataset=args.dataset, preprocess=preprocess, subset="all",
         mask_suffix=args.mask_suffix, keep_original_label=True,
     )
     selected = select_cases(dataset, args.file_list)
-    writer = CaseWriter(args, dataset, plan, bundle, preprocess, num_members, ctx)
+    checkpoints = checkpoint_hashes(args, bundle, plan)
+    settings = run_settings(args, plan, num_members=num_members, preprocess=dataset.preprocess,
+                            mask_space=mask_space, checkpoints=checkpoints)
+    writer = CaseWriter(args, dataset, plan, dataset.preprocess, num_members, ctx, settings=settings,
+                        checkpoints=checkpoints)
+    writer.check_out_dir()
     todo = [i for i in selected[ctx.rank :: ctx.world_size] if args.overwrite or not writer.is_done(i)]
     check_preseg_dir(args, plan, dataset, todo)
+    writer.start()
     loader = DataLoader(
         Subset(dataset, todo), batch_size=args.batch_size, shuffle=False,
         num_workers=args.num_workers, collate_fn=collate,
@@ -149,8 +167,8 @@ def main():
             with autocast:
                 preseg_probs = preseg(batch) if preseg is not None else None
                 members = sample_members(
-                    plan, diffusion=bundle.diffusion, model=bundle.model, images=images,
-                    num_ensemble=num_members, mask_space=bundle.mask_space, preseg_probs=preseg_probs,
+                    plan, diffusion=diffusion, model=model, images=images,
+                    num_ensemble=num_members, mask_space=mask_space, preseg_probs=preseg_probs,
                     denoise_fn=denoise_fn, generator=generator, progress=args.progress_steps and ctx.is_main,
                 )
             members = members.float().cpu()
@@ -172,18 +190,48 @@ def check_flags(args):
         raise ConfigError(f"--batch_size must be >= 1, got {args.batch_size}")
     if args.num_workers < 0:
         raise ConfigError(f"--num_workers must be >= 0, got {args.num_workers}")
+    if args.T < -1:
+        raise ConfigError(f"--T {args.T}: give a level >= 0, or -1 for the denoiser checkpoint's T")
+    if not args.model_path and args.sampler != "preseg":
+        raise ConfigError(f"--model_path is required for --sampler {args.sampler} (a diffusion checkpoint "
+                          "from train_addpm.py); only --sampler preseg runs without one")
+    check_writable_dir(args.out_dir, "--out_dir")
 
 
-def load_preseg_source(args, preprocess, device):
-    """The pre-segmentation source (None when the sampler needs none)."""
+def load_diffusion_source(args, ctx):
+    """The diffusion model; None for --sampler preseg without --model_path."""
+    if not args.model_path:
+        return None
+    bundle = load_diffusion_model(
+        args.model_path, ctx.device, use_ema=args.use_ema, raw_flags=vars(args),
+        # The data flags describe a raw state dict's preprocessing (data/ builds it).
+        raw_preprocess=lambda: preprocess_from_args(args).to_dict(),
+    )
+    if bundle.weights == "raw" and ctx.is_main:
+        print(f"note: {args.model_path} is a raw state dict: sampling with --mask_space {bundle.mask_space} "
+              f"(the default 01 is the original ADDPM / Wolleb et al. code's {{0,1}} masks; pass "
+              "--mask_space pm1 for a model trained on {-1,+1})", flush=True)
+    return bundle
+
+
+def load_preseg_source(args, bundle, device):
+    """(pre-segmentation source or None when the sampler needs none, the preprocessing of the run).
+
+    The preprocessing is the diffusion model's; without one (--sampler preseg), the
+    pre-segmentation checkpoint's, or for --preseg_dir masks the data flags'.
+    """
     if args.preseg_dir and args.preseg_path != DEFAULT_PRESEG_PATH:
         raise ConfigError("give --preseg_path or --preseg_dir, not both")
+    preprocess = Preprocess.from_dict(bundle.config["preprocess"]) if bundle else None
     if args.sampler not in ("addpm", "preseg"):
-        return None
-    return PresegSource.from_flags(
+        return None, preprocess
+    if args.preseg_dir and preprocess is None:
+        preprocess = preprocess_from_args(args)
+    source = PresegSource.from_flags(
         preseg_path="" if args.preseg_dir else args.preseg_path, preseg_dir=args.preseg_dir,
         preprocess=preprocess, device=device,
     )
+    return source, source.preprocess
 
 
 def final_step(args, bundle, preprocess, device):

@@ -16,8 +16,10 @@ folder that already holds checkpoints is refused unless the run resumes. The run
 ``--max_steps`` or ``--lr_anneal_steps`` (both 0: when stopped). ``--resume auto`` continues from
 the newest checkpoint in ``--out_dir`` (``--resume_checkpoint PATH``: from that file) with its
 weights, EMA, optimizer state, step and data position; the step counter continues, so
-``--max_steps`` is the total. A non-finite loss stops the run with one line naming the last
-good checkpoint.
+``--max_steps`` is the total; a resumed run that is already at its end step writes a missing
+``final.pt``. A non-finite loss stops the run with one line naming the last good checkpoint.
+Nothing is written before the flags, the data and a resumed checkpoint are checked; temporary
+files that a killed run left in ``--out_dir`` are removed.
 
 Beyond the paper (each off by default; see README "Training where ADDPM samples"):
 
@@ -49,6 +51,7 @@ from data import DATA_HELP, collate, data_defaults, dataset_from_args
 from denoiser import load_final_step
 from evaluation.validation import AddpmValidator
 from guided_diffusion import dist_util, logger
+from guided_diffusion.atomic import check_writable_dir, remove_stale_temp_files
 from guided_diffusion.checkpoint import newest_checkpoint
 from guided_diffusion.errors import ConfigError
 from guided_diffusion.script_util import (
@@ -131,9 +134,11 @@ def resume_path(args, out_dir: str) -> str:
 
 def main(argv=None) -> None:
     args = create_argparser().parse_args(argv)
+    logger.reset()
     ctx = dist_util.setup_dist(args.device)
     try:
-        # Every flag is checked before the data is read and before anything is written.
+        # Every flag is checked before the data is read, and a resumed checkpoint before anything
+        # is written.
         precision = dist_util.resolve_precision(args.precision, args.use_fp16)
         parse_ema_rates(args.ema_rate)
         unet_flags = args_to_dict(args, unet_defaults().keys())
@@ -143,6 +148,7 @@ def main(argv=None) -> None:
             create_model(image_size=args.image_size, image_channels=1, **unet_flags)
         training = training_record(args, diffusion.num_timesteps)
         out_dir = resolve_out_dir(args.out_dir, ctx)
+        check_writable_dir(out_dir, "--out_dir")
         resume = resume_path(args, out_dir)
 
         # The train side of the split that every trainer shares (--val_fraction 0: every case).
@@ -156,13 +162,8 @@ def main(argv=None) -> None:
         )
         config["training"] = training
 
-        logger.configure(dir=out_dir, rank=ctx.rank)
-        logger.log(f"data: {len(dataset)} examples with {dataset.num_channels} channel(s) from {args.data_dir}")
-        logger.log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; out_dir: {out_dir}")
-        logger.log(describe_training(training, validator, args))
-        if "auto" in (args.resume, args.resume_checkpoint) and not resume:
-            logger.log(f"--resume auto: no checkpoint in {out_dir} yet, starting fresh")
-        TrainLoop(
+        # What the loop logs while it checks its flags and loads a checkpoint is held for log.txt.
+        loop = TrainLoop(
             model=model,
             diffusion=diffusion,
             dataset=dataset,
@@ -194,7 +195,16 @@ def main(argv=None) -> None:
             seed=args.seed,
             num_workers=args.num_workers,
             progress=args.progress,
-        ).run()
+        )
+        if ctx.is_main:
+            remove_stale_temp_files(out_dir, depth=0)
+        logger.configure(dir=out_dir, rank=ctx.rank)
+        logger.log(f"data: {len(dataset)} examples with {dataset.num_channels} channel(s) from {args.data_dir}")
+        logger.log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; out_dir: {out_dir}")
+        logger.log(describe_training(training, validator, args))
+        if "auto" in (args.resume, args.resume_checkpoint) and not resume:
+            logger.log(f"--resume auto: no checkpoint in {out_dir} yet, starting fresh")
+        loop.run()
     finally:
         dist_util.cleanup()
 

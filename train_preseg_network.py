@@ -21,9 +21,9 @@ continues it. Several GPUs::
 import argparse
 
 from data import DATA_HELP, data_defaults, dataset_from_args
-from guided_diffusion import dist_util
+from guided_diffusion import dist_util, logger
 from guided_diffusion.script_util import add_dict_to_argparser, run_cli
-from preseg.engine import seed_everything, train
+from preseg.engine import check_out_dir, seed_everything, train
 from preseg.io import (
     NETWORK_HELP,
     args_record,
@@ -48,8 +48,10 @@ def image_and_label(batch, generator):
 
 def main(argv=None):
     args = create_argparser().parse_args(argv)
+    logger.reset()
     options = TrainOptions.from_args(args)
     options.check()
+    check_out_dir(options, "preseg")  # before the data is read: a folder that cannot take the run
     ctx = dist_util.setup_dist(args.device)
     try:
         train_set = dataset_from_args(args, subset="train", require_labels=True)

@@ -276,13 +276,13 @@ def sampling_phases(args, split: dict, runs: Path, samples: Path, specs: dict) -
     for part in ("val", "test"):
         for row, (unet, denoiser, flags, _) in specs.items():
             out_dir = samples / part / row
-            # sample.py loads a diffusion checkpoint also for the preseg row (it is not used there).
-            model = runs / (unet or "unet_chain")
-            needs = ["preseg", unet or "unet_chain"] + ([denoiser] if denoiser else [])
+            # The preseg row reads the pre-segmentation checkpoint alone.
+            checkpoints = ["--preseg_path", runs / "preseg"]
+            if unet:
+                checkpoints += ["--model_path", runs / unet, "--denoiser_path", runs / (denoiser or "denoiser")]
+            needs = ["preseg"] + [name for name in (unet, denoiser) if name]
             phases.append(Phase(f"sample_{part}_{row}", [
-                sys.executable, "sample.py", *data_flags(args, split[f"{part}_dir"]),
-                "--model_path", model, "--preseg_path", runs / "preseg",
-                "--denoiser_path", runs / (denoiser or "denoiser"), *flags,
+                sys.executable, "sample.py", *data_flags(args, split[f"{part}_dir"]), *checkpoints, *flags,
                 "--pre_t", str(args.pre_t), "--T", str(args.T),
                 "--num_ensemble", str(args.num_ensemble), "--batch_size", str(args.sample_batch_size),
                 "--seed", str(args.seed), "--device", args.device, "--out_dir", str(out_dir),
@@ -479,7 +479,8 @@ def main(argv=None) -> dict:
 
     specs = row_specs(args)
     needed = {n for unet, denoiser, _, _ in specs.values() for n in (unet, denoiser) if n}
-    needed |= {"denoiser", "unet_chain"}  # the UNets' validation; sample.py's preseg row
+    if needed:
+        needed.add("denoiser")  # the UNets validate with it
     runs, samples = out / "runs", out / "samples"
     plan = training_phases(args, split["train_dir"], runs, needed)
     plan += sampling_phases(args, split, runs, samples, specs)

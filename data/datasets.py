@@ -35,7 +35,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from data.errors import DataConfigError, DataError
-from data.io import check_finite, read_image, read_nifti
+from data.io import check_finite, plane_shape, read_image, read_nifti
 from data.layouts import Scan, SliceRecord, VolumeRecord, mask_is_lossy, scan
 from data.preprocess import (Preprocess, as_int_label, channel_bounds, check_label_values,
                              label_values)
@@ -225,6 +225,7 @@ class SliceDataset(SegmentationDataset):
         self._first_file = records[0].image_files[0]
         super().__init__(found, records, preprocess=preprocess, augment=augment, channel_names=channel_names,
                          keep_original_label=keep_original_label)
+        check_geometry(records)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -391,6 +392,33 @@ class VolumeSliceDataset(SegmentationDataset):
         return entry
 
 
+def check_geometry(records: list) -> None:
+    """Every file of a 2D case has one plane shape (read from the headers, in threads), so a mask
+    of another size than its image fails when the dataset is built, not after work was done."""
+    def check(rec: SliceRecord):
+        first = plane_shape(rec.image_files[0])
+        for path in rec.image_files[1:]:
+            if plane_shape(path) != first:
+                raise DataError(f"image {path} has shape {plane_shape(path)} but {rec.image_files[0]} "
+                                f"has shape {first}")
+        if rec.label_file is not None and plane_shape(rec.label_file) != first:
+            raise DataError(f"mask {rec.label_file} has shape {plane_shape(rec.label_file)} but image "
+                            f"{rec.image_files[0]} has shape {first}")
+
+    _threaded(check, records, "checking image and mask sizes")
+
+
+def _threaded(fn, records: list, what: str) -> list:
+    """``[fn(r) for r in records]`` on a few threads (file reads release the GIL), with a
+    progress bar for long lists."""
+    workers = max(1, min(8, os.cpu_count() or 1, len(records)))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(fn, records)
+        if len(records) > 20:
+            results = tqdm(results, total=len(records), desc=what, leave=False)
+        return list(results)
+
+
 def _brain_slices(records: list) -> list:
     """Per volume, the slice indices whose first channel has a non-zero voxel.
 
@@ -402,12 +430,7 @@ def _brain_slices(records: list) -> list:
         other = tuple(a for a in range(3) if a != rec.slice_axis)
         return np.flatnonzero(np.any(data != 0, axis=other)).tolist()
 
-    workers = max(1, min(8, os.cpu_count() or 1, len(records)))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(find, records)
-        if len(records) > 20:
-            results = tqdm(results, total=len(records), desc="finding brain slices", leave=False)
-        return list(results)
+    return _threaded(find, records, "finding brain slices")
 
 
 def _plane_shape(rec: VolumeRecord) -> tuple:

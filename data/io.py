@@ -66,6 +66,28 @@ def read_nifti_header(path: str) -> NiftiHeader:
     return NiftiHeader(shape=shape, affine=affine.tolist(), zooms=zooms)
 
 
+def plane_shape(path: str) -> tuple:
+    """(H, W) of a 2D NIfTI slice or image file, from its header alone (no voxels decoded).
+
+    Trailing NIfTI axes of length 1 are dropped, as the slice loaders do; a file that is not
+    2D is a DataError."""
+    if is_nifti(path):
+        shape = list(read_nifti_header(path).shape)
+        while len(shape) > 2 and shape[-1] == 1:
+            shape.pop()
+        if len(shape) != 2:
+            raise DataError(f"NIfTI file {path} has shape {tuple(shape)}; expected a 2D slice")
+        return tuple(shape)
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+    except UnidentifiedImageError:
+        raise DataError(f"cannot read image {path}: not an image file or an unsupported format") from None
+    except Exception as exc:
+        raise DataError(f"cannot read image {path}: corrupt or unsupported ({_reason(exc, path)})") from None
+    return (int(height), int(width))
+
+
 _SIZEOF_HDR_LE = (348).to_bytes(4, "little")
 _SIZEOF_HDR_BE = (348).to_bytes(4, "big")
 
@@ -123,14 +145,16 @@ def _checked_dtype(data: np.ndarray, path: str) -> np.ndarray:
 
 
 def read_image(path: str, *, as_mask: bool = False) -> np.ndarray:
-    """A 2D image file as ``[H, W, C]`` (C = 1 grey, 3 colour) or, with ``as_mask``, ``[H, W]``.
+    """A 2D image file as ``[H, W, C]`` (C = 1 grey, 3 colour) or, with ``as_mask``, ``[H, W]``
+    (``mask_plane``).
 
-    Alpha channels are dropped (they carry no intensity). Colour masks become one channel by
-    their per-pixel maximum, so a white-on-black RGB mask reads as the grey one it depicts.
+    Alpha channels of images are dropped (they carry no intensity).
     """
     try:
         with Image.open(path) as img:
             img.load()
+            if as_mask:
+                return mask_plane(img, path)
             arr = _pil_to_array(img)
     except UnidentifiedImageError:
         raise DataError(f"cannot read image {path}: not an image file or an unsupported format") from None
@@ -142,9 +166,46 @@ def read_image(path: str, *, as_mask: bool = False) -> np.ndarray:
         arr = arr[:, :, None]
     if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise DataError(f"image {path} has unsupported shape {tuple(arr.shape)}")
-    if as_mask:
-        return arr.max(axis=2) if arr.shape[2] > 1 else arr[:, :, 0]
     return arr
+
+
+_ALPHA_MODES = {"RGBA": "RGBA", "RGBa": "RGBA", "PA": "RGBA", "LA": "LA", "La": "LA"}
+
+
+def mask_plane(img: Image.Image, path) -> np.ndarray:
+    """One mask plane ``[H, W]`` of a (loaded) PIL image frame; every mask reader uses it.
+
+    Colour masks become one channel by their per-pixel maximum, so a white-on-black RGB mask
+    reads as the grey one it depicts. A mask drawn in the alpha channel (the colour the same
+    everywhere, e.g. white with the mask as opacity) reads from the alpha channel; an opaque
+    alpha is ignored. Colour and alpha that both vary and disagree on what is foreground are
+    refused (DataError naming the file): no reading of such a file would be safe.
+    """
+    mode = img.mode
+    if mode == "P":
+        mode = "PA" if "transparency" in img.info else "RGB"
+    if mode in _ALPHA_MODES:
+        arr = np.asarray(img.convert(_ALPHA_MODES[mode]))
+        if arr.ndim != 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
+            raise DataError(f"image {path} has unsupported shape {tuple(arr.shape)}")
+        return _colour_or_alpha(arr[..., :-1].max(axis=-1), arr[..., -1], path)
+    arr = _pil_to_array(img if img.mode == mode else img.convert(mode))
+    if arr.ndim == 3:
+        arr = arr.max(axis=2)
+    if arr.ndim != 2 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise DataError(f"image {path} has unsupported shape {tuple(arr.shape)}")
+    return arr
+
+
+def _colour_or_alpha(colour: np.ndarray, alpha: np.ndarray, path) -> np.ndarray:
+    if alpha.min() == alpha.max():
+        return colour  # opaque (or uniformly translucent): the mask is in the colour
+    if colour.min() == colour.max():
+        return alpha  # one colour everywhere: the mask is in the alpha channel
+    if np.array_equal(colour > 0, alpha > 0):
+        return colour
+    raise DataError(f"mask {path} has a colour mask and a different mask in its alpha channel; "
+                    "save the mask in one of them")
 
 
 def _pil_to_array(img: Image.Image) -> np.ndarray:

@@ -2,8 +2,9 @@
 
 Scanning only lists files and reads NIfTI headers; voxels are read when an item is loaded.
 Errors that a listing can find (no files, a missing modality, a volume whose channels differ
-in shape) are raised here, at construction; errors in the voxels (NaN, undeclared label
-values, an image and mask of different size) when the file is loaded.
+in shape) are raised here, at construction, and an image and mask of different size when the
+dataset is built (``datasets.check_geometry``, from the headers); errors in the voxels (NaN,
+undeclared label values) when the file is loaded.
 
 Layouts (``--dataset``):
   brats2d  slice folders of the improved-diffusion-based segmentation code: files
@@ -20,6 +21,7 @@ Layouts (``--dataset``):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -45,7 +47,11 @@ BINARY_LABELS = (0, 1)
 _BRATS2D = re.compile(r"^(?P<prefix>.+?)_(?P<mod>t1ce|t1|t2|flair|seg)_(?P<slice>\d+)(?:_[^.]*)?\.nii(?:\.gz)?$", re.I)
 _BRATS3D_2021 = re.compile(r"^(?P<case>.+)_(?P<mod>t1ce|t1|t2|flair|seg)\.nii(?:\.gz)?$", re.I)
 _BRATS3D_2023 = re.compile(r"^(?P<case>.+)-(?P<mod>t1n|t1c|t2w|t2f|seg)\.nii(?:\.gz)?$", re.I)
-_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+# What no file system takes in a name (path separators, Windows' reserved characters, control
+# characters); everything else, Unicode letters and spaces included, stays as the input named it.
+_UNSAFE = re.compile(r'[\\/:*?"<>|\x00-\x1f]+')
+# Bytes of an id, so that "<id>_variance.nii.gz" and the temporary names fit in 255 bytes.
+_MAX_ID_BYTES = 180
 
 
 @dataclass
@@ -89,8 +95,15 @@ class Scan:
 
 
 def safe_id(text: str) -> str:
-    """Filesystem-safe identifier (letters, digits, . _ -)."""
-    return _SAFE.sub("_", str(text)).strip("_") or "case"
+    """A case id that can name output files: the input's own name wherever a file system
+    allows it (``病例 2`` stays ``病例 2``), with unsafe characters replaced by ``_``, no
+    leading dot (hidden files) and, for a very long name, a shortened one with a hash."""
+    ident = _UNSAFE.sub("_", str(text)).strip().lstrip(".").strip("_ ") or "case"
+    if len(ident.encode("utf-8")) > _MAX_ID_BYTES:
+        digest = hashlib.sha1(ident.encode("utf-8")).hexdigest()[:10]
+        head = ident.encode("utf-8")[: _MAX_ID_BYTES - 11].decode("utf-8", "ignore")
+        ident = f"{head}_{digest}"
+    return ident
 
 
 def scan(root: str, dataset: str = "auto", *, mask_suffix: str = "_mask") -> Scan:

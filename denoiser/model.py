@@ -24,7 +24,7 @@ from guided_diffusion.gaussian_diffusion import (
     get_named_beta_schedule,
 )
 from guided_diffusion.mask_space import MASK_SPACES, to_diffusion_space
-from guided_diffusion.script_util import HELP
+from guided_diffusion.script_util import HELP, diffusion_defaults
 from preseg.io import load_network_checkpoint
 from preseg.networks import foreground_probability
 
@@ -56,6 +56,20 @@ DENOISER_HELP = {
         "input of the net: none = the noisy mask alone (as in ADDPM); image = the image "
         "channels and the noisy mask"
     ),
+}
+
+
+def ignored_diffusion_defaults():
+    """The diffusion flags of train_addpm.py that do not concern the denoising net (it is
+    trained at one noise level of the schedule): accepted, so that the same $DIFFUSION_FLAGS
+    can be passed to both trainers, and recorded in the checkpoint as ignored."""
+    return {key: value for key, value in diffusion_defaults().items() if key not in denoiser_defaults()}
+
+
+IGNORED_HELP = {
+    key: HELP[key] + "; accepted as in train_addpm.py's $DIFFUSION_FLAGS, ignored here (it does "
+    "not concern the denoising net)"
+    for key in ignored_diffusion_defaults()
 }
 
 

@@ -8,8 +8,11 @@ without extension and suffix, see ``evaluation.files``), every pair is scored wi
 ``evaluation.metrics.segmentation_metrics`` (whole foreground = any nonzero label, spacing
 from the label's NIfTI header, else the prediction's, else 1.0), and metrics.csv (one row
 per case) and summary.json (means, standard deviations, nan counts) are written to
---out_dir, default --pred_dir. Labels without a prediction and predictions without a label
-are listed in summary.json and not scored. Nothing is written if any pair fails.
+--out_dir, default --pred_dir. With a layout (``--dataset brats2d``, ``lgg``, ...) whose 2D
+cases share patients, each patient is also scored on its slices stacked in 3D (``patient``
+rows, the headline), as sample.py does. Means follow ``evaluation.report.CONVENTIONS``.
+Labels without a prediction and predictions without a label are listed in summary.json and
+not scored. Nothing is written if any pair fails.
 """
 
 import argparse
@@ -22,8 +25,19 @@ from tqdm import tqdm
 from evaluation.errors import EvaluationError
 from evaluation.files import MASK_EXTENSIONS, find_cases, read_mask
 from evaluation.metrics import METRIC_NAMES, segmentation_metrics
-from evaluation.report import metrics_row, summarize, write_metrics_csv, write_summary_json
+
+# Per-class columns carry their voxel counts too, so that both-empty classes leave the means.
+VOXEL_COUNTS = ("pred_voxels", "label_voxels")
+from evaluation.report import (
+    GroupAccumulator,
+    has_patient_groups,
+    metrics_row,
+    summarize,
+    write_metrics_csv,
+    write_summary_json,
+)
 from data.layouts import DATASET_CHOICES, scan
+from guided_diffusion.atomic import remove_stale_temp_files
 from guided_diffusion.errors import ConfigError
 
 DATASETS = ("files",) + tuple(d for d in DATASET_CHOICES if d != "auto")
@@ -119,10 +133,11 @@ def evaluate_folders(
     pred_dir = _check_folder(pred_dir, "--pred_dir")
     label_dir = _check_folder(label_dir, "--label_dir")
     preds = find_cases(pred_dir, pred_suffix)
+    slices = {}
     if dataset == "files":
         labels = find_cases(label_dir, label_suffix)
     else:
-        labels = labels_of_layout(label_dir, dataset, mask_suffix)
+        labels, slices = labels_of_layout(label_dir, dataset, mask_suffix)
     for cases, folder, flag, suffix in (
         (preds, pred_dir, "--pred_dir", pred_suffix),
         (labels, label_dir, "--label_dir", label_suffix),
@@ -138,24 +153,25 @@ def evaluate_folders(
             f"no case ids match between --pred_dir {pred_dir} (e.g. {min(preds)!r}) and "
             f"--label_dir {label_dir} (e.g. {min(labels)!r}); check --pred_suffix/--label_suffix"
         )
+    patients = [slices[c][0] for c in matched if c in slices]
+    groups = GroupAccumulator(kind="patient") if has_patient_groups(patients) else None
     rows = []
     # disable=None: the bar shows on a terminal and stays out of redirected logs.
     bar = tqdm(matched, desc="evaluate", unit="case", disable=None if progress else True)
     for case_id in bar:
-        pred, pred_spacing = read_mask(preds[case_id])
-        label, label_spacing = read_mask(labels[case_id])
-        if pred.shape != label.shape:
-            raise EvaluationError(
-                f"prediction {preds[case_id]} has shape {pred.shape} but label "
-                f"{labels[case_id]} has shape {label.shape}"
-            )
-        spacing = label_spacing if label_spacing is not None else pred_spacing
+        pred, label, spacing = _read_pair(preds[case_id], labels[case_id])
         extra = {}
         for value in classes:
             per_class = segmentation_metrics(pred == value, label == value, spacing)
-            extra.update({f"class{value}_{m}": per_class[m] for m in METRIC_NAMES})
+            extra.update({f"class{value}_{m}": per_class[m] for m in (*METRIC_NAMES, *VOXEL_COUNTS)})
         label_fg = np.isin(label, foreground_labels) if foreground_labels else label != 0
-        rows.append(metrics_row(case_id, segmentation_metrics(pred != 0, label_fg, spacing), extra=extra))
+        patient = slices[case_id][0] if groups is not None else ""
+        rows.append(metrics_row(case_id, segmentation_metrics(pred != 0, label_fg, spacing),
+                                group_id=patient, extra=extra))
+        if groups is not None:
+            groups.add(patient, pred != 0, label_fg, slice_index=slices[case_id][1], spacing=spacing)
+    if groups is not None:
+        rows.extend(groups.rows())
     info = {
         "pred_dir": str(pred_dir),
         "label_dir": str(label_dir),
@@ -165,15 +181,29 @@ def evaluate_folders(
     return rows, info
 
 
-def labels_of_layout(label_dir, dataset: str, mask_suffix: str) -> dict[str, Path]:
-    """{case id: label file} of a dataset layout: a slice's or image's case id, a volume's id."""
+def _read_pair(pred_path, label_path):
+    """(prediction, label, spacing): the label's spacing, else the prediction's, else None."""
+    pred, pred_spacing = read_mask(pred_path)
+    label, label_spacing = read_mask(label_path)
+    if pred.shape != label.shape:
+        raise EvaluationError(
+            f"prediction {pred_path} has shape {pred.shape} but label {label_path} has shape {label.shape}"
+        )
+    return pred, label, label_spacing if label_spacing is not None else pred_spacing
+
+
+def labels_of_layout(label_dir, dataset: str, mask_suffix: str) -> tuple[dict, dict]:
+    """({case id: label file}, {case id: (patient id, slice index)}) of a dataset layout: a
+    slice's or image's case id, or a volume's id (a volume is one case, with no slice entry)."""
     found = scan(str(label_dir), dataset, mask_suffix=mask_suffix)
-    labels = {}
+    labels, slices = {}, {}
     for rec in found.records:
         if rec.label_file is not None:
             case_id = rec.volume_id if found.kind == "volume" else rec.case_id
             labels[case_id] = Path(rec.label_file)
-    return labels
+            if found.kind != "volume":
+                slices[case_id] = (rec.patient_id, rec.slice_index)
+    return labels, slices
 
 
 def main(argv=None) -> None:
@@ -194,6 +224,7 @@ def main(argv=None) -> None:
     summary = summarize(rows)
     summary.update(info, dataset=args.dataset, classes=list(classes), foreground_labels=list(foreground_labels))
     out_dir = Path(args.out_dir or args.pred_dir)
+    remove_stale_temp_files(out_dir, depth=0)
     try:
         write_metrics_csv(rows, out_dir / "metrics.csv")
         write_summary_json(summary, out_dir / "summary.json")
@@ -205,9 +236,21 @@ def main(argv=None) -> None:
     ):
         if info[key]:
             print(f"note: {what}: {len(info[key])} (listed in summary.json)", file=sys.stderr)
-    dice = summary["kinds"]["case"]["metrics"]["dice"]
-    print(
-        f"evaluated {summary['n_cases']} cases: mean dice {dice['mean']:.4f}; "
-        f"wrote {out_dir / 'metrics.csv'} and {out_dir / 'summary.json'}"
-    )
+    print(f"evaluated {summary['n_cases']} cases: {headline_text(summary)}; "
+          f"wrote {out_dir / 'metrics.csv'} and {out_dir / 'summary.json'}")
+
+
+def headline_text(summary: dict) -> str:
+    """``mean dice per patient 0.8123 (5 patients); per case 0.7710 (3 both empty left out)``."""
+    def mean(kind):
+        dice = summary["kinds"][kind]["metrics"].get("dice", {})
+        return "undefined" if dice.get("mean") is None else f"{dice['mean']:.4f}"
+
+    case = summary["kinds"]["case"]
+    per_case = f"{mean('case')} ({case['n_both_empty']} both empty left out)"
+    kind = summary["headline"]["kind"]
+    if kind == "case":
+        return f"mean dice per case {per_case}"
+    n = summary["headline"]["n"]
+    return f"mean dice per {kind} {mean(kind)} ({n} {kind}{'s' if n != 1 else ''}); per case {per_case}"
 

@@ -6,24 +6,30 @@
 Each NAME=DIR is the ``--out_dir`` of one ``sample.py`` run; its ``metrics.csv`` and
 ``summary.json`` are read and the run becomes one row of the table:
 
-- Dice and HD95 per case (the ``case`` rows of metrics.csv) and, where the run has group rows,
-  per patient or per volume (``patient`` / ``volume`` rows: each group scored on its slices
-  stacked in 3D, see ``evaluation.report.GroupAccumulator``);
+- Dice and HD95 per patient or per volume where the run has group rows (``patient`` /
+  ``volume`` rows: each group scored on its slices stacked in 3D, see
+  ``evaluation.report.GroupAccumulator``): the headline columns, first; then per case (the
+  ``case`` rows of metrics.csv);
 - UNet evaluations per image (all ensemble members together) and seconds per image, from
   summary.json.
 
 Every metric cell is the mean and a confidence interval of the mean from the t-distribution:
 ``mean +- t_{(1+c)/2, n-1} * s / sqrt(n)`` with ``s`` the sample standard deviation
 (ddof=1) of the n valid values. No interval is given for n < 2, and none is clipped to the
-metric's range (with few, spread values a Dice interval may pass 1). nan values (HD95 where
-exactly one of prediction and label is empty) are left out and counted.
+metric's range (with few, spread values a Dice interval may pass 1). The rows enter the means
+by ``evaluation.report.CONVENTIONS``, as in summary.json: cases whose label and prediction are
+both empty are left out and counted; HD95 is the mean over the cases where it is defined (the
+one-sided misses counted as "miss"), and "HD95, miss = diagonal" the mean with each miss scored
+as the image diagonal in mm.
 
 With ``--baseline NAME`` every other row also gets the paired difference to that run: the
 mean and confidence interval of ``metric(run) - metric(baseline)`` over the units both runs
-scored (patients or volumes where the runs have them, else cases), matched by id. Pairs where
-either value is undefined are left out and counted. A paired interval answers "does this run
-improve on the baseline on the same patients", which two overlapping intervals of the means
-cannot.
+scored (patients or volumes where the runs have them, else cases), matched by id, of the same
+per-unit values the means take: a unit both empty in either run is left out and counted
+(``n_both_empty``), pairs where either value is undefined (an HD95 miss) are left out and
+counted, and "HD95, miss = diagonal" pairs every other unit. A paired interval answers "does
+this run improve on the baseline on the same patients", which two overlapping intervals of the
+means cannot.
 
 With ``--out FILE.md`` the table is written there and the rows, with every number, to
 ``FILE.json`` beside it.
@@ -40,11 +46,11 @@ import numpy as np
 from scipy import stats
 
 from evaluation.errors import EvaluationError
-from evaluation.report import read_metrics_csv, write_summary_json
+from evaluation.report import CONVENTIONS, is_both_empty, metric_values, read_metrics_csv, write_summary_json
 from guided_diffusion.errors import ConfigError
 from guided_diffusion.script_util import run_cli
 
-METRICS = ("dice", "hd95")
+METRICS = ("dice", "hd95", "hd95_penalized")
 GROUP_KINDS = ("patient", "volume")
 DEFAULT_CONFIDENCE = 0.95
 
@@ -103,7 +109,10 @@ def load_run(run_dir) -> tuple[list[dict], dict]:
 
 
 def _level(rows: list[dict], confidence: float) -> dict:
-    return {"n": len(rows), **{m: mean_ci([r.get(m) for r in rows], confidence) for m in METRICS}}
+    level = {"n": len(rows), "n_both_empty": metric_values(rows, "dice")[1]}
+    for metric in METRICS:
+        level[metric] = mean_ci(metric_values(rows, metric)[0], confidence)
+    return level
 
 
 def _cases_digest(case_ids) -> str:
@@ -124,7 +133,8 @@ def paired_difference(rows: list[dict], baseline_rows: list[dict], *,
     """Paired differences ``run - baseline`` per unit (see the module docstring).
 
     Returns:
-        {"kind": patient|volume|case, "n_pairs": units in both runs,
+        {"kind": patient|volume|case, "n_pairs": units in both runs and not both empty in
+         either, "n_both_empty": the units left out for that,
          metric: mean_ci of the differences (n_nan: pairs with an undefined value)}.
     """
     kind, mine = _units(rows)
@@ -132,10 +142,13 @@ def paired_difference(rows: list[dict], baseline_rows: list[dict], *,
     if kind != base_kind:
         raise EvaluationError(f"cannot pair {kind} rows with the baseline's {base_kind} rows")
     common = sorted(set(mine) & set(theirs))
-    out = {"kind": kind, "n_pairs": len(common)}
+    # The convention of the means: a unit both empty (in either run) is in neither run's mean
+    # (or only in one), so it enters no difference.
+    scored = [u for u in common if not (is_both_empty(mine[u]) or is_both_empty(theirs[u]))]
+    out = {"kind": kind, "n_pairs": len(scored), "n_both_empty": len(common) - len(scored)}
     for metric in METRICS:
         diffs = []
-        for unit in common:
+        for unit in scored:
             a, b = mine[unit].get(metric), theirs[unit].get(metric)
             diffs.append(None if a is None or b is None else float(a) - float(b))
         out[metric] = mean_ci(diffs, confidence)
@@ -154,7 +167,7 @@ def compare_runs(run_dirs: Mapping, *, confidence: float = DEFAULT_CONFIDENCE,
         rows: {"name", "run_dir", "sampler", "num_ensemble", "unet_evaluations_per_image",
         "unet_evaluations_per_member", "seconds_per_image", "device", "cases" (a digest of
         the sorted case ids, equal for runs on the same cases),
-        "case": {"n", "dice": mean_ci, "hd95": mean_ci},
+        "case": {"n", "n_both_empty", "dice": mean_ci, "hd95": mean_ci, "hd95_penalized": mean_ci},
         "group": the same plus "kind" (patient|volume) for the group rows, or None,
         "paired": ``paired_difference`` to the ``baseline`` run (None for the baseline itself
         or without one)}.
@@ -194,7 +207,7 @@ def compare_runs(run_dirs: Mapping, *, confidence: float = DEFAULT_CONFIDENCE,
     return out
 
 
-def _cell(ci: dict | None, digits: int, signed: bool = False) -> str:
+def _cell(ci: dict | None, digits: int, undefined: str = "n/a", signed: bool = False) -> str:
     if ci is None or ci["mean"] is None:
         return "-"
     sign = "+" if signed else ""
@@ -202,8 +215,20 @@ def _cell(ci: dict | None, digits: int, signed: bool = False) -> str:
     if ci["low"] is not None:
         text += f" [{ci['low']:{sign}.{digits}f}, {ci['high']:{sign}.{digits}f}]"
     if ci["n_nan"]:
-        text += f" ({ci['n_nan']} n/a)"
+        text += f" ({ci['n_nan']} {undefined})"
     return text
+
+
+def _count(level: dict | None) -> str:
+    if level is None:
+        return "-"
+    empty = level.get("n_both_empty") or 0
+    return f"{level['n']} ({empty} both empty)" if empty else str(level["n"])
+
+
+def _level_cells(level: dict | None) -> list[str]:
+    return [_count(level), _cell(level and level["dice"], 3), _cell(level and level["hd95"], 2, "miss"),
+            _cell(level and level["hd95_penalized"], 2)]
 
 
 def _seconds(value) -> str:
@@ -229,39 +254,47 @@ def format_table(rows: list[dict], *, confidence: float = DEFAULT_CONFIDENCE,
     group_word = kinds[0] if len(kinds) == 1 else "group"
     paired = [r["paired"] for r in rows if r.get("paired")]
     pair_word = paired[0]["kind"] if paired else ""
-    header = ["run", "sampler", "cases", "Dice per case", "HD95 per case"]
+    header = ["run", "sampler"]
+    levels = [("case", "case")]
     if kinds:
-        header += [f"{group_word}s", f"Dice per {group_word}", f"HD95 per {group_word}"]
+        # The per-patient / per-volume figures are the headline: they come first.
+        levels.insert(0, ("group", group_word))
+    for _, word in levels:
+        header += [f"{word}s", f"Dice per {word}", f"HD95 per {word}", f"HD95 per {word}, miss = diagonal"]
     if paired:
-        header += [f"Dice - {baseline} (paired, per {pair_word})", f"HD95 - {baseline} (paired)"]
+        header += [f"Dice - {baseline} (paired, per {pair_word})", f"HD95 - {baseline} (paired)",
+                   f"HD95, miss = diagonal - {baseline} (paired)"]
     header += ["UNet evals / image", "s / image"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = [r["name"], str(r["sampler"] or "-"), str(r["case"]["n"]),
-                 _cell(r["case"]["dice"], 3), _cell(r["case"]["hd95"], 2)]
-        if kinds:
-            g = r["group"]
-            cells += [str(g["n"]) if g else "-", _cell(g and g["dice"], 3), _cell(g and g["hd95"], 2)]
+        cells = [r["name"], str(r["sampler"] or "-")]
+        for key, _ in levels:
+            cells += _level_cells(r[key])
         if paired:
             p = r.get("paired")
-            cells += [_cell(p and p["dice"], 3, signed=True), _cell(p and p["hd95"], 2, signed=True)]
+            cells += [_cell(p and p["dice"], 3, signed=True), _cell(p and p["hd95"], 2, "miss", signed=True),
+                      _cell(p and p["hd95_penalized"], 2, signed=True)]
         cells += [_evaluations(r), _seconds(r["seconds_per_image"])]
         lines.append("| " + " | ".join(cells) + " |")
     percent = f"{100 * confidence:g}%"
     notes = [
         "",
         f"Mean [{percent} confidence interval of the mean, t-distribution: mean +- "
-        f"t((1+c)/2, n-1) * s / sqrt(n)]. HD95 in mm (pixels for images without a spacing); "
-        "it is undefined (n/a, left out of the mean) where exactly one of prediction and label "
-        "is empty. UNet evaluations per image count every ensemble member (members x "
-        "evaluations per member).",
+        f"t((1+c)/2, n-1) * s / sqrt(n)]. HD95 in mm (pixels for images without a spacing). "
+        f"Both empty: {CONVENTIONS['both_empty']}. HD95: {CONVENTIONS['hd95']} (miss). "
+        f"Miss = diagonal: {CONVENTIONS['hd95_penalized']}. UNet evaluations per image count "
+        "every ensemble member (members x evaluations per member).",
     ]
     if kinds:
-        notes.append(f"Per-{group_word} rows score each {group_word}'s slices stacked in 3D.")
+        notes.append(f"Per-{group_word} rows score each {group_word}'s slices stacked in 3D; "
+                     f"they are the headline figures.")
     if paired:
         notes.append(
             f"Paired columns: mean [{percent} interval] of run - {baseline} over the same "
-            f"{pair_word}s; an interval above 0 (Dice) or below 0 (HD95) is a gain on those {pair_word}s."
+            f"{pair_word}s, of the per-{pair_word} values the means above take: a {pair_word} both "
+            f"empty in either run is left out, a miss in either run leaves the HD95 pair out (counted "
+            f"as miss) and enters miss = diagonal with the diagonal; an interval above 0 (Dice) or "
+            f"below 0 (HD95) is a gain on those {pair_word}s."
         )
     if len({r["cases"] for r in rows}) > 1:
         notes.append("Warning: the runs were not scored on the same cases.")
@@ -289,7 +322,8 @@ def write_outputs(rows: list[dict], table: str, out_path, *, confidence: float) 
     out_path.write_text(table, encoding="utf-8")
     json_path = out_path.with_suffix(".json")
     write_summary_json(
-        {"confidence": confidence, "ci_method": "t-distribution", "runs": rows}, json_path
+        {"confidence": confidence, "ci_method": "t-distribution", "conventions": CONVENTIONS,
+         "runs": rows}, json_path
     )
     return json_path
 

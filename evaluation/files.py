@@ -9,8 +9,9 @@ Formats:
 
 - NIfTI (``.nii``, ``.nii.gz``, via nibabel): 2D or 3D, trailing axes of length 1 dropped;
   voxel spacing from the header's zooms. Float data are rounded to the nearest integer.
-- PNG, TIFF, BMP (via Pillow): 2D; a multi-page TIFF is a 3D volume (pages on axis 0). Colour
-  images use the largest value over their colour channels (alpha ignored). Spacing unknown.
+- PNG, TIFF, BMP (via Pillow): 2D; a multi-page TIFF is a 3D volume (pages on axis 0). Each
+  page is read as the data loaders read a mask (``data.io.mask_plane``: colour by its largest
+  channel, a mask drawn in the alpha channel from there). Spacing unknown.
 - JPEG: as PNG, but binarised at 128, since lossy compression scatters small nonzero values
   along the edges of a 0/255 mask.
 
@@ -26,6 +27,7 @@ import numpy as np
 from nibabel.filebasedimages import ImageFileError
 from PIL import Image
 
+from data.io import mask_plane
 from evaluation.errors import EvaluationError
 
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
@@ -94,14 +96,8 @@ def _read_image(path: Path) -> np.ndarray:
         frames = []
         for index in range(getattr(img, "n_frames", 1)):
             img.seek(index)
-            frame = img
-            if img.mode in ("P", "PA"):
-                frame = img.convert("RGBA" if img.mode == "PA" else "RGB")
-            arr = np.asarray(frame)
-            if arr.ndim == 3:
-                # Colour masks: drop alpha, foreground wherever any colour channel is set.
-                arr = arr[..., :3].max(axis=-1) if arr.shape[-1] >= 3 else arr[..., 0]
-            frames.append(arr)
+            img.load()
+            frames.append(mask_plane(img, path))
     data = frames[0] if len(frames) == 1 else np.stack(frames)
     if path.suffix.lower() in (".jpg", ".jpeg"):
         data = (data >= 128).astype(np.uint8)

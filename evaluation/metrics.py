@@ -18,6 +18,10 @@ Metrics (tp, fp, fn, tn are voxel counts of the confusion matrix):
   two. (It is not the percentile of the pooled distances.)
 - ``assd``: average symmetric surface distance, the mean of both directed distance sets
   pooled together (MONAI's ``compute_average_surface_distance(symmetric=True)``).
+- ``hd95_penalized``: ``hd95``, except where exactly one of the masks is empty (a missed or a
+  hallucinated lesion): there it is the diagonal of the image in mm,
+  ``sqrt(sum((n_i * spacing_i) ** 2))``, the largest distance the image can hold, as the BraTS
+  evaluation scores such a case (373.13 for a 240 x 240 x 155 volume at 1 mm).
 
 The surface of a mask is ``mask XOR binary_erosion(mask)`` (face connectivity), where voxels
 outside the array count as background, so a mask touching the border has a surface there.
@@ -27,19 +31,20 @@ both masks (exact, since every surface voxel lies inside it).
 
 Empty masks (MONAI documents its own choices; ours are):
 
-- both empty: dice = iou = 1, hd95 = assd = 0, sensitivity = nan, specificity = 1,
-  precision = nan (a correct "nothing here").
-- prediction empty, label not: dice = iou = 0, hd95 = assd = nan, sensitivity = 0,
-  precision = nan.
-- label empty, prediction not: dice = iou = 0, hd95 = assd = nan, sensitivity = nan,
-  precision = 0.
+- both empty: dice = iou = 1, hd95 = hd95_penalized = assd = 0, sensitivity = nan,
+  specificity = 1, precision = nan (a correct "nothing here"). Summaries leave such cases out
+  of their means and count them (``evaluation.report.CONVENTIONS``).
+- prediction empty, label not: dice = iou = 0, hd95 = assd = nan, hd95_penalized = the
+  diagonal, sensitivity = 0, precision = nan.
+- label empty, prediction not: dice = iou = 0, hd95 = assd = nan, hd95_penalized = the
+  diagonal, sensitivity = nan, precision = 0.
 
 Apart from dice and iou of two empty masks, a ratio whose denominator is zero is ``nan``
 (no positives to find, nothing predicted); specificity is ``nan`` only when every voxel is
 labelled foreground.
 Where a distance is undefined because one surface is missing, MONAI returns ``nan`` (older
-versions ``inf``); we return ``nan``. Summaries aggregate with nan-aware means and report how
-many cases were ``nan`` (see ``evaluation.report.summarize``).
+versions ``inf``); we return ``nan`` and give ``hd95_penalized`` beside it. Summaries aggregate
+with nan-aware means and report how many cases were ``nan`` (see ``evaluation.report``).
 """
 
 import math
@@ -51,7 +56,8 @@ from scipy import ndimage
 from evaluation.arrays import to_bool_mask, to_numpy
 from evaluation.errors import EvaluationError
 
-METRIC_NAMES = ("dice", "iou", "hd95", "assd", "sensitivity", "specificity", "precision")
+METRIC_NAMES = ("dice", "iou", "hd95", "hd95_penalized", "assd", "sensitivity", "specificity",
+                "precision")
 COUNT_NAMES = ("tp", "fp", "fn", "tn", "pred_voxels", "label_voxels")
 HD_PERCENTILE = 95.0
 
@@ -117,6 +123,11 @@ def surface_distances(pred, label, spacing=None) -> tuple[np.ndarray, np.ndarray
     return to_label[pred_surface], to_pred[label_surface]
 
 
+def image_diagonal(shape, spacing) -> float:
+    """Length in mm of the diagonal of an image of ``shape`` voxels of size ``spacing``."""
+    return float(math.sqrt(sum((n * s) ** 2 for n, s in zip(shape, spacing))))
+
+
 def overlap_metrics(tp: int, fp: int, fn: int, tn: int) -> dict:
     """Count-based metrics (dice, iou, sensitivity, specificity, precision) from the confusion
     counts, with the empty-mask conventions of the module docstring."""
@@ -139,8 +150,9 @@ def segmentation_metrics(pred, label, spacing=None) -> dict:
         spacing: voxel size per axis in mm (len == ndim), or None for 1.0 on every axis.
 
     Returns:
-        dict with the floats dice, iou, hd95, assd, sensitivity, specificity, precision and
-        the ints tp, fp, fn, tn, pred_voxels, label_voxels. Empty masks: module docstring.
+        dict with the floats dice, iou, hd95, hd95_penalized, assd, sensitivity, specificity,
+        precision and the ints tp, fp, fn, tn, pred_voxels, label_voxels. Empty masks: module
+        docstring.
     """
     pred, label = _check_pair(pred, label)
     spacing = _check_spacing(spacing, pred.ndim)
@@ -152,17 +164,20 @@ def segmentation_metrics(pred, label, spacing=None) -> dict:
 
     if pred_voxels == 0 and label_voxels == 0:
         hd95, assd = 0.0, 0.0
+        hd95_penalized = 0.0
     elif pred_voxels == 0 or label_voxels == 0:
         hd95, assd = math.nan, math.nan
+        hd95_penalized = image_diagonal(pred.shape, spacing)
     else:
         d_pred, d_label = surface_distances(pred, label, spacing)
         hd95 = float(
             max(np.percentile(d_pred, HD_PERCENTILE), np.percentile(d_label, HD_PERCENTILE))
         )
         assd = float((d_pred.sum() + d_label.sum()) / (d_pred.size + d_label.size))
+        hd95_penalized = hd95
 
     result = overlap_metrics(tp, fp, fn, tn)
-    result.update(hd95=hd95, assd=assd)
+    result.update(hd95=hd95, hd95_penalized=hd95_penalized, assd=assd)
     result = {name: result[name] for name in METRIC_NAMES}
     result.update(
         tp=tp, fp=fp, fn=fn, tn=tn, pred_voxels=pred_voxels, label_voxels=label_voxels

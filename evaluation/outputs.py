@@ -7,17 +7,27 @@ Layout under ``--out_dir``::
     uncertainty/<case_id>_entropy.*      binary entropy of their mean (nats)
     preseg/<case_id>.*                   the pre-segmentation (--save_preseg True)
     overlays/<case_id>.png               image, label, pre-segmentation, result, uncertainty
-    cases/<case_id>.npz                  the case's record: written last, marks it finished
+    cases/<case_id>.npz                  the case's record: written last, marks it finished;
+                                         it carries the settings and checkpoint hashes that made it
+    cases/settings.json                  the settings of the records in cases/ (run_settings)
     metrics.csv, summary.json            merged over every selected case (rank 0)
+
+A rerun into the same folder reuses the records made with its own settings and refuses (one
+line naming the differing settings) a folder that holds results of other settings, unless
+``--overwrite True``. The merge streams: one volume's or patient's arrays at a time.
 
 Slices of a 3D volume are written as whole volumes (``masks/<volume_id>.nii.gz``, ...) when
 the run ends, from the case records, so that ranks of a torchrun job can share a volume.
 16-bit PNG maps store variance / 0.25 and entropy / ln 2 (both maxima) in 0..65535.
 """
 
+import glob
+import hashlib
 import json
 import os
 import platform
+import zipfile
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -27,16 +37,18 @@ from data.writers import NIFTI_FORMATS, write_slice, write_volume
 from evaluation.metrics import segmentation_metrics
 from evaluation.report import (
     GroupAccumulator,
+    SummaryAccumulator,
+    has_patient_groups,
+    metrics_columns,
     metrics_row,
     save_overlay,
-    summarize,
     write_metrics_csv,
     write_summary_json,
 )
 from evaluation.uncertainty import MAX_ENTROPY, ensemble_statistics, fuse
-from guided_diffusion.atomic import atomic_write
+from guided_diffusion.atomic import atomic_write, atomic_write_text, remove_stale_temp_files
+from guided_diffusion.checkpoint import file_sha256
 from guided_diffusion.errors import ConfigError
-from guided_diffusion.loading import file_sha256
 
 MAX_VARIANCE = 0.25  # of a probability in [0, 1]
 
@@ -62,29 +74,173 @@ def select_cases(dataset, file_list: str) -> list:
     return sorted(set(chosen))
 
 
-def _atomic_npz(path: str, **arrays) -> None:
-    atomic_write(path, lambda tmp: np.savez_compressed(tmp, **arrays))
+# Every setting that changes what a case's files hold; a rerun into the same --out_dir must
+# agree on all of them (paths may differ: a checkpoint is known by its SHA-256).
+SETTINGS_NAME = "settings.json"
+
+
+def checkpoint_hashes(args, bundle, plan) -> dict:
+    """The checkpoints this run reads, with their SHA-256; the --preseg_path / --denoiser_path
+    defaults are left out when the sampler does not read them (they may not exist)."""
+    hashes = {}
+    if bundle is not None:
+        hashes["model_path"] = {"path": bundle.source, "sha256": bundle.sha256, "weights": bundle.weights}
+    used = {
+        "preseg_path": plan.sampler in ("addpm", "preseg") and not args.preseg_dir,
+        "denoiser_path": plan.sampler == "addpm" and plan.final_step == "denoiser",
+    }
+    for flag, is_used in used.items():
+        path = getattr(args, flag)
+        if is_used and path:
+            hashes[flag] = {"path": path, "sha256": file_sha256(path)}
+    if args.preseg_dir:
+        hashes["preseg_dir"] = {"path": os.path.abspath(args.preseg_dir)}
+    return hashes
+
+
+def run_settings(args, plan, *, num_members: int, preprocess, mask_space, checkpoints: dict) -> dict:
+    """What made a case's result, as a case record and ``cases/settings.json`` store it."""
+    return {
+        "sampler": plan.sampler,
+        "timesteps": list(plan.timesteps),
+        "step_method": plan.method,
+        "eta": plan.eta,
+        "final_step": plan.final_step,
+        "num_ensemble": num_members,
+        "fusion": args.fusion,
+        "seed": args.seed,
+        "en_num": args.en_num,
+        "precision": args.precision,
+        "mask_space": mask_space,
+        "preprocess": preprocess.to_dict(),
+        # Paths may move; the contents may not.
+        "checkpoints": {flag: {k: v for k, v in entry.items() if k != "path" or flag == "preseg_dir"}
+                        for flag, entry in checkpoints.items()},
+    }
+
+
+def settings_digest(settings: dict) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+
+
+def _flatten(settings: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in settings.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def _shown(value) -> str:
+    text = json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+    return text if len(text) <= 24 else text[:12] + "..."
+
+
+def settings_differences(old: dict, new: dict) -> list[str]:
+    """``["num_ensemble 2, now 3", ...]``: the settings on which two runs differ."""
+    old, new = _flatten(old), _flatten(new)
+    missing = object()
+    return [f"{key} {_shown(old.get(key, '-'))}, now {_shown(new.get(key, '-'))}"
+            for key in sorted(set(old) | set(new)) if old.get(key, missing) != new.get(key, missing)]
+
+
+def write_record(path: str, record: dict, **arrays) -> None:
+    """A case record: ``record`` (plain values) as JSON beside the case's arrays, one .npz."""
+    payload = np.frombuffer(json.dumps(record).encode(), dtype=np.uint8)
+    atomic_write(path, lambda tmp: np.savez_compressed(tmp, record=payload, **arrays))
+
+
+def read_record_header(path: str) -> dict | None:
+    """The JSON part of a case record (no arrays decoded); None when it is missing or unreadable."""
+    try:
+        with np.load(path) as data:
+            return json.loads(bytes(data["record"]).decode())
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return None
 
 
 class CaseWriter:
-    """Turns the members of one case into its files, metrics and record."""
+    """Turns the members of one case into its files, metrics and record.
 
-    def __init__(self, args, dataset, plan, bundle, preprocess, num_members, ctx):
+    settings: ``run_settings`` of this run; a record is this run's (reused by a rerun, merged
+    by ``finish_run``) only when it carries the same settings.
+    """
+
+    def __init__(self, args, dataset, plan, preprocess, num_members, ctx, *, settings: dict,
+                 checkpoints: dict):
         self.args = args
         self.dataset = dataset
         self.plan = plan
-        self.bundle = bundle
         self.preprocess = preprocess
         self.num_members = num_members
         self.ctx = ctx
         self.out_dir = args.out_dir
         self.case_ids = dataset.case_ids
+        self.settings = settings
+        self.digest = settings_digest(settings)
+        self.checkpoints = checkpoints
 
     def record_path(self, case_id: str) -> str:
         return os.path.join(self.out_dir, "cases", case_id + ".npz")
 
+    def _settings_path(self) -> str:
+        return os.path.join(self.out_dir, "cases", SETTINGS_NAME)
+
+    def _earlier_settings(self):
+        """The settings of what the out_dir holds: {} when it holds no records, None when its
+        records do not say (an older version wrote them)."""
+        path = self._settings_path()
+        if os.path.isfile(path):
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    return json.load(handle)
+            except (OSError, ValueError):
+                return None
+        folder = os.path.dirname(path)
+        records = sorted(glob.glob(os.path.join(glob.escape(folder), "*.npz")))
+        if not records:
+            return {}
+        header = read_record_header(records[0])
+        return None if header is None else header.get("settings")
+
+    def check_out_dir(self) -> None:
+        """Refuse (one line naming the differing settings) to add to results of other settings,
+        unless --overwrite True. Reads only; every rank may call it."""
+        earlier = self._earlier_settings()
+        if earlier == {} or earlier == self.settings or self.args.overwrite:
+            return
+        if earlier is None:
+            raise ConfigError(
+                f"--out_dir {self.out_dir} holds case records that do not say which settings made "
+                "them (an older version wrote them); pass --overwrite True to recompute them, or "
+                "choose another --out_dir"
+            )
+        raise ConfigError(
+            f"--out_dir {self.out_dir} holds results of other settings "
+            f"({'; '.join(settings_differences(earlier, self.settings))}); pass --overwrite True "
+            "to recompute them with these, or choose another --out_dir"
+        )
+
+    def start(self) -> None:
+        """Rank 0, before any case is written: clear what killed writers left, record the settings."""
+        if not self.ctx.is_main:
+            return
+        remove_stale_temp_files(self.out_dir)
+        atomic_write_text(self._settings_path(), json.dumps(self.settings, indent=2, sort_keys=True) + "\n")
+
+    def header_if_mine(self, path: str) -> dict | None:
+        """The record's JSON when it exists and was made with this run's settings, else None."""
+        if not os.path.exists(path):
+            return None
+        header = read_record_header(path)
+        if header is None or header.get("settings_digest") != self.digest:
+            return None
+        return header
+
     def is_done(self, index: int) -> bool:
-        return os.path.exists(self.record_path(self.case_ids[index]))
+        return self.header_if_mine(self.record_path(self.case_ids[index])) is not None
 
     def _stem(self, folder: str, name: str) -> str:
         return os.path.join(self.out_dir, folder, name)
@@ -132,6 +288,9 @@ class CaseWriter:
         record = {
             "case_id": case_id, "seconds": seconds, "metrics": metrics,
             "preseg_metrics": preseg_metrics, "meta": meta,
+            "settings": self.settings, "settings_digest": self.digest,
+            "device": str(self.ctx.device), "world_size": self.ctx.world_size,
+            "batch_size": self.args.batch_size,
         }
         arrays = {"mask": np.packbits(mask > 0), "variance": variance.astype(np.float16),
                   "entropy": entropy.astype(np.float16)}
@@ -139,7 +298,7 @@ class CaseWriter:
             arrays["preseg"] = np.packbits(preseg > 0)
         if label is not None:
             arrays["label"] = np.packbits(label > 0)
-        _atomic_npz(self.record_path(case_id), record=np.frombuffer(json.dumps(record).encode(), dtype=np.uint8), **arrays)
+        write_record(self.record_path(case_id), record, **arrays)
 
     @staticmethod
     def _png_scaled(values: np.ndarray, maximum: float, meta: dict) -> np.ndarray:
@@ -147,34 +306,24 @@ class CaseWriter:
         return values if meta["format"] in NIFTI_FORMATS else values / maximum
 
 
-def load_record(path: str) -> dict:
+MASK_ARRAYS = ("mask", "preseg", "label")
+MAP_ARRAYS = ("variance", "entropy")
+
+
+def load_record(path: str, arrays=MASK_ARRAYS + MAP_ARRAYS) -> dict:
+    """A case record with the named arrays decoded (masks uint8 [H, W], maps float32)."""
     with np.load(path) as data:
         record = json.loads(bytes(data["record"]).decode())
         shape = tuple(record["meta"]["original_shape"])
         size = int(np.prod(shape))
-        for name in ("mask", "preseg", "label"):
-            if name in data:
+        for name in arrays:
+            if name not in data:
+                continue
+            if name in MASK_ARRAYS:
                 record[name] = np.unpackbits(data[name])[:size].reshape(shape).astype(np.uint8)
-        for name in ("variance", "entropy"):
-            record[name] = data[name].astype(np.float32)
+            else:
+                record[name] = data[name].astype(np.float32)
     return record
-
-
-def _group_kind(records: list) -> str | None:
-    """Volumes for slices of 3D volumes; patients where several 2D cases share a patient."""
-    if any(r["meta"]["format"] == "nifti_volume_slice" for r in records):
-        return "volume"
-    patients = [r["meta"].get("patient_id") for r in records]
-    if any(p for p in patients) and len(set(patients)) < len(patients):
-        return "patient"
-    return None
-
-
-def _group_id(record: dict, kind: str | None) -> str:
-    meta = record["meta"]
-    if kind == "volume":
-        return meta["volume_id"] or ""
-    return meta.get("patient_id") or ""
 
 
 def _slice_thickness(meta: dict) -> float | None:
@@ -184,57 +333,126 @@ def _slice_thickness(meta: dict) -> float | None:
     return float(np.linalg.norm(np.asarray(meta["affine"], dtype=float)[:3, int(meta["slice_axis"])]))
 
 
-def _write_volumes(writer: CaseWriter, records: list) -> None:
-    by_volume: dict[str, list] = {}
-    for r in records:
-        if r["meta"]["format"] == "nifti_volume_slice":
-            by_volume.setdefault(r["meta"]["volume_id"], []).append(r)
-    for volume_id, members in by_volume.items():
-        meta = members[0]["meta"]
-        index = {int(r["meta"]["slice_index"]): r for r in members}
-        outputs = [("masks", volume_id, "mask", np.uint8), ("uncertainty", volume_id + "_variance", "variance", np.float32),
-                   ("uncertainty", volume_id + "_entropy", "entropy", np.float32)]
-        if writer.args.save_preseg and "preseg" in members[0]:
-            outputs.append(("preseg", volume_id, "preseg", np.uint8))
-        for folder, name, key, dtype in outputs:
-            slices = {k: r[key] for k, r in index.items()}
-            write_volume(os.path.join(writer.out_dir, folder, name + ".nii.gz"), slices, meta, dtype)
+def _write_volume_outputs(out_dir: str, volume_id: str, records: list, save_preseg: bool) -> None:
+    """Stack a volume's slice records into masks/, uncertainty/ (and preseg/) volumes."""
+    meta = records[0]["meta"]
+    outputs = [("masks", volume_id, "mask", np.uint8), ("uncertainty", volume_id + "_variance", "variance", np.float32),
+               ("uncertainty", volume_id + "_entropy", "entropy", np.float32)]
+    if save_preseg and "preseg" in records[0]:
+        outputs.append(("preseg", volume_id, "preseg", np.uint8))
+    for folder, name, key, dtype in outputs:
+        slices = {int(r["meta"]["slice_index"]): r[key] for r in records}
+        write_volume(os.path.join(out_dir, folder, name + ".nii.gz"), slices, meta, dtype)
+
+
+@dataclass
+class RecordIndex:
+    """Pass one of the merge: which records there are and how they group (no arrays read)."""
+
+    kind: str | None  # "volume", "patient" or None (no groups)
+    groups: dict  # group id -> [record paths]; one group "" when kind is None
+    labelled: bool  # some record has metrics
+    preseg: bool  # some record has pre-segmentation metrics
+    n: int
+
+
+def index_records(paths, digest: str | None = None) -> RecordIndex:
+    """Read the JSON part of each record: its group, and what the tables need to hold.
+
+    Missing or unreadable records are left out, and with ``digest`` those of other settings.
+    """
+    entries, formats = [], set()
+    labelled = preseg = False
+    for path in paths:
+        header = read_record_header(path) if os.path.exists(path) else None
+        if header is None or (digest is not None and header.get("settings_digest") != digest):
+            continue
+        meta = header["meta"]
+        formats.add(meta["format"])
+        entries.append((path, meta.get("volume_id") or "", meta.get("patient_id") or ""))
+        labelled = labelled or header["metrics"] is not None
+        preseg = preseg or header["preseg_metrics"] is not None
+    if "nifti_volume_slice" in formats:
+        kind, key = "volume", 1
+    elif has_patient_groups(e[2] for e in entries):
+        kind, key = "patient", 2
+    else:
+        kind, key = None, None
+    groups: dict[str, list] = {}
+    for entry in entries:
+        groups.setdefault(entry[key] if key else "", []).append(entry[0])
+    return RecordIndex(kind, groups, labelled, preseg, len(entries))
+
+
+def _group_rows(index: RecordIndex, group_id: str, out_dir: str, save_preseg: bool, seconds: dict):
+    """The case rows of one group, then its group row; its volume outputs written on the way.
+    Only this group's arrays are in memory."""
+    volume = index.kind == "volume"
+    arrays = MASK_ARRAYS + MAP_ARRAYS if volume else MASK_ARRAYS if index.kind else ()
+    accumulator = GroupAccumulator(kind=index.kind) if index.kind and index.labelled else None
+    records = []
+    for path in index.groups[group_id]:
+        record = load_record(path, arrays)
+        seconds["sum"] += record["seconds"]
+        seconds["n"] += 1
+        if record["metrics"] is not None:
+            yield metrics_row(record["case_id"], record["metrics"], group_id=group_id,
+                              preseg_metrics=record["preseg_metrics"])
+        if accumulator is not None and "label" in record:
+            meta = record["meta"]
+            accumulator.add(group_id, record["mask"], record["label"], slice_index=meta.get("slice_index"),
+                            spacing=meta["spacing"], slice_thickness=_slice_thickness(meta),
+                            preseg=record.get("preseg"))
+        if volume:
+            records.append(record)
+    if volume:
+        _write_volume_outputs(out_dir, group_id, records, save_preseg)
+    if accumulator is not None and accumulator.group_ids:
+        yield from accumulator.rows()
+
+
+def merge_records(paths, out_dir: str, *, save_preseg: bool = False, digest: str | None = None) -> dict:
+    """Merge case records into ``out_dir``'s metrics.csv (when labelled) and volume outputs, in
+    two streaming passes: memory holds one group's arrays and the running sums, whatever the
+    number of cases. ``digest``: merge only the records of these settings.
+    Returns ``summarize``'s dict plus n_cases_written and seconds_per_image.
+    """
+    index = index_records(paths, digest)
+    summary, seconds, group_rows = SummaryAccumulator(), {"sum": 0.0, "n": 0}, []
+
+    def rows():
+        for group_id in index.groups:
+            for row in _group_rows(index, group_id, out_dir, save_preseg, seconds):
+                if row["kind"] == "case":
+                    summary.add(row)
+                    yield row
+                else:
+                    group_rows.append(row)
+        # Group rows (one per volume or patient) are few; they close the table.
+        for row in group_rows:
+            summary.add(row)
+            yield row
+
+    if index.labelled:
+        write_metrics_csv(rows(), os.path.join(out_dir, "metrics.csv"),
+                          columns=metrics_columns(preseg=index.preseg))
+    else:
+        for _ in rows():
+            pass
+    result = summary.result()
+    result["n_cases_written"] = index.n
+    result["seconds_per_image"] = seconds["sum"] / seconds["n"] if seconds["n"] else None
+    return result
 
 
 def finish_run(writer: CaseWriter, selected: list) -> dict:
-    """Merge the records of every selected case into metrics.csv and summary.json."""
-    records = []
-    for index in selected:
-        path = writer.record_path(writer.case_ids[index])
-        if os.path.exists(path):
-            records.append(load_record(path))
-    _write_volumes(writer, records)
-
-    kind = _group_kind(records)
-    rows = [
-        metrics_row(r["case_id"], r["metrics"], group_id=_group_id(r, kind), preseg_metrics=r["preseg_metrics"])
-        for r in records
-        if r["metrics"] is not None
-    ]
-    if kind is not None and rows:
-        groups = GroupAccumulator(kind=kind)
-        for r in records:
-            if "label" in r:
-                groups.add(
-                    _group_id(r, kind), r["mask"], r["label"], slice_index=r["meta"].get("slice_index"),
-                    spacing=r["meta"]["spacing"], slice_thickness=_slice_thickness(r["meta"]),
-                    preseg=r.get("preseg"),
-                )
-        rows.extend(groups.rows())
-    if rows:
-        write_metrics_csv(rows, os.path.join(writer.out_dir, "metrics.csv"))
-
-    args, plan, bundle = writer.args, writer.plan, writer.bundle
-    summary = summarize(rows)
-    seconds = [r["seconds"] for r in records]
+    """Merge the records of every selected case made with this run's settings into
+    metrics.csv and summary.json."""
+    paths = [writer.record_path(writer.case_ids[i]) for i in selected]
+    args, plan = writer.args, writer.plan
+    summary = merge_records(paths, writer.out_dir, save_preseg=args.save_preseg, digest=writer.digest)
     summary.update({
         "n_cases_selected": len(selected),
-        "n_cases_written": len(records),
         "sampler": plan.sampler,
         "timesteps": [plan.timesteps[0], plan.timesteps[-1]] if plan.timesteps else [],
         "reverse_steps": max(len(plan.timesteps) - 1, 0),
@@ -244,33 +462,18 @@ def finish_run(writer: CaseWriter, selected: list) -> dict:
         "T": plan.timesteps[-1] if plan.sampler == "addpm" else None,
         "num_ensemble": writer.num_members,
         "fusion": args.fusion,
+        "mask_space": writer.settings["mask_space"],
         "unet_evaluations_per_image": plan.unet_evaluations * writer.num_members,
         "unet_evaluations_per_member": plan.unet_evaluations,
-        "seconds_per_image": float(np.mean(seconds)) if seconds else None,
         "device": str(writer.ctx.device),
         "world_size": writer.ctx.world_size,
         "precision": args.precision,
         "seed": args.seed,
         "en_num": args.en_num,
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
-        "checkpoints": _checkpoint_hashes(args, bundle, plan),
+        "checkpoints": writer.checkpoints,
+        "settings_digest": writer.digest,
         "preprocess": writer.preprocess.to_dict(),
     })
     write_summary_json(summary, os.path.join(writer.out_dir, "summary.json"))
     return summary
-
-
-def _checkpoint_hashes(args, bundle, plan) -> dict:
-    """The checkpoints this run read; the --preseg_path / --denoiser_path defaults may not exist."""
-    hashes = {"model_path": {"path": bundle.source, "sha256": bundle.sha256, "weights": bundle.weights}}
-    used = {
-        "preseg_path": plan.sampler in ("addpm", "preseg") and not args.preseg_dir,
-        "denoiser_path": plan.sampler == "addpm" and plan.final_step == "denoiser",
-    }
-    for flag, is_used in used.items():
-        path = getattr(args, flag)
-        if is_used and path:
-            hashes[flag] = {"path": path, "sha256": file_sha256(path)}
-    if args.preseg_dir:
-        hashes["preseg_dir"] = {"path": args.preseg_dir}
-    return hashes

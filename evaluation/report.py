@@ -6,7 +6,8 @@ metrics.csv has one row per evaluated unit and these columns, in this order:
 - ``group_id``: the volume or patient the case belongs to ("" when none);
 - ``kind``: ``case`` for a single case, ``volume`` / ``patient`` for a group whose metrics
   were recomputed on its slices stacked in 3D (``GroupAccumulator``), never averaged;
-- the metrics of the result: ``dice iou hd95 assd sensitivity specificity precision`` and
+- the metrics of the result: ``dice iou hd95 hd95_penalized assd sensitivity specificity
+  precision`` and
   the counts ``tp fp fn tn pred_voxels label_voxels`` (``evaluation.metrics``);
 - the same with a ``preseg_`` prefix for the pre-segmentation, when any row has them;
 - any further columns (e.g. per-class ``class1_dice``) in the order first seen.
@@ -17,7 +18,6 @@ reader never sees half a table.
 """
 
 import csv
-import io
 import json
 import math
 from pathlib import Path
@@ -29,7 +29,7 @@ from scipy import ndimage
 from evaluation.arrays import to_bool_mask, to_numpy
 from evaluation.errors import EvaluationError
 from evaluation.metrics import COUNT_NAMES, METRIC_NAMES, overlap_metrics, segmentation_metrics
-from guided_diffusion.atomic import atomic_write, atomic_write_text
+from guided_diffusion.atomic import atomic_path, atomic_write, atomic_write_text
 
 ID_COLUMNS = ("case_id", "group_id", "kind")
 KINDS = ("case", "volume", "patient")
@@ -79,15 +79,33 @@ def _format(value) -> str:
     return str(value)
 
 
-def write_metrics_csv(rows: list[dict], path) -> None:
-    """Write rows (dicts from ``metrics_row``) to ``path`` as metrics.csv, atomically."""
-    buffer = io.StringIO()
-    columns = _columns(rows)
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(columns)
-    for row in rows:
-        writer.writerow([_format(row.get(c)) for c in columns])
-    atomic_write_text(path, buffer.getvalue())
+def metrics_columns(*, preseg: bool, extra=()) -> list[str]:
+    """The columns ``write_metrics_csv`` gives rows of the result's metrics (and the
+    pre-segmentation's, with ``preseg``), for a table streamed without a first look at its rows."""
+    columns = list(ID_COLUMNS) + list(RESULT_COLUMNS)
+    if preseg:
+        columns += [PRESEG_PREFIX + c for c in RESULT_COLUMNS]
+    return columns + [c for c in extra if c not in columns]
+
+
+def write_metrics_csv(rows, path, columns: list[str] | None = None) -> None:
+    """Write rows (dicts from ``metrics_row``) to ``path`` as metrics.csv, atomically.
+
+    rows: a list, or any iterable when ``columns`` is given (then the rows are streamed to the
+    file one by one, and a column missing from ``columns`` is an error).
+    """
+    if columns is None:
+        rows = list(rows)
+        columns = _columns(rows)
+    known = set(columns)
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as handle:
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(columns)
+        for row in rows:
+            unknown = set(row) - known
+            if unknown:
+                raise ValueError(f"row {row.get('case_id')} has columns outside the table: {sorted(unknown)}")
+            writer.writerow([_format(row.get(c)) for c in columns])
 
 
 def _parse(text: str):
@@ -130,43 +148,166 @@ def _is_number(value) -> bool:
     )
 
 
-def summarize(rows: list[dict]) -> dict:
-    """Means and standard deviations of every metric column, per row kind.
+# How every summary here and every table of evaluation.compare reads the rows; summary.json
+# carries this text so that a reader of the numbers knows how they were made.
+CONVENTIONS = {
+    "both_empty": "a case (or group) whose label and prediction are both empty scores dice 1 and "
+    "hd95 0 in metrics.csv but is left out of every mean and counted as n_both_empty",
+    "hd95": "mean over the cases where both masks are non-empty; n_nan counts the one-sided "
+    "misses (exactly one mask empty), where hd95 is undefined",
+    "hd95_penalized": "hd95 with each one-sided miss scored as the image diagonal in mm (as the "
+    "BraTS evaluation does), over every case that is not both empty",
+    "headline": "per volume (3D inputs) or per patient (2D slices of a patient), each scored "
+    "on its slices stacked in 3D, wherever volumes or patients exist; else per case",
+    "std": "population standard deviation (ddof=0) of the values in the mean",
+}
+HEADLINE_METRICS = ("dice", "hd95", "hd95_penalized")
+# Longest first, so that "hd95_penalized" is not read as "<prefix>hd95".
+_METRICS_BY_LENGTH = sorted(METRIC_NAMES, key=len, reverse=True)
 
-    Every numeric column except the ids and the voxel counts is summarised. nan values (see
-    the conventions in ``evaluation.metrics``) are left out of mean and std and counted.
 
-    Returns:
-        {"n_cases": number of ``case`` rows,
-         "kinds": {kind: {"n": rows of that kind,
-                          "metrics": {column: {"mean", "std", "n_valid", "n_nan"}}}}}
-        ``std`` is the population standard deviation (numpy's default, ddof=0); mean and std
-        are None when no value is valid.
-    """
-    summary = {"n_cases": sum(1 for r in rows if r.get("kind", "case") == "case"), "kinds": {}}
-    for kind in KINDS:
-        kind_rows = [r for r in rows if r.get("kind", "case") == kind]
-        if not kind_rows:
-            continue
-        metrics = {}
-        for column in _columns(kind_rows):
+def metric_prefix(column: str) -> str | None:
+    """``preseg_dice`` -> ``preseg_``, ``class1_hd95`` -> ``class1_``, ``dice`` -> ""; None
+    for a column that is not a metric."""
+    for name in _METRICS_BY_LENGTH:
+        if column == name or column.endswith("_" + name):
+            return column[: -len(name)]
+    return None
+
+
+def is_both_empty(row: dict, prefix: str = "") -> bool:
+    """True when the row's label and prediction (of ``prefix``: "" for the result,
+    ``preseg_`` for the pre-segmentation) are both empty; False when the counts are unknown."""
+    return row.get(prefix + "pred_voxels") == 0 and row.get(prefix + "label_voxels") == 0
+
+
+def metric_values(rows: list[dict], column: str) -> tuple[list, int]:
+    """(values of ``column`` from the rows that enter its mean, number of both-empty rows left
+    out): the one place the convention of ``CONVENTIONS["both_empty"]`` is applied."""
+    prefix = metric_prefix(column)
+    values, both_empty = [], 0
+    for row in rows:
+        if prefix is not None and is_both_empty(row, prefix):
+            both_empty += 1
+        else:
+            values.append(row.get(column))
+    return values, both_empty
+
+
+def has_patient_groups(patient_ids) -> bool:
+    """True when some patient holds several 2D cases: they are then also scored per patient."""
+    patients = list(patient_ids)
+    return any(patients) and len(set(patients)) < len(patients)
+
+
+def headline_kind(kinds) -> str:
+    """The row kind whose figures are the headline: volume, else patient, else case."""
+    for kind in ("volume", "patient"):
+        if kind in kinds:
+            return kind
+    return "case"
+
+
+class _Moments:
+    """Running mean and population variance (Welford), nan and None counted apart."""
+
+    def __init__(self):
+        self.n = 0
+        self.mean = 0.0
+        self.m2 = 0.0
+        self.n_nan = 0
+        self.n_both_empty = 0
+
+    def add(self, value) -> None:
+        if not _is_number(value) or math.isnan(float(value)):
+            self.n_nan += 1
+            return
+        self.n += 1
+        delta = float(value) - self.mean
+        self.mean += delta / self.n
+        self.m2 += delta * (float(value) - self.mean)
+
+    def result(self) -> dict:
+        valid = self.n > 0
+        return {
+            "mean": self.mean if valid else None,
+            "std": math.sqrt(self.m2 / self.n) if valid else None,
+            "n_valid": self.n,
+            "n_nan": self.n_nan,
+            "n_both_empty": self.n_both_empty,
+        }
+
+
+class SummaryAccumulator:
+    """``summarize`` one row at a time, in memory independent of the number of rows."""
+
+    def __init__(self):
+        self._kinds: dict[str, dict] = {}
+
+    def add(self, row: dict) -> None:
+        kind = row.get("kind", "case")
+        entry = self._kinds.setdefault(kind, {"n": 0, "n_both_empty": 0, "columns": {}})
+        entry["n"] += 1
+        entry["n_both_empty"] += int(is_both_empty(row))
+        for column, value in row.items():
             if column in ID_COLUMNS or _is_count(column):
                 continue
-            values = [r.get(column) for r in kind_rows]
-            if not any(_is_number(v) for v in values):
-                continue
-            values = np.array(
-                [float(v) if _is_number(v) else math.nan for v in values], dtype=np.float64
-            )
-            valid = values[~np.isnan(values)]
-            metrics[column] = {
-                "mean": float(valid.mean()) if valid.size else None,
-                "std": float(valid.std()) if valid.size else None,
-                "n_valid": int(valid.size),
-                "n_nan": int(values.size - valid.size),
-            }
-        summary["kinds"][kind] = {"n": len(kind_rows), "metrics": metrics}
-    return summary
+            moments = entry["columns"].get(column)
+            if moments is None:
+                if not _is_number(value):
+                    continue
+                # Rows before the first number in this column count as undefined values.
+                moments = entry["columns"][column] = _Moments()
+                moments.n_nan = entry["n"] - 1
+            prefix = metric_prefix(column)
+            if prefix is not None and is_both_empty(row, prefix):
+                moments.n_both_empty += 1
+            else:
+                moments.add(value)
+        for column, moments in entry["columns"].items():
+            if column not in row:
+                moments.add(None)
+
+    def result(self) -> dict:
+        summary = {"n_cases": self._kinds.get("case", {}).get("n", 0), "conventions": CONVENTIONS,
+                   "kinds": {}}
+        for kind in KINDS:
+            if kind in self._kinds:
+                entry = self._kinds[kind]
+                metrics = {c: m.result() for c, m in entry["columns"].items()}
+                summary["kinds"][kind] = {"n": entry["n"], "n_both_empty": entry["n_both_empty"],
+                                          "metrics": metrics}
+        kind = headline_kind(summary["kinds"])
+        if kind in summary["kinds"]:
+            metrics = summary["kinds"][kind]["metrics"]
+            summary["headline"] = {"kind": kind, "n": summary["kinds"][kind]["n"],
+                                   **{m: metrics[m] for m in HEADLINE_METRICS if m in metrics}}
+        return summary
+
+
+def summarize(rows) -> dict:
+    """Means and standard deviations of every metric column, per row kind, by the conventions
+    of ``CONVENTIONS`` (stated in the result).
+
+    Every numeric column except the ids and the voxel counts is summarised. Rows whose label
+    and prediction are both empty are left out of a metric's mean and counted; nan values
+    (see ``evaluation.metrics``) are left out and counted.
+
+    Returns:
+        {"n_cases": number of ``case`` rows, "conventions": CONVENTIONS,
+         "kinds": {kind: {"n": rows of that kind, "n_both_empty": rows whose result and
+                          label are both empty,
+                          "metrics": {column: {"mean", "std", "n_valid", "n_nan",
+                                               "n_both_empty"}}}},
+         "headline": {"kind": volume | patient | case, "n", "dice", "hd95",
+                      "hd95_penalized"} (absent without rows)}
+        ``std`` is the population standard deviation (ddof=0); mean and std are None when no
+        value is valid.
+    """
+    accumulator = SummaryAccumulator()
+    for row in rows:
+        accumulator.add(row)
+    return accumulator.result()
 
 
 def _json_ready(obj):

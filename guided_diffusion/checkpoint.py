@@ -16,6 +16,7 @@ Resume reads the step from inside the file, not from its name (renaming saved fi
 silently drop the EMA and optimizer state).
 """
 
+import hashlib
 import io
 import os
 import pickle
@@ -32,6 +33,8 @@ from guided_diffusion.atomic import atomic_write
 from guided_diffusion.errors import CheckpointError
 
 FORMAT = "addpm-checkpoint"
+# Every trainer ends its run with this file, holding the state at the run's end step.
+FINAL_NAME = "final.pt"
 FORMAT_VERSION = 1
 KINDS = ("diffusion", "preseg", "denoiser")
 
@@ -281,6 +284,30 @@ def load_weights(module: nn.Module, state_dict: Mapping, source: str) -> None:
     module.load_state_dict(state_dict, strict=True)
 
 
+def checkpoint_step(path, kind: str | None = None) -> int | None:
+    """The step stored in our checkpoint ``path`` (of ``kind``, when given); None for a file
+    that is missing, unreadable or not ours. Reads the step only (mmap: no weights loaded)."""
+    path = os.fspath(path)
+    if not bf.exists(path) or bf.isdir(path):
+        return None
+    try:
+        obj = _load(path, mmap=not _is_remote(path) and _is_zip(path))
+    except CheckpointError:
+        return None
+    if not isinstance(obj, dict) or obj.get("format") != FORMAT:
+        return None
+    if kind is not None and obj.get("kind") != kind:
+        return None
+    step = obj.get("step")
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
+
+
+def final_is_current(out_dir, step: int, kind: str) -> bool:
+    """True when ``out_dir/final.pt`` holds the state at ``step``: a run that ends there need
+    not write it again. False when it is missing (e.g. a kill during its write) or older."""
+    return checkpoint_step(bf.join(os.fspath(out_dir), FINAL_NAME), kind) == step
+
+
 def list_checkpoints(folder, kind: str | None = None) -> list[tuple[int, str]]:
     """Our checkpoints among the ``*.pt`` files of ``folder``, as (step, path) by increasing step.
 
@@ -294,24 +321,24 @@ def list_checkpoints(folder, kind: str | None = None) -> list[tuple[int, str]]:
     for name in sorted(bf.listdir(folder)):
         if not name.endswith(".pt") or name.startswith("."):
             continue
-        path = bf.join(folder, name)
-        if bf.isdir(path):
-            continue
-        try:
-            # mmap: reading the step does not pull the weights into memory.
-            obj = _load(path, mmap=not _is_remote(path) and _is_zip(path))
-        except CheckpointError:
-            continue
-        if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-            continue
-        if kind is not None and obj.get("kind") != kind:
-            continue
-        step = obj.get("step")
-        if isinstance(step, int) and not isinstance(step, bool):
-            found.append((step, path))
-        del obj
+        step = checkpoint_step(bf.join(folder, name), kind)
+        if step is not None:
+            found.append((step, bf.join(folder, name)))
     found.sort(key=lambda item: item[0])
     return found
+
+
+def file_sha256(path) -> str:
+    """SHA-256 of a file, read through blobfile as the checkpoint loaders read it, so a cloud
+    URL is hashed as it loads."""
+    digest = hashlib.sha256()
+    try:
+        with bf.BlobFile(os.fspath(path), "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    except (OSError, bf.Error) as err:
+        raise CheckpointError(f"{path}: cannot read it to record its SHA-256 ({err})") from None
+    return digest.hexdigest()
 
 
 def _is_zip(path: str) -> bool:

@@ -9,9 +9,11 @@ Outputs in the log folder: ``progress.csv`` (its header is rewritten when new ke
 as improved-diffusion does), ``progress.jsonl`` (one JSON object per dump), ``log.txt``
 (the tables and ``log(...)`` lines), ``curves.png`` (loss, learning rate and validation Dice
 against the step, ``guided_diffusion.curves``; redrawn after a dump at most every
-``CURVES_SECONDS`` and by ``draw_curves()`` at the end of a run; local folders only). Only rank 0 writes anything. Paths go through blobfile,
-so the folder may be a cloud URL; nothing is opened before ``configure`` or the first write.
-Before ``configure``, output goes to stdout only.
+``CURVES_SECONDS`` and by ``draw_curves()`` at the end of a run; local folders only). Only
+rank 0 writes anything. Paths go through blobfile, so the folder may be a cloud URL; nothing
+is opened before ``configure`` or the first write. Before ``configure``, output goes to stdout only, and the ``log(...)`` lines since the last
+``reset()`` are held and written to the log.txt that ``configure`` opens: a script can check
+its inputs (and say so) before it creates anything on disk.
 """
 
 import csv
@@ -95,6 +97,8 @@ class Logger:
         self.name2cnt = {}
         self._csv_keys = []
         self._curves_drawn = -math.inf
+        # Lines of an unconfigured logger, for the log.txt of the next configure().
+        self.held_lines = []
         if self.writes and any(fmt != "stdout" for fmt in self.formats):
             bf.makedirs(dir)
 
@@ -155,6 +159,8 @@ class Logger:
             sys.stdout.flush()
         if "log" in self.formats:
             self._append(_LOG_NAME, line)
+        elif self.dir is None:
+            self.held_lines.append(line)
 
     def _append(self, name: str, text: str) -> None:
         with bf.BlobFile(bf.join(self.dir, name), "a") as f:
@@ -216,7 +222,10 @@ def configure(dir=None, rank: int | None = None, formats=FORMATS) -> str:
     dir = os.fspath(dir)
     if rank is None:
         rank = _default_rank()
+    held = _current.held_lines if _current is not None and _current.dir is None else []
     _current = Logger(dir, formats=formats, rank=rank)
+    if held and _current.writes and "log" in _current.formats:
+        _current._append(_LOG_NAME, "".join(held))
     return dir
 
 
@@ -251,6 +260,6 @@ def draw_curves() -> None:
 
 
 def reset() -> None:
-    """Back to the unconfigured stdout-only logger (drops unsaved key/values)."""
+    """Back to the unconfigured stdout-only logger (drops unsaved key/values and held lines)."""
     global _current
     _current = None

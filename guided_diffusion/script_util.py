@@ -23,6 +23,8 @@ import sys
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
+from tqdm import tqdm
+
 from guided_diffusion.errors import AddpmError, CheckpointError, ConfigError
 from guided_diffusion.gaussian_diffusion import GaussianDiffusion, get_named_beta_schedule
 from guided_diffusion.mask_space import MASK_SPACES
@@ -378,20 +380,29 @@ def create_model_and_diffusion(
     return model, diffusion
 
 
+def close_progress_bars() -> None:
+    """Close every open tqdm bar now, so that no bar redraws itself after an error line."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def run_cli(main: Callable[[], Any]) -> Any:
     """Run a script's ``main()``: a user error becomes one line on stderr and exit code 2.
 
     ``AddpmError`` -> ``error: <message>`` on stderr, ``SystemExit(2)``, no traceback (the
-    message already names the file or flag). Ctrl-C -> exit code 130 without a traceback.
+    message already names the file or flag); progress bars still open are closed first, so
+    the error is the last line. Ctrl-C -> exit code 130 without a traceback.
     Any other exception is a bug and keeps its traceback.
     """
     try:
         return main()
     except AddpmError as err:
+        close_progress_bars()
         message = " ".join(str(err).split("\n")).strip() or type(err).__name__
         print(f"error: {message}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
+        close_progress_bars()
         raise SystemExit(130) from None
 
 

@@ -51,7 +51,7 @@ from guided_diffusion.mask_space import to_diffusion_space
 from guided_diffusion.resample import create_named_schedule_sampler
 
 CHECKPOINT_KIND = "diffusion"
-FINAL_NAME = "final.pt"
+FINAL_NAME = checkpoint.FINAL_NAME
 BEST_NAME = "best.pt"
 _NUMBERED = re.compile(rf"^{CHECKPOINT_KIND}_(\d{{7,}})\.pt$")
 
@@ -355,6 +355,9 @@ class TrainLoop:
         total = self.total_steps
         if total is not None and self.step >= total:
             logger.log(f"step {self.step} already reaches the end step {total}: nothing to train")
+            # A kill while final.pt was written leaves the run without it: write it again.
+            if not checkpoint.final_is_current(self.out_dir, self.step, CHECKPOINT_KIND):
+                self.save(final=True)
             return self.last_checkpoint
         logger.log(
             f"training from step {self.step}"

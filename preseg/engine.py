@@ -44,7 +44,10 @@ from tqdm import tqdm
 from data import GroupedSampler, collate
 from data.datasets import DEFAULT_CACHE_VOLUMES
 from guided_diffusion import logger
+from guided_diffusion.atomic import check_writable_dir, remove_stale_temp_files
 from guided_diffusion.checkpoint import (
+    FINAL_NAME,
+    final_is_current,
     list_checkpoints,
     load_checkpoint,
     load_weights,
@@ -303,7 +306,7 @@ def _resume_path(options, kind, out_dir):
     top = max(step for step, _ in candidates)
     newest = [path for step, path in candidates if step == top]
     # At equal steps, final.pt (written last) wins over a numbered file of the same step.
-    newest.sort(key=lambda path: bf.basename(path) != "final.pt")
+    newest.sort(key=lambda path: bf.basename(path) != FINAL_NAME)
     return newest[0]
 
 
@@ -317,12 +320,32 @@ def _check_resume_config(path, saved, current):
             )
 
 
+def resolve_out_dir(options, kind):
+    """``--out_dir``, else ``$OPENAI_LOGDIR/<kind>``, else ``runs/<kind>``.
+
+    A fixed default (not date-stamped) is where sample.py looks for runs/<kind>/best.pt; under
+    OPENAI_LOGDIR each kind gets its own folder, so the two supervised trainers never share one.
+    """
+    log_root = os.environ.get("OPENAI_LOGDIR")
+    return options.out_dir or (os.path.join(log_root, kind) if log_root else os.path.join("runs", kind))
+
+
+def check_out_dir(options, kind):
+    """The run's output folder, refused (one line) before any work when it cannot be written
+    or holds the checkpoints of another run that this one does not resume. Writes nothing."""
+    out_dir = resolve_out_dir(options, kind)
+    check_writable_dir(out_dir, "--out_dir")
+    if not (options.resume == "auto" or options.resume_checkpoint):
+        _check_fresh_out_dir(out_dir, kind)
+    return out_dir
+
+
 def _check_fresh_out_dir(out_dir, kind):
     """Refuse to start a fresh run over the checkpoints of an earlier one."""
     numbered = _numbered_checkpoints(out_dir, kind)
     found = numbered[-1][1] if numbered else None
-    if found is None and bf.exists(bf.join(out_dir, "final.pt")):
-        found = bf.join(out_dir, "final.pt")
+    if found is None and bf.exists(bf.join(out_dir, FINAL_NAME)):
+        found = bf.join(out_dir, FINAL_NAME)
     if found is not None:
         raise ConfigError(
             f"--out_dir {out_dir} already holds {found}: pass --resume auto to continue, or "
@@ -354,11 +377,9 @@ def train(*, kind, model, config, train_set, val_set, batch_to_input_target, opt
     autocast_context(device, options.precision)  # fp16 off CUDA fails here, before any work
     if len(train_set) == 0:
         raise ConfigError("the training set is empty: nothing to train on (check --data_dir and --val_fraction)")
-    # A fixed default (not date-stamped) is where sample.py looks for runs/<kind>/best.pt; under
-    # OPENAI_LOGDIR each kind gets its own folder, so the two supervised trainers never share one.
-    log_root = os.environ.get("OPENAI_LOGDIR")
-    out_dir = options.out_dir or (os.path.join(log_root, kind) if log_root else os.path.join("runs", kind))
-    logger.configure(dir=out_dir, rank=ctx.rank)
+    # Nothing is written before a resumed checkpoint is checked: log lines are held until the
+    # logger is configured below.
+    out_dir = check_out_dir(options, kind)
     has_val = val_set is not None and len(val_set) > 0
 
     model.to(device)
@@ -382,13 +403,15 @@ def train(*, kind, model, config, train_set, val_set, batch_to_input_target, opt
     state = _State()
 
     resume_path = _resume_path(options, kind, out_dir)
-    if resume_path is None and not (options.resume == "auto" or options.resume_checkpoint == "auto"):
-        _check_fresh_out_dir(out_dir, kind)
     if resume_path is not None:
         _restore(resume_path, kind, model, config, optimizer, scheduler, scaler, generator, state,
                  options, ctx)
     elif options.resume == "auto" or options.resume_checkpoint == "auto":
         logger.log(f"no checkpoint to resume in {out_dir}; starting fresh")
+    start_step = state.step
+    if ctx.is_main:
+        remove_stale_temp_files(out_dir, depth=0)
+    logger.configure(dir=out_dir, rank=ctx.rank)
 
     net = wrap_model(model, ctx)
     net.train()
@@ -520,13 +543,17 @@ def train(*, kind, model, config, train_set, val_set, batch_to_input_target, opt
     progress.close()
 
     # A resumed run that had already reached its bound still reports its final score.
-    if has_val and state.validated_step != state.step:
+    validated_now = has_val and state.validated_step != state.step
+    if validated_now:
         validate()
         logger.dumpkvs()
     logger.draw_curves()
-    final_path = bf.join(out_dir, "final.pt")
-    save(final_path, training_state=True)
-    logger.log(f"saved {final_path} at step {state.step}")
+    final_path = bf.join(out_dir, FINAL_NAME)
+    # Written unless it already holds this end state (a run resumed at its bound); a missing
+    # one (a kill during its write) is written again.
+    if state.step != start_step or validated_now or not final_is_current(out_dir, state.step, kind):
+        save(final_path, training_state=True)
+        logger.log(f"saved {final_path} at step {state.step}")
     return TrainResult(
         step=state.step, epoch=state.epoch, val_dice=state.val_dice,
         best_val_dice=state.best_val_dice, out_dir=out_dir, final_path=final_path,

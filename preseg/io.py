@@ -18,7 +18,8 @@ The file holds the mask at the input's own size (``meta["original_shape"]``, or 
 shape), as one of:
 a binary mask in {0, 1} or {0, 255}; probabilities in [0, 1] (a float NIfTI, or an 8-/16-bit
 PNG scaled by 255 / 65535); or, for NIfTI only, an integer label map (e.g. an nnU-Net
-output), whose non-zero labels are the foreground.
+output), mapped to the foreground by the model's own label mapping (``Preprocess.map_label``:
+every non-zero label, or only ``--foreground_labels``).
 """
 
 import functools
@@ -30,7 +31,7 @@ import torch
 
 from data.errors import DataError
 from data.io import read_image, read_nifti
-from data.preprocess import apply_geometry
+from data.preprocess import Preprocess, apply_geometry
 from guided_diffusion.checkpoint import load_checkpoint, load_weights
 from guided_diffusion.errors import CheckpointError, ConfigError
 from preseg.networks import build_network, foreground_probability, registry_help
@@ -141,40 +142,46 @@ class PresegSource:
 
     ``source(batch)`` returns foreground probabilities [B, 1, S, S] on the network grid, on
     ``device``: the net's softmax on ``batch["image"]``, or each case's precomputed file
-    (``read_precomputed_preseg``) mapped through the case's own geometry (``meta["geometry"]``,
-    augmentation included) onto the grid the networks see.
+    (``read_precomputed_preseg``, label maps mapped by ``preprocess.map_label``) mapped through
+    the case's own geometry (``meta["geometry"]``, augmentation included) onto the grid the
+    networks see. ``preprocess`` is the run's ``Preprocess``.
     """
 
-    def __init__(self, *, net=None, preseg_dir="", device="cpu"):
+    def __init__(self, *, net=None, preseg_dir="", preprocess=None, device="cpu"):
         if (net is None) == (not preseg_dir):
             raise ConfigError("give --preseg_path or --preseg_dir, not both")
         self.net = net
         self.preseg_dir = preseg_dir
+        self.preprocess = preprocess
         self.device = torch.device(device)
 
     @classmethod
     def from_flags(cls, *, preseg_path="", preseg_dir="", preprocess=None, device="cpu"):
-        """Load ``--preseg_path`` (checked against ``preprocess``, the diffusion model's) or
-        take ``--preseg_dir``; one of the two must be given."""
+        """Load ``--preseg_path`` (checked against ``preprocess``, the diffusion model's; without
+        one, the net's own preprocessing is the run's) or take ``--preseg_dir`` (with
+        ``preprocess``, whose labels map label-map files); one of the two must be given."""
         if preseg_path and preseg_dir:
             raise ConfigError("give --preseg_path or --preseg_dir, not both")
         if preseg_dir:
             if not os.path.isdir(preseg_dir):
                 raise ConfigError(f"--preseg_dir {preseg_dir}: no such folder")
-            return cls(preseg_dir=preseg_dir, device=device)
+            return cls(preseg_dir=preseg_dir, preprocess=preprocess, device=device)
         if not preseg_path:
             raise ConfigError("a pre-segmentation is needed: give --preseg_path or --preseg_dir")
         net, config = load_preseg(preseg_path, device)
         if preprocess is not None:
             preprocess.check_same_as(config["preprocess"], preseg_path)
-        return cls(net=net, device=device)
+        else:
+            preprocess = Preprocess.from_dict(config["preprocess"])
+        return cls(net=net, preprocess=preprocess, device=device)
 
     def __call__(self, batch):
         if self.net is not None:
             return foreground_probability(self.net(batch["image"].to(self.device)))
+        map_label = self.preprocess.map_label if self.preprocess is not None else None
         masks = []
         for case_id, meta in zip(batch["case_id"], batch["meta"]):
-            mask = read_precomputed_preseg(self.preseg_dir, case_id, meta)
+            mask = read_precomputed_preseg(self.preseg_dir, case_id, meta, map_label=map_label)
             # The file is at the input's own size; the networks see the preprocessed grid.
             masks.append(torch.from_numpy(apply_geometry(mask, meta["geometry"], order=1)))
         return torch.stack(masks).unsqueeze(1).to(self.device)
@@ -184,8 +191,10 @@ def _is_nifti_input(meta):
     return str(meta.get("format", "")).startswith("nifti")
 
 
-def _to_probability(array, path, *, png_scale):
-    """Mask values -> float32 foreground probabilities (the conventions of the module docstring)."""
+def _to_probability(array, path, *, png_scale, map_label=None):
+    """Mask values -> float32 foreground probabilities (the conventions of the module docstring).
+
+    map_label: raw label map -> {0, 1} foreground, for NIfTI label maps (None: non-zero)."""
     if array.dtype.kind == "f":
         if not np.all(np.isfinite(array)):
             raise DataError(f"{path}: holds NaN or infinite values")
@@ -206,6 +215,8 @@ def _to_probability(array, path, *, png_scale):
     if png_scale is not None:
         return np.clip(array.astype(np.float32) / png_scale, 0.0, 1.0)
     # A NIfTI with other integer labels is a label map from another tool (e.g. nnU-Net).
+    if map_label is not None:
+        return np.asarray(map_label(array.astype(np.int64)), dtype=np.float32)
     return (array > 0).astype(np.float32)
 
 
@@ -238,12 +249,14 @@ def _read_volume(path):
     return array
 
 
-def read_precomputed_preseg(preseg_dir, case_id, meta):
+def read_precomputed_preseg(preseg_dir, case_id, meta, map_label=None):
     """Read the precomputed pre-segmentation of one case (layout in the module docstring).
 
     :param preseg_dir: folder holding one file per case.
     :param case_id: the dataset's case id (``item["case_id"]``).
     :param meta: the dataset item's ``meta`` (``format``, ``original_shape``).
+    :param map_label: the model's label mapping (``Preprocess.map_label``) for label maps;
+        None counts every non-zero label.
     :return: float32 array ``[H, W]`` of foreground probabilities in [0, 1] at the input
         image's own size, in the file's array order (as the data readers load the input).
     :raises DataError: a missing or unreadable file, values that are not a mask or
@@ -273,7 +286,7 @@ def read_precomputed_preseg(preseg_dir, case_id, meta):
         raise DataError(
             f"{path}: shape {tuple(array.shape)} differs from the input image's {expected}"
         )
-    return _to_probability(np.asarray(array), path, png_scale=png_scale)
+    return _to_probability(np.asarray(array), path, png_scale=png_scale, map_label=map_label)
 
 
 def args_record(args):

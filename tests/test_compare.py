@@ -17,14 +17,17 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # Two-sided 97.5% quantiles of Student's t, from a printed table.
 T_975 = {2: 4.302652729749464, 3: 3.182446305284263}
 
+# p2_000 misses a lesion (HD95 undefined, the image diagonal 50 mm as its penalty); p2_002 is
+# empty in label and prediction alike, and is left out of every mean.
 METRICS_CSV = """\
-case_id,group_id,kind,dice,iou,hd95,assd,preseg_dice
-p1_000,p1,case,0.8,0.67,2.0,1.0,0.7
-p1_001,p1,case,0.6,0.43,4.0,1.5,0.5
-p2_000,p2,case,0.7,0.54,nan,,0.6
-p2_001,p2,case,0.9,0.82,6.0,0.5,0.8
-p1,p1,patient,0.72,0.56,3.0,1.2,0.6
-p2,p2,patient,0.82,0.69,5.0,0.8,0.7
+case_id,group_id,kind,dice,iou,hd95,hd95_penalized,assd,pred_voxels,label_voxels,preseg_dice
+p1_000,p1,case,0.8,0.67,2.0,2.0,1.0,10,12,0.7
+p1_001,p1,case,0.6,0.43,4.0,4.0,1.5,9,6,0.5
+p2_000,p2,case,0.0,0.0,nan,50.0,,0,9,0.6
+p2_001,p2,case,0.9,0.82,6.0,6.0,0.5,11,10,0.8
+p2_002,p2,case,1.0,1.0,0.0,0.0,0.0,0,0,1.0
+p1,p1,patient,0.72,0.56,3.0,3.0,1.2,19,18,0.6
+p2,p2,patient,0.82,0.69,5.0,5.0,0.8,11,19,0.7
 """
 
 
@@ -68,9 +71,12 @@ def test_compare_runs_case_and_patient_levels(tmp_path):
     (row,) = compare_runs({"addpm": run})
     assert row["name"] == "addpm" and row["sampler"] == "addpm"
     assert row["unet_evaluations_per_image"] == 150 and row["seconds_per_image"] == 1.25
-    assert row["case"]["n"] == 4
-    assert row["case"]["dice"]["mean"] == pytest.approx(0.75)
-    assert row["case"]["hd95"]["n_nan"] == 1
+    case = row["case"]
+    assert case["n"] == 5 and case["n_both_empty"] == 1
+    assert case["dice"]["n"] == 4 and case["dice"]["mean"] == pytest.approx((0.8 + 0.6 + 0.0 + 0.9) / 4)
+    assert (case["hd95"]["n"], case["hd95"]["n_nan"], case["hd95"]["mean"]) == (3, 1, pytest.approx(4.0))
+    assert case["hd95_penalized"]["n"] == 4
+    assert case["hd95_penalized"]["mean"] == pytest.approx((2 + 4 + 50 + 6) / 4)
     group = row["group"]
     assert group["kind"] == "patient" and group["n"] == 2
     # patients 0.72 and 0.82: mean 0.77, s = 0.1 / sqrt(2), t with 1 degree of freedom.
@@ -87,11 +93,16 @@ def test_format_table_rows_and_notes(tmp_path):
     }
     table = format_table(compare_runs(runs))
     lines = table.splitlines()
-    assert lines[0].startswith("| run | sampler | cases | Dice per case | HD95 per case | patients")
-    assert lines[2].startswith("| preseg | preseg | 4 | 0.750 [")
-    assert "| 4.00 [" in lines[3] and "(1 n/a)" in lines[3]
+    # The per-patient figures are the headline: they come first.
+    assert lines[0].startswith(
+        "| run | sampler | patients | Dice per patient | HD95 per patient | HD95 per patient, "
+        "miss = diagonal | cases | Dice per case | HD95 per case | HD95 per case, miss = diagonal |")
+    assert lines[2].startswith("| preseg | preseg | 2 | 0.770 [")
+    assert "| 5 (1 both empty) | 0.575 [" in lines[3]
+    assert "| 4.00 [" in lines[3] and "(1 miss)" in lines[3] and "| 15.50 [" in lines[3]
     assert lines[3].endswith("| 150 (3 x 50) | 1.25 |")
     assert "t-distribution" in table and "Warning" not in table
+    assert "both empty" in table and "diagonal" in table
 
 
 def test_table_without_groups_and_with_different_cases(tmp_path):
@@ -112,8 +123,9 @@ def test_cli_writes_markdown_and_json(tmp_path, capsys):
     assert out.read_text() in printed
     data = json.loads(out.with_suffix(".json").read_text())
     assert data["confidence"] == 0.95
+    assert "both_empty" in data["conventions"]
     (row,) = data["runs"]
-    assert row["case"]["dice"]["mean"] == pytest.approx(0.75)
+    assert row["case"]["dice"]["mean"] == pytest.approx(0.575)
     assert row["case"]["hd95"]["n_nan"] == 1
 
 
@@ -163,3 +175,45 @@ def test_paired_difference_to_a_baseline_per_patient(tmp_path):
     assert "Dice - preseg (paired, per patient)" in table and "+0.075 [" in table
     with pytest.raises(ConfigError, match="--baseline"):
         compare_runs(runs, baseline="ddpm")
+
+
+PAIRED_BASE_CSV = """\
+case_id,group_id,kind,dice,iou,hd95,hd95_penalized,assd,pred_voxels,label_voxels,preseg_dice
+p1_000,p1,case,0.5,0.33,3.0,3.0,1.0,10,12,0.5
+p2_000,p2,case,0.0,0.0,nan,50.0,,0,9,0.0
+p3_000,p3,case,1.0,1.0,0.0,0.0,0.0,0,0,1.0
+p1,p1,patient,0.5,0.33,3.0,3.0,1.0,10,12,0.5
+p2,p2,patient,0.0,0.0,nan,50.0,,0,9,0.0
+p3,p3,patient,1.0,1.0,0.0,0.0,0.0,0,0,1.0
+"""
+PAIRED_RUN_CSV = """\
+case_id,group_id,kind,dice,iou,hd95,hd95_penalized,assd,pred_voxels,label_voxels,preseg_dice
+p1_000,p1,case,0.7,0.54,2.0,2.0,1.0,10,12,0.5
+p2_000,p2,case,0.6,0.43,10.0,10.0,2.0,8,9,0.0
+p3_000,p3,case,0.0,0.0,nan,50.0,,4,0,1.0
+p1,p1,patient,0.7,0.54,2.0,2.0,1.0,10,12,0.5
+p2,p2,patient,0.6,0.43,10.0,10.0,2.0,8,9,0.0
+p3,p3,patient,0.0,0.0,nan,50.0,,4,0,1.0
+"""
+
+
+def test_paired_difference_takes_the_values_of_the_means(tmp_path):
+    # p3 is empty in label and baseline prediction: out of the baseline's means, so out of every
+    # pair (although the run's false positive scores 0 there). p2 is a miss of the baseline.
+    runs = {"preseg": write_run(tmp_path / "preseg", PAIRED_BASE_CSV, sampler="preseg"),
+            "addpm": write_run(tmp_path / "addpm", PAIRED_RUN_CSV)}
+    rows = compare_runs(runs, baseline="preseg")
+    base_group, paired = rows[0]["group"], rows[1]["paired"]
+    assert base_group["n_both_empty"] == 1 and base_group["dice"]["mean"] == pytest.approx(0.25)
+    assert (paired["n_pairs"], paired["n_both_empty"]) == (2, 1)
+    # Dice: p1 +0.2, p2 +0.6 -- the same per-patient values as the two runs' Dice columns.
+    assert paired["dice"]["mean"] == pytest.approx(0.4) and paired["dice"]["n"] == 2
+    # HD95: p2's baseline is a miss, so one pair (2 - 3); miss = diagonal pairs both (-1, -40).
+    assert (paired["hd95"]["n"], paired["hd95"]["n_nan"]) == (1, 1)
+    assert paired["hd95"]["mean"] == pytest.approx(-1.0)
+    assert paired["hd95_penalized"]["n"] == 2 and paired["hd95_penalized"]["mean"] == pytest.approx(-20.5)
+    table = format_table(rows, baseline="preseg")
+    header = table.splitlines()[0]
+    assert "| HD95, miss = diagonal - preseg (paired) |" in header
+    assert "| -1.00 (1 miss) | -20.50 [" in table.splitlines()[3]
+    assert "both empty in either run is left out" in table

@@ -86,14 +86,14 @@ def test_brats3d_missing_modality_and_shape_mismatch(tmp_path):
     raises_one_line(lambda: create_dataset(tmp_path / "v"), case / "BraTS2021_00001_seg.nii.gz")
 
 
-def test_image_and_mask_of_different_shapes(tmp_path):
+def test_image_and_mask_of_different_shapes_fail_when_the_dataset_is_built(tmp_path):
     write_png(tmp_path / "f" / "images" / "a.png", np.full((12, 12, 3), 9))
     write_png(tmp_path / "f" / "masks" / "a.png", np.zeros((10, 12)))
-    ds = create_dataset(tmp_path / "f", preprocess=SMALL)
-    raises_one_line(lambda: ds[0], tmp_path / "f" / "masks" / "a.png")
+    msg = raises_one_line(lambda: create_dataset(tmp_path / "f", preprocess=SMALL), tmp_path / "f" / "masks" / "a.png")
+    assert "(10, 12)" in msg and "(12, 12)" in msg
     seg_folder = slice_folder(tmp_path / "s" / "000001", seg=np.zeros((8, 10)))
-    ds = create_dataset(tmp_path / "s", preprocess=SMALL)
-    raises_one_line(lambda: ds[0], seg_folder / "brats_train_001_seg_005_w.nii.gz")
+    raises_one_line(lambda: create_dataset(tmp_path / "s", preprocess=SMALL),
+                    seg_folder / "brats_train_001_seg_005_w.nii.gz")
 
 
 def test_corrupt_nifti(tmp_path):
@@ -101,9 +101,14 @@ def test_corrupt_nifti(tmp_path):
     bad = folder / "brats_train_001_t2_005_w.nii.gz"
     data = bad.read_bytes()
     bad.write_bytes(data[: len(data) // 2])  # truncated download
-    ds = create_dataset(tmp_path / "d", preprocess=SMALL)
-    raises_one_line(lambda: ds[0], bad)
+    # The headers are read when the dataset is built (to check the sizes): it fails there.
+    raises_one_line(lambda: create_dataset(tmp_path / "d", preprocess=SMALL), bad)
     bad.write_bytes(gzip.compress(b"this is not a nifti header at all" * 20))
+    raises_one_line(lambda: create_dataset(tmp_path / "d", preprocess=SMALL), bad)
+    # A header that reads but voxels that do not: when the item is loaded.
+    bad.write_bytes(data)
+    ds = create_dataset(tmp_path / "d", preprocess=SMALL)
+    bad.write_bytes(gzip.compress(gzip.decompress(data)[:400]))
     raises_one_line(lambda: ds[0], bad)
 
 
@@ -126,8 +131,7 @@ def test_file_that_is_not_an_image(tmp_path):
     write_png(tmp_path / "g" / "P" / "P_1.tif", np.full((8, 8, 3), 7))
     mask = tmp_path / "g" / "P" / "P_1_mask.tif"
     mask.write_bytes(b"II*\x00 broken tiff")
-    ds = create_dataset(tmp_path / "g", preprocess=SMALL)
-    raises_one_line(lambda: ds[0], mask)
+    raises_one_line(lambda: create_dataset(tmp_path / "g", preprocess=SMALL), mask)
 
 
 @pytest.mark.parametrize("bad_value", [np.nan, np.inf])
@@ -218,3 +222,36 @@ def test_worker_errors_stay_one_line(tmp_path):
     except DataError as exc:
         message = str(exc)
     assert message is not None and "\n" not in message and str(bad) in message, message
+
+
+def test_masks_drawn_in_the_alpha_channel_read_the_same_everywhere(tmp_path):
+    """RGBA masks, white everywhere with the mask as opacity (as some annotation tools save
+    them): the training data, python -m evaluation and --preseg_dir read the alpha channel."""
+    from evaluation.cli import evaluate_folders
+    from preseg.io import read_precomputed_preseg
+
+    truth = np.zeros((12, 12), dtype=np.uint8)
+    truth[3:7, 2:9] = 1
+    rgba = np.zeros((12, 12, 4), dtype=np.uint8)
+    rgba[..., :3] = 255
+    rgba[..., 3] = truth * 255
+    write_png(tmp_path / "f" / "images" / "a.png", np.full((12, 12, 3), 90))
+    (tmp_path / "f" / "masks").mkdir()
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "f" / "masks" / "a.png")
+    np.testing.assert_array_equal(create_dataset(tmp_path / "f", preprocess=Preprocess(image_size=12))[0]["label"], truth)
+
+    (tmp_path / "labels").mkdir()
+    write_png(tmp_path / "labels" / "a.png", truth * 255)
+    rows, _ = evaluate_folders(tmp_path / "f" / "masks", tmp_path / "labels")
+    assert rows[0]["dice"] == 1.0
+    preseg = read_precomputed_preseg(str(tmp_path / "f" / "masks"), "a", {"format": "image", "original_shape": [12, 12]})
+    np.testing.assert_array_equal(preseg, truth)
+
+    # Colour and alpha that both draw a mask, and disagree: refused, not guessed.
+    rgba[..., :3] = 0
+    rgba[8:11, 8:11, :3] = 255
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "f" / "masks" / "a.png")
+    bad = tmp_path / "f" / "masks" / "a.png"
+    message = raises_one_line(lambda: create_dataset(tmp_path / "f", preprocess=SMALL)[0], bad)
+    assert "alpha" in message
+    raises_one_line(lambda: evaluate_folders(tmp_path / "f" / "masks", tmp_path / "labels"), bad)

@@ -151,8 +151,15 @@ def test_labels_read_through_a_dataset_layout(tmp_path, brats2d_mini):
     out = tmp_path / "out"
     main(["--pred_dir", str(pred_dir), "--label_dir", str(training), "--dataset", "brats2d", "--out_dir", str(out)])
     rows = read_metrics_csv(out / "metrics.csv")
-    assert len(rows) == len(records)
+    cases = [r for r in rows if r["kind"] == "case"]
+    assert sorted(r["case_id"] for r in cases) == sorted(rec.case_id for rec in records)
+    # The six slices are one patient's: it is scored on them stacked, as sample.py does.
+    (patient,) = [r for r in rows if r["kind"] == "patient"]
+    assert patient["case_id"] == "001" and all(r["group_id"] == "001" for r in cases)
+    assert patient["label_voxels"] == sum(r["label_voxels"] for r in cases)
     assert all(r["dice"] == 1.0 for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["headline"]["kind"] == "patient" and summary["headline"]["n"] == 1
 
 
 def test_foreground_labels_score_a_label_subset(tmp_path):

@@ -148,6 +148,23 @@ def test_empty_mask_conventions():
     assert math.isnan(segmentation_metrics(all_foreground, all_foreground)["specificity"])
 
 
+def test_one_sided_miss_is_penalised_with_the_image_diagonal_in_mm():
+    empty = np.zeros((16, 12), dtype=bool)
+    lesion = square((16, 12), 4, 4)
+    diagonal = math.sqrt((16 * 1.0) ** 2 + (12 * 2.5) ** 2)
+    for pred, label in ((empty, lesion), (lesion, empty)):
+        metrics = segmentation_metrics(pred, label, spacing=(1.0, 2.5))
+        assert math.isnan(metrics["hd95"])
+        assert metrics["hd95_penalized"] == pytest.approx(diagonal)
+    assert segmentation_metrics(empty, empty)["hd95_penalized"] == 0.0
+    hit = segmentation_metrics(lesion, square((16, 12), 5, 4), spacing=(1.0, 2.5))
+    assert hit["hd95_penalized"] == hit["hd95"] == 1.0
+    # BraTS's figure for a missed lesion in a 240 x 240 x 155 volume at 1 mm.
+    volume = np.zeros((155, 240, 240), dtype=bool)
+    volume[70:72, 100:104, 100:104] = True
+    assert segmentation_metrics(np.zeros_like(volume), volume)["hd95_penalized"] == pytest.approx(373.13, abs=0.01)
+
+
 @pytest.mark.parametrize("k", [3, 5])
 def test_3d_cubes_with_slice_thickness(k):
     # 3x3x3 cubes k >= 3 slices apart: the 26 surface voxels of one lie k-2 (9), k-1 (8)

@@ -130,6 +130,39 @@ def test_summary_and_json(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
 
 
+def test_both_empty_slices_leave_the_means_and_the_volume_is_the_headline(tmp_path):
+    """A 10-slice volume: 6 slices without tumour (predicted empty), 4 lesion slices scoring
+    Dice 1, 1, 0.75 and a missed one. Counting the empty slices as Dice 1 reports 0.875."""
+    shape = (8, 8)
+    lesion = np.zeros(shape, dtype=bool)
+    lesion[2, 1:5] = True
+    shifted = np.roll(lesion, 1, axis=1)  # 3 of 4 pixels: Dice 0.75, HD95 0.85 (of 0, 0, 0, 1)
+    empty = np.zeros(shape, dtype=bool)
+    slices = [(empty, empty)] * 6 + [(lesion, lesion), (lesion, lesion), (shifted, lesion), (empty, lesion)]
+    rows, volume = [], GroupAccumulator(kind="volume")
+    for k, (pred, label) in enumerate(slices):
+        rows.append(metrics_row(f"v_{k:03d}", segmentation_metrics(pred, label), group_id="v"))
+        volume.add("v", pred, label, slice_index=k)
+    rows += volume.rows()
+    write_metrics_csv(rows, tmp_path / "metrics.csv")
+
+    for table in (rows, read_metrics_csv(tmp_path / "metrics.csv")):
+        summary = summarize(table)
+        case = summary["kinds"]["case"]
+        assert case["n"] == 10 and case["n_both_empty"] == 6
+        dice = case["metrics"]["dice"]
+        assert dice["mean"] == pytest.approx(2.75 / 4) and dice["n_valid"] == 4 and dice["n_both_empty"] == 6
+        hd = case["metrics"]["hd95"]
+        assert (hd["n_valid"], hd["n_nan"], hd["mean"]) == (3, 1, pytest.approx(0.85 / 3))
+        penalized = case["metrics"]["hd95_penalized"]
+        assert penalized["n_valid"] == 4
+        assert penalized["mean"] == pytest.approx((0.85 + math.hypot(8, 8)) / 4)
+        headline = summary["headline"]
+        assert headline["kind"] == "volume" and headline["n"] == 1
+        assert headline["dice"]["mean"] == pytest.approx(2 * 11 / (12 + 16))
+        assert "both_empty" in summary["conventions"] and "diagonal" in summary["conventions"]["hd95_penalized"]
+
+
 def test_overlay_png_size_and_colours(tmp_path):
     rng = np.random.default_rng(0)
     image = rng.random((3, 16, 24)).astype(np.float32)

@@ -162,7 +162,7 @@ def sha256(path: Path) -> str:
 
 def assert_no_temp_files(out: Path) -> None:
     """Every file is written under a temporary name and renamed; none may be left over."""
-    leftovers = [str(p) for p in out.rglob(".tmp*")]
+    leftovers = [str(p) for p in out.rglob(".*") if ".tmp" in p.name]
     assert not leftovers, leftovers
 
 
@@ -401,8 +401,14 @@ def test_raw_state_dict_matches_the_checkpoint(trained, tmp_path, capfd):
     code, err = sample_main(capfd, *common, "--model_path", trained["diffusion"], "--use_ema", False,
                             "--out_dir", tmp_path / "ckpt")
     assert code == 0, err
-    code, err = sample_main(capfd, *common, "--model_path", raw, "--image_size", 32, *UNET_FLAGS,
-                            *SCHEDULE_FLAGS, "--out_dir", tmp_path / "raw")
+    raw_flags = ["--model_path", raw, "--image_size", 32, *UNET_FLAGS, *SCHEDULE_FLAGS]
+    # A raw state dict samples in {0,1}, as the original code trains; ours was trained on {-1,+1},
+    # and the denoiser (trained on {-1,+1}) refuses the mismatch before anything is written.
+    code, err = sample_main(capfd, *common, *raw_flags, "--out_dir", tmp_path / "raw01")
+    assert code == 2 and error_lines(err)[-1].startswith("error: mask_space 01 (of the diffusion model)")
+    assert not (tmp_path / "raw01").exists()
+    capfd.readouterr()
+    code, err = sample_main(capfd, *common, *raw_flags, "--mask_space", "pm1", "--out_dir", tmp_path / "raw")
     assert code == 0, err
     from_ckpt, from_raw = outputs_of(tmp_path / "ckpt"), outputs_of(tmp_path / "raw")
     assert from_ckpt.keys() == from_raw.keys() and from_ckpt
@@ -410,6 +416,28 @@ def test_raw_state_dict_matches_the_checkpoint(trained, tmp_path, capfd):
         np.testing.assert_array_equal(from_ckpt[name], from_raw[name], err_msg=name)
     summary = json.loads((tmp_path / "raw" / "summary.json").read_text())
     assert summary["checkpoints"]["model_path"]["weights"] == "raw"
+    assert summary["mask_space"] == "pm1"
+
+
+def test_raw_state_dict_defaults_to_the_original_01_mask_space(trained, tmp_path, capfd):
+    """The original command on a raw state dict: {0,1} masks, said in one note line."""
+    raw = tmp_path / "savedmodel.pt"
+    torch.save(load_checkpoint(trained["diffusion"], kind="diffusion")["model"], raw)
+    out = tmp_path / "out"
+    capfd.readouterr()
+    argv = sys.argv
+    sys.argv = ["sample.py", "--data_dir", str(trained["test_dir"]), "--model_path", str(raw),
+                "--image_size", "32", *UNET_FLAGS, *SCHEDULE_FLAGS, "--file_list", "0", "--pre_t", str(PRE_T),
+                "--en_num", "0", "--final_step", "x0", "--T", str(T), "--num_ensemble", "1",
+                "--preseg_path", str(trained["preseg"]), "--device", "cpu", "--out_dir", str(out)]
+    try:
+        run_cli(sample.main)
+    finally:
+        sys.argv = argv
+    printed = capfd.readouterr().out
+    assert f"note: {raw} is a raw state dict: sampling with --mask_space 01" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mask_space"] == "01" and summary["n_cases_written"] == 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -494,3 +522,161 @@ def test_preseg_dir_takes_whole_volumes_for_3d_input(trained, tmp_path):
                   "--sampler", "preseg", "--out_dir", out))
     _, mask = load_nifti(out / "masks" / "Vol3d.nii.gz")
     np.testing.assert_array_equal(mask, given)
+
+
+# --------------------------------------------------------------------------------------------
+# Reruns with other settings, the pre-segmentation alone, flags that were silently misread
+
+
+def test_rerun_with_other_settings_is_refused_unless_overwrite(trained, addpm_run, tmp_path, capfd):
+    out = tmp_path / "out"
+    shutil.copytree(addpm_run, out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for flags, named in ((["--sampler", "preseg"], "sampler addpm, now preseg"),
+                         (["--num_ensemble", 3], "num_ensemble 2, now 3")):
+        code, err = sample_main(capfd, *addpm_flags(trained), *flags, "--out_dir", out)
+        lines = error_lines(err)
+        assert code == 2 and len(lines) == 1 and lines[0].startswith("error:"), err
+        assert named in lines[0] and "--overwrite True" in lines[0], lines[0]
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+
+    code, err = sample_main(capfd, *addpm_flags(trained), "--num_ensemble", 3, "--overwrite", True,
+                            "--out_dir", out)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_ensemble"] == 3 and summary["unet_evaluations_per_image"] == 3 * (PRE_T - T)
+    for path in sorted((out / "cases").glob("*.npz")):
+        record = load_record(str(path), arrays=())
+        assert record["settings"]["num_ensemble"] == 3 and record["settings_digest"] == summary["settings_digest"]
+        assert record["settings"]["checkpoints"]["model_path"]["sha256"] == sha256(trained["diffusion"])
+
+    # A resumed run reuses only the records of its own settings: one made with K=2 is redone.
+    stale = out / "cases" / f"{case_ids(trained['test_dir'])[0]}.npz"
+    shutil.copy(addpm_run / "cases" / stale.name, stale)
+    code, err = sample_main(capfd, *addpm_flags(trained), "--num_ensemble", 3, "--out_dir", out)
+    assert code == 0, err
+    assert load_record(str(stale), arrays=())["settings"]["num_ensemble"] == 3
+
+
+def test_preseg_sampler_runs_with_the_preseg_checkpoint_alone(trained, addpm_run, tmp_path, capfd):
+    out = tmp_path / "out"
+    code, err = sample_main(capfd, "--data_dir", trained["test_dir"], "--sampler", "preseg",
+                            "--preseg_path", trained["preseg"], "--device", "cpu", "--out_dir", out)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["sampler"] == "preseg" and summary["unet_evaluations_per_image"] == 0
+    assert set(summary["checkpoints"]) == {"preseg_path"}
+    preseg_config = load_checkpoint(trained["preseg"], kind="preseg")["config"]["preprocess"]
+    assert summary["preprocess"]["image_size"] == preseg_config["image_size"]
+    # The same net as inside the addpm run: the same pre-segmentation scores.
+    addpm_rows = {r["case_id"]: r for r in read_metrics(addpm_run)}
+    for row in read_metrics(out):
+        assert float(row["dice"]) == pytest.approx(float(addpm_rows[row["case_id"]]["preseg_dice"]))
+
+
+def test_label_map_preseg_with_foreground_labels_and_a_raw_state_dict(trained, tmp_path, capfd):
+    """nnU-Net-style label maps [0,1,2,4] as pre-segmentations, scored as tumour core (1,4):
+    the case's own label map must score Dice 1 (not whole tumour against tumour core)."""
+    presegs = tmp_path / "presegs"
+    presegs.mkdir()
+    for seg in trained["test_dir"].glob("*/*_seg_*.nii.gz"):
+        prefix, _, slice_tag = seg.name.partition("_seg_")
+        shutil.copy(seg, presegs / f"{prefix}_{slice_tag[:3]}.nii.gz")
+    assert {0, 1, 2, 4} <= set(np.unique(np.concatenate([
+        load_nifti(p)[1].ravel() for p in presegs.iterdir()])))
+    raw = tmp_path / "savedmodel.pt"
+    torch.save(load_checkpoint(trained["diffusion"], kind="diffusion")["model"], raw)
+    common = ["--data_dir", trained["test_dir"], "--sampler", "preseg", "--preseg_dir", presegs,
+              "--foreground_labels", "1,4", "--image_size", 32, "--device", "cpu"]
+    runs = {"raw": ["--model_path", raw, *UNET_FLAGS, *SCHEDULE_FLAGS], "alone": []}
+    for name, flags in runs.items():
+        code, err = sample_main(capfd, *common, *flags, "--out_dir", tmp_path / name)
+        assert code == 0, err
+        summary = json.loads((tmp_path / name / "summary.json").read_text())
+        assert summary["preprocess"]["label_mode"] == "subset"
+        assert summary["preprocess"]["foreground_labels"] == [1, 4]
+        rows = [r for r in read_metrics(tmp_path / name) if r["kind"] == "case"]
+        assert len(rows) == 3 and all(float(r["dice"]) == 1.0 for r in rows)
+
+
+def test_negative_T_other_than_minus_one_is_refused(trained, tmp_path, capfd):
+    out = tmp_path / "out"
+    code, err = sample_main(capfd, *addpm_flags(trained), "--T", -7, "--out_dir", out)
+    lines = error_lines(err)
+    assert code == 2 and len(lines) == 1 and "--T -7" in lines[0] and "-1" in lines[0], err
+    assert not out.exists()
+
+
+def test_out_dir_that_is_a_file_is_refused_before_sampling(trained, tmp_path, capfd):
+    target = tmp_path / "results.txt"
+    target.write_text("notes\n")
+    for out, words in ((target, "is a file"), (target / "sub", "which is a file")):
+        code, err = sample_main(capfd, *addpm_flags(trained), "--out_dir", out)
+        lines = error_lines(err)
+        assert code == 2 and len(lines) == 1 and str(out) in lines[0] and words in lines[0], err
+    assert target.read_text() == "notes\n"
+
+
+def test_remote_model_path_is_hashed_through_blobfile(trained, tmp_path, capfd, monkeypatch):
+    """A blobfile URL is read, and hashed, through blobfile. No cloud is reachable here, so
+    blobfile's calls are served from a local file for one made-up URL."""
+    import blobfile
+
+    url, local = "gs://bucket/run/final.pt", str(trained["diffusion"])
+    real_open, real_exists, real_isdir = blobfile.BlobFile, blobfile.exists, blobfile.isdir
+    monkeypatch.setattr(blobfile, "BlobFile", lambda p, mode="r", **kw: real_open(local if p == url else p, mode, **kw))
+    monkeypatch.setattr(blobfile, "exists", lambda p: p == url or real_exists(p))
+    monkeypatch.setattr(blobfile, "isdir", lambda p: p != url and real_isdir(p))
+    out = tmp_path / "out"
+    code, err = sample_main(capfd, "--data_dir", trained["test_dir"], "--model_path", url,
+                            "--preseg_path", trained["preseg"], "--denoiser_path", trained["denoiser"],
+                            "--device", "cpu", "--pre_t", PRE_T, "--num_ensemble", 1, "--file_list", "0",
+                            "--out_dir", out)
+    assert code == 0, err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["checkpoints"]["model_path"] == {"path": url, "sha256": sha256(trained["diffusion"]),
+                                                    "weights": summary["checkpoints"]["model_path"]["weights"]}
+
+
+def test_unicode_names_keep_their_own_stems(tmp_path, capfd):
+    """``病例 2.png`` and ``2.png`` are two cases, and every output keeps the input's stem."""
+    from PIL import Image
+
+    from evaluation.cli import evaluate_folders
+
+    data = tmp_path / "kvasir"
+    for folder in ("images", "masks"):
+        (data / folder).mkdir(parents=True)
+    masks = {}
+    for n, stem in enumerate(("病例 2", "2")):
+        image = np.full((20, 24, 3), 40 + 30 * n, dtype=np.uint8)
+        mask = np.zeros((20, 24), dtype=np.uint8)
+        mask[4 + n:12, 5:15 + n] = 255
+        Image.fromarray(image).save(data / "images" / f"{stem}.png")
+        Image.fromarray(mask).save(data / "masks" / f"{stem}.png")
+        masks[stem] = mask
+    assert sorted(case_ids(data)) == ["2", "病例 2"]
+    out = tmp_path / "out"
+    code, err = sample_main(capfd, "--data_dir", data, "--sampler", "preseg", "--preseg_dir", data / "masks",
+                            "--image_size", 24, "--device", "cpu", "--out_dir", out)
+    assert code == 0, err
+    for stem, mask in masks.items():
+        np.testing.assert_array_equal(np.asarray(Image.open(out / "masks" / f"{stem}.png")), mask)
+        assert (out / "cases" / f"{stem}.npz").is_file() and (out / "overlays" / f"{stem}.png").is_file()
+    assert sorted(r["case_id"] for r in read_metrics(out)) == ["2", "病例 2"]
+    rows, info = evaluate_folders(out / "masks", data / "masks")
+    assert sorted(r["case_id"] for r in rows) == ["2", "病例 2"] and all(r["dice"] == 1.0 for r in rows)
+
+
+def test_rerun_removes_the_temporary_files_of_a_killed_run(trained, addpm_run, tmp_path, capfd):
+    from tests.test_run_folders import killed_writer
+
+    out = tmp_path / "out"
+    shutil.copytree(addpm_run, out)
+    cid = case_ids(trained["test_dir"])[0]
+    stale = [killed_writer(out / "masks" / f"{cid}.nii.gz"), killed_writer(out / "cases" / f"{cid}.npz"),
+             killed_writer(out / "summary.json")]
+    code, err = sample_main(capfd, *addpm_flags(trained), "--out_dir", out)
+    assert code == 0, err
+    assert not any(path.exists() for path in stale)
+    assert_no_temp_files(out)
