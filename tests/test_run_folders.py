@@ -256,7 +256,7 @@ def test_denoiser_takes_the_diffusion_flags_and_records_the_ignored_ones(demo_di
                            *DIFFUSION_FLAGS, "--max_steps", 1, "--val_fraction", 0, "--out_dir", out)
     assert code == 0, lines
     config = load_checkpoint(out / "final.pt", kind="denoiser")["config"]
-    assert config["ignored_flags"] == {"sigma_small": False, "timestep_respacing": "",
+    assert config["ignored_flags"] == {"sigma_small": False, "timestep_respacing": "", "predict_xstart": False,
                                        "rescale_timesteps": False, "rescale_learned_sigmas": False}
     assert (config["diffusion_steps"], config["noise_schedule"]) == (1000, "cosine")
     assert "ignored (they do not concern the denoising net): " in (out / "log.txt").read_text()
