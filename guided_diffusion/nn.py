@@ -17,16 +17,23 @@ NORM_GROUPS = 32
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm that always computes its statistics in float32.
+    """GroupNorm that computes its statistics in at least float32.
 
-    Half-precision variance over large groups loses too much precision, so the input is
-    promoted to float32 and the result cast back to the input's dtype.
+    Half-precision variance over large groups loses too much precision, so fp16 and bf16
+    inputs are promoted to float32 and the result cast back to the input's dtype; float32
+    and float64 inputs are normalised as they are (no copies, and a float64 model stays
+    float64).
 
     Shapes: x [B, C, ...] -> [B, C, ...].
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        return super().forward(at_least_float32(x)).type(x.dtype)
+
+
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """``x`` in float32 if it is fp16 or bf16, else ``x`` itself (float32, float64: no copy)."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
 
 
 def normalization(channels: int) -> GroupNorm32:

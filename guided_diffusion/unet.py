@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from guided_diffusion.errors import ConfigError
 from guided_diffusion.nn import (
+    at_least_float32,
     avg_pool_nd,
     checkpoint,
     conv_nd,
@@ -25,6 +26,9 @@ from guided_diffusion.nn import (
     timestep_embedding,
     zero_module,
 )
+
+# How attention is computed (see _attend); a module attribute, not a parameter.
+ATTENTION_IMPLS = ("sdpa", "einsum")
 
 # channel_mult by image size: guided-diffusion's table, plus improved-diffusion's 32 entry
 # and a 16 entry for small experiments. Other sizes use the largest entry not above them.
@@ -116,6 +120,12 @@ def parse_attention_resolutions(s: str, image_size: int) -> tuple:
             )
         factors.append(image_size // value)
     return tuple(factors)
+
+
+def check_attention_impl(impl: str) -> None:
+    """ValueError unless ``impl`` is one of ``ATTENTION_IMPLS``."""
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention implementation {impl!r} (choose one of {', '.join(ATTENTION_IMPLS)})")
 
 
 class TimestepBlock(nn.Module):
@@ -252,21 +262,46 @@ class ResBlock(TimestepBlock):
         return checkpoint(self._forward, (x, emb), self.use_checkpoint)
 
     def _forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        # Without autograd the fresh intermediates are updated in place: the same arithmetic
+        # in fewer new buffers (on CPU every large new buffer costs page faults).
+        inplace = not torch.is_grad_enabled()
+        in_norm, in_conv = self.in_layers[0], self.in_layers[2]
+        h = F.silu(in_norm(x), inplace=inplace)
         if self.updown:
             # Resample between the activation and the conv, as guided-diffusion does.
-            in_rest, in_conv = self.in_layers[:-1], self.in_layers[-1]
-            h = in_conv(self.h_upd(in_rest(x)))
-            x = self.x_upd(x)
-        else:
-            h = self.in_layers(x)
+            h, x = self.h_upd(h), self.x_upd(x)
+        h = in_conv(h)
         emb_out = self.emb_layers(emb).type(h.dtype)[:, :, None, None]
+        out_norm, dropout, out_conv = self.out_layers[0], self.out_layers[2], self.out_layers[3]
         if self.use_scale_shift_norm:
-            out_norm, out_rest = self.out_layers[0], self.out_layers[1:]
             scale, shift = torch.chunk(emb_out, 2, dim=1)
-            h = out_rest(out_norm(h) * (1 + scale) + shift)
+            h = _add(_mul(out_norm(h), 1 + scale, inplace), shift, inplace)
         else:
-            h = self.out_layers(h + emb_out)
-        return self.skip_connection(x) + h
+            h = out_norm(_add(h, emb_out, inplace))
+        h = out_conv(dropout(F.silu(h, inplace=inplace)))
+        return _add(h, self.skip_connection(x), inplace)
+
+
+def _add(h: torch.Tensor, other: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """h + other, written into h's buffer when allowed and the result has h's dtype and shape."""
+    if _fits(h, other, inplace):
+        return h.add_(other)
+    return h + other
+
+
+def _mul(h: torch.Tensor, other: torch.Tensor, inplace: bool) -> torch.Tensor:
+    """h * other, written into h's buffer when allowed and the result has h's dtype and shape."""
+    if _fits(h, other, inplace):
+        return h.mul_(other)
+    return h * other
+
+
+def _fits(h: torch.Tensor, other: torch.Tensor, inplace: bool) -> bool:
+    return (
+        inplace
+        and torch.result_type(h, other) == h.dtype
+        and torch.broadcast_shapes(h.shape, other.shape) == h.shape
+    )
 
 
 def _heads_for(channels: int, num_heads: int, num_head_channels: int) -> int:
@@ -285,15 +320,17 @@ class QKVAttentionLegacy(nn.Module):
     Shapes: qkv [B, heads * 3 * ch, T] -> [B, heads * ch, T].
     """
 
-    def __init__(self, n_heads: int):
+    def __init__(self, n_heads: int, impl: str = "sdpa"):
         super().__init__()
+        check_attention_impl(impl)
         self.n_heads = n_heads
+        self.impl = impl
 
     def forward(self, qkv: torch.Tensor) -> torch.Tensor:
         bs, width, length = qkv.shape
         ch = width // (3 * self.n_heads)
         q, k, v = qkv.reshape(bs, self.n_heads, 3 * ch, length).split(ch, dim=2)
-        return _attend(q, k, v).reshape(bs, -1, length)
+        return _attend(q, k, v, self.impl).reshape(bs, -1, length)
 
 
 class QKVAttention(nn.Module):
@@ -304,27 +341,36 @@ class QKVAttention(nn.Module):
     Shapes: qkv [B, 3 * heads * ch, T] -> [B, heads * ch, T].
     """
 
-    def __init__(self, n_heads: int):
+    def __init__(self, n_heads: int, impl: str = "sdpa"):
         super().__init__()
+        check_attention_impl(impl)
         self.n_heads = n_heads
+        self.impl = impl
 
     def forward(self, qkv: torch.Tensor) -> torch.Tensor:
         bs, width, length = qkv.shape
         ch = width // (3 * self.n_heads)
         q, k, v = qkv.reshape(bs, 3, self.n_heads, ch, length).unbind(dim=1)
-        return _attend(q, k, v).reshape(bs, -1, length)
+        return _attend(q, k, v, self.impl).reshape(bs, -1, length)
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str) -> torch.Tensor:
     """softmax(q^T k / sqrt(ch)) applied to v, per batch element and head.
 
-    The fused kernel computes the same function as the einsum/softmax of improved-diffusion
-    while never materialising the T x T weights on GPUs that support it.
+    ``"einsum"`` is improved-/guided-diffusion's computation: q and k each scaled by
+    ch ** -1/4 (steadier in fp16 than one division afterwards), the softmax in (at least) float32.
+    ``"sdpa"`` is ``scaled_dot_product_attention``: the same function, through fused kernels
+    that never materialise the T x T weights where the device has them.
 
     Shapes: q, k, v [B, heads, ch, T] -> [B, heads, ch, T].
     """
-    out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-    return out.transpose(-1, -2)
+    if impl == "sdpa":
+        out = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
+        return out.transpose(-1, -2)
+    scale = q.shape[-2] ** -0.25
+    weight = torch.einsum("bhct,bhcs->bhts", q * scale, k * scale)
+    weight = torch.softmax(at_least_float32(weight), dim=-1).type(weight.dtype)
+    return torch.einsum("bhts,bhcs->bhct", weight, v)
 
 
 class AttentionBlock(nn.Module):
@@ -363,9 +409,9 @@ class AttentionBlock(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, *spatial = x.shape
-        x = x.reshape(b, c, -1)
-        h = self.proj_out(self.attention(self.qkv(self.norm(x))))
-        return (x + h).reshape(b, c, *spatial)
+        h = self.proj_out(self.attention(self.qkv(self.norm(x.reshape(b, c, -1)))))
+        # x first: the sum keeps x's memory format (NHWC stays NHWC).
+        return x + h.reshape(b, c, *spatial)
 
 
 def _check_heads(channels: int, num_heads: int, num_head_channels: int, heads_flag: str) -> None:
@@ -468,6 +514,8 @@ class UNetModel(nn.Module):
         self.use_scale_shift_norm = use_scale_shift_norm
         self.resblock_updown = resblock_updown
         self.use_new_attention_order = use_new_attention_order
+        # NCHW by default; use_channels_last() switches weights and activations to NHWC.
+        self.memory_format = torch.contiguous_format
 
         # Attention widths are checked up front so a bad head count names its flag.
         attention_levels = [level for level in range(len(channel_mult)) if 2**level in attention_resolutions]
@@ -571,11 +619,28 @@ class UNetModel(nn.Module):
         dtype = self.time_embed[0].weight.dtype
         emb = self.time_embed(timestep_embedding(timesteps, self.model_channels).to(dtype))
         hs = []
-        h = x.to(dtype)
+        h = x.to(dtype).contiguous(memory_format=self.memory_format)
         for module in self.input_blocks:
             h = module(h, emb)
             hs.append(h)
         h = self.middle_block(h, emb)
         for module in self.output_blocks:
             h = module(torch.cat([h, hs.pop()], dim=1), emb)
-        return self.out(h).to(x.dtype)
+        return self.out(h).to(x.dtype).contiguous()
+
+    def set_attention(self, impl: str) -> "UNetModel":
+        """Compute every attention layer with ``impl``: "sdpa" or "einsum" (see ``_attend``)."""
+        check_attention_impl(impl)
+        for module in self.modules():
+            if isinstance(module, (QKVAttention, QKVAttentionLegacy)):
+                module.impl = impl
+        return self
+
+    def use_channels_last(self, enabled: bool = True) -> "UNetModel":
+        """Keep the 4D weights and the activations in NHWC (``torch.channels_last``) or in NCHW.
+
+        oneDNN and cuDNN convolutions run NHWC without reordering their input and output on
+        every call; the parameters' values and names do not change.
+        """
+        self.memory_format = torch.channels_last if enabled else torch.contiguous_format
+        return self.to(memory_format=self.memory_format)
