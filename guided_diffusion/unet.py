@@ -297,11 +297,8 @@ def _mul(h: torch.Tensor, other: torch.Tensor, inplace: bool) -> torch.Tensor:
 
 
 def _fits(h: torch.Tensor, other: torch.Tensor, inplace: bool) -> bool:
-    return (
-        inplace
-        and torch.result_type(h, other) == h.dtype
-        and torch.broadcast_shapes(h.shape, other.shape) == h.shape
-    )
+    # Equal dtypes rather than torch.result_type, which torch.compile cannot trace.
+    return inplace and other.dtype == h.dtype and torch.broadcast_shapes(h.shape, other.shape) == h.shape
 
 
 def _heads_for(channels: int, num_heads: int, num_head_channels: int) -> int:
