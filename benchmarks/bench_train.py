@@ -1,6 +1,6 @@
 """Training speed and peak memory of the conditional diffusion UNet, printed as a table.
 
-    python -m benchmarks.bench_train [--device auto] [--steps 10] [--precision fp32] [--threads 0]
+    python -m benchmarks.bench_train [--device auto] [--steps 10] [--precision fp32[,bf16,fp16]] [--threads 0]
 
 Two configurations, on random in-memory data (no dataset, no disk):
 
@@ -9,8 +9,9 @@ Two configurations, on random in-memory data (no dataset, no disk):
   16, no scale-shift norm, cosine schedule, 1000 steps), batch 4; on CPU only
   ``--original_steps`` (default 2) steps are timed.
 
-Each configuration runs in a fresh process: full ``TrainLoop.run_step`` calls (forward,
-backward, AdamW, EMA) after one untimed warm-up step. Peak memory is
+Each configuration and precision runs in a fresh process: full ``TrainLoop.run_step`` calls
+(forward, backward, AdamW, EMA) after one untimed warm-up step. With fp32 and bf16 both given,
+the speed-up of bf16 is printed per configuration. Peak memory is
 ``torch.cuda.max_memory_allocated`` on CUDA and, on CPU, the growth of the process's peak
 resident set (``resource.getrusage``) from before the model was built.
 """
@@ -28,7 +29,7 @@ import torch
 from torch.utils.data import Dataset
 
 from guided_diffusion import dist_util, logger
-from guided_diffusion.script_util import create_model_and_diffusion, diffusion_defaults, unet_defaults
+from guided_diffusion.script_util import create_model_and_diffusion, diffusion_defaults, run_cli, unet_defaults
 from guided_diffusion.train_util import TrainLoop
 
 IMAGE_CHANNELS = 4
@@ -122,17 +123,37 @@ def run_one(name: str, device_flag: str, steps: int, precision: str) -> dict:
     }
 
 
-def main() -> None:
+def run_fresh(name: str, precision: str, device: torch.device, args) -> dict:
+    """``run_one`` in a fresh process, so that the peak memory of one row does not hide another's."""
+    steps = args.steps
+    if name == "original":
+        steps = args.original_steps or (args.steps if device.type == "cuda" else 2)
+    cmd = [sys.executable, "-m", "benchmarks.bench_train", "--only", name, "--device", args.device,
+           "--steps", str(steps), "--precision", precision, "--threads", str(args.threads)]
+    result = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    if result.returncode != 0:
+        sys.stderr.write(result.stderr)
+        raise SystemExit(f"configuration {name} ({precision}) failed")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def create_argparser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Training steps/s and peak memory of the diffusion UNet.")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (default: auto)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per configuration (default: 10)")
     parser.add_argument("--original_steps", type=int, default=0,
                         help="timed steps of the original config; 0 = --steps on CUDA, 2 on CPU")
-    parser.add_argument("--precision", default="fp32", help="fp32, bf16 or fp16 (default: fp32)")
+    parser.add_argument("--precision", default="fp32",
+                        help="comma-separated precisions, each a row per configuration: fp32, bf16, fp16 (CUDA)")
     parser.add_argument("--configs", default="small,original", help="comma-separated subset of small,original")
     parser.add_argument("--threads", type=int, default=0,
                         help="CPU threads for torch (torch.set_num_threads); 0 = torch's default")
     parser.add_argument("--only", default="", help=argparse.SUPPRESS)
+    return parser
+
+
+def main() -> None:
+    parser = create_argparser()
     args = parser.parse_args()
 
     if args.threads > 0:
@@ -142,22 +163,16 @@ def main() -> None:
         return
 
     device = dist_util.resolve_device(args.device)
-    rows = []
-    for name in [c.strip() for c in args.configs.split(",") if c.strip()]:
+    names = [c.strip() for c in args.configs.split(",") if c.strip()]
+    precisions = [p.strip() for p in args.precision.split(",") if p.strip()]
+    for name in names:
         if name not in CONFIGS:
             parser.error(f"--configs: unknown configuration {name!r} (choose from {', '.join(CONFIGS)})")
-        steps = args.steps
-        if name == "original":
-            steps = args.original_steps or (args.steps if device.type == "cuda" else 2)
-        # A fresh process per configuration: the peak memory of one does not hide the other's.
-        cmd = [sys.executable, "-m", "benchmarks.bench_train", "--only", name, "--device", args.device,
-               "--steps", str(steps), "--precision", args.precision, "--threads", str(args.threads)]
-        result = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-        if result.returncode != 0:
-            sys.stderr.write(result.stderr)
-            raise SystemExit(f"configuration {name} failed")
-        rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-
+    for precision in precisions:
+        if precision not in dist_util.PRECISIONS:
+            parser.error(f"--precision: unknown {precision!r} (choose from {', '.join(dist_util.PRECISIONS)})")
+        dist_util.autocast_context(device, precision)  # fp16 off CUDA stops here, in one line
+    rows = [run_fresh(name, precision, device, args) for name in names for precision in precisions]
     header = (
         f"{'config':<9} {'device':<22} {'prec':<5} {'params':>8} {'size':>5} {'batch':>5} {'steps':>5} "
         f"{'steps/s':>9} {'samples/s':>10} {'peak MiB':>10}"
@@ -170,9 +185,14 @@ def main() -> None:
             f"{r['image_size']:>5} {r['batch']:>5} {r['steps']:>5} {r['steps_per_s']:>9.3f} "
             f"{r['samples_per_s']:>10.2f} {r['peak_mib']:>10.0f}"
         )
+    by_key = {(r["config"], r["precision"]): r for r in rows}
+    for name in names:
+        if (name, "fp32") in by_key and (name, "bf16") in by_key:
+            ratio = by_key[(name, "bf16")]["steps_per_s"] / by_key[(name, "fp32")]["steps_per_s"]
+            print(f"{name}: bf16 vs fp32 {ratio:.2f}x steps/s")
     if device.type != "cuda":
         print("peak MiB on CPU: growth of the process's peak resident set while building and training")
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from guided_diffusion.checkpoint import load_checkpoint
+from tests.test_sample import assert_same_outputs_within_tolerance
 
 pytestmark = [
     pytest.mark.gpu,
@@ -36,25 +37,55 @@ def demo(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def trained(demo):
+    """The three networks trained on CUDA in a precision, once per precision: trained(p) -> folder."""
+    done = {}
+
+    def train(precision: str) -> Path:
+        out = demo / precision
+        if precision not in done:
+            data = demo / "demo" / "training"
+            run("train_addpm.py", "--data_dir", data, "--image_size", "64", "--num_channels", "32",
+                "--num_res_blocks", "1", "--attention_resolutions", "16", *SCHEDULE, "--batch_size", "4",
+                "--max_steps", "3", "--device", "cuda", "--precision", precision, "--out_dir", out / "addpm",
+                "--progress", "False")
+            run("train_preseg_network.py", "--data_dir", data, *NET, "--precision", precision,
+                "--out_dir", out / "preseg")
+            run("train_denoising_network.py", "--data_dir", data, *NET, *SCHEDULE, "--T", "25",
+                "--precision", precision, "--out_dir", out / "denoiser")
+            done[precision] = out
+        return out
+
+    return train
+
+
+def sample_on_cuda(demo, trained_dir: Path, out: Path, *flags):
+    run("sample.py", "--data_dir", demo / "demo" / "testing", "--model_path", trained_dir / "addpm" / "final.pt",
+        "--preseg_path", trained_dir / "preseg" / "final.pt", "--denoiser_path", trained_dir / "denoiser" / "final.pt",
+        "--pre_t", "40", "--num_ensemble", "3", "--device", "cuda", "--out_dir", out, *flags)
+    assert (out / "summary.json").is_file()
+    assert len(list((out / "masks").glob("*.nii.gz"))) == 2
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
-def test_train_and_sample_on_cuda(demo, precision):
-    out = demo / precision
-    train = demo / "demo" / "training"
-    run("train_addpm.py", "--data_dir", train, "--image_size", "64", "--num_channels", "32",
-        "--num_res_blocks", "1", "--attention_resolutions", "16", *SCHEDULE, "--batch_size", "4",
-        "--max_steps", "3", "--device", "cuda", "--precision", precision, "--out_dir", out / "addpm",
-        "--progress", "False")
-    run("train_preseg_network.py", "--data_dir", train, *NET, "--precision", precision, "--out_dir", out / "preseg")
-    run("train_denoising_network.py", "--data_dir", train, *NET, *SCHEDULE, "--T", "25",
-        "--precision", precision, "--out_dir", out / "denoiser")
+def test_train_and_sample_on_cuda(demo, trained, precision):
+    out = trained(precision)
     ckpt = load_checkpoint(out / "addpm" / "final.pt", kind="diffusion")
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
-    run("sample.py", "--data_dir", demo / "demo" / "testing", "--model_path", out / "addpm" / "final.pt",
-        "--preseg_path", out / "preseg" / "final.pt", "--denoiser_path", out / "denoiser" / "final.pt",
-        "--pre_t", "40", "--num_ensemble", "3", "--device", "cuda", "--precision", precision,
-        "--out_dir", out / "samples")
-    assert (out / "samples" / "summary.json").is_file()
-    assert len(list((out / "samples" / "masks").glob("*.nii.gz"))) == 2
+    sample_on_cuda(demo, out, out / "samples", "--precision", precision)
+
+
+def test_fast_path_and_compile_on_cuda_give_the_exact_results(demo, trained, tmp_path):
+    """On CUDA the fast path takes SDPA attention and NHWC; compiled, Triton kernels."""
+    out = trained("fp32")
+    runs = {"exact": ["--fast_path", "False"], "fast": [], "compiled": ["--compile", "True"]}
+    for name, flags in runs.items():
+        sample_on_cuda(demo, out, tmp_path / name, *flags)
+    ids = [p.name[: -len(".nii.gz")] for p in sorted((tmp_path / "exact" / "masks").glob("*.nii.gz"))]
+    # cuDNN convolutions run in TF32 by default (PyTorch's setting), whose rounding is ~1e-3.
+    for name in ("fast", "compiled"):
+        assert_same_outputs_within_tolerance(tmp_path / name, tmp_path / "exact", ids, atol=5e-3, undecided=0.02)
 
 
 def test_two_gpu_processes_train_with_nccl(demo):
