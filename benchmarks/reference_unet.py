@@ -124,7 +124,17 @@ class ResBlock(TimestepBlock):
         return self.skip_connection(x) + h
 
 
+def published_attention(q, k, v):
+    """q, k, v [N, ch, T] -> [N, ch, T]: two einsums, q and k scaled by ch ** -1/4 each, the softmax in float32."""
+    scale = 1 / math.sqrt(math.sqrt(q.shape[1]))
+    weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
+    weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
+    return torch.einsum("bts,bcs->bct", weight, v)
+
+
 class QKVAttentionLegacy(nn.Module):
+    """Heads split from [B, heads * 3 * ch, T]: q, k, v interleaved per head."""
+
     def __init__(self, n_heads):
         super().__init__()
         self.n_heads = n_heads
@@ -133,31 +143,17 @@ class QKVAttentionLegacy(nn.Module):
         bs, width, length = qkv.shape
         ch = width // (3 * self.n_heads)
         q, k, v = qkv.reshape(bs * self.n_heads, ch * 3, length).split(ch, dim=1)
-        scale = 1 / math.sqrt(math.sqrt(ch))
-        weight = torch.einsum("bct,bcs->bts", q * scale, k * scale)
-        weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
-        a = torch.einsum("bts,bcs->bct", weight, v)
-        return a.reshape(bs, -1, length)
+        return published_attention(q, k, v).reshape(bs, -1, length)
 
 
-class QKVAttention(nn.Module):
-    def __init__(self, n_heads):
-        super().__init__()
-        self.n_heads = n_heads
+class QKVAttention(QKVAttentionLegacy):
+    """Heads split from [B, 3 * heads * ch, T]: all q first, then all k, then all v."""
 
     def forward(self, qkv):
         bs, width, length = qkv.shape
         ch = width // (3 * self.n_heads)
-        q, k, v = qkv.chunk(3, dim=1)
-        scale = 1 / math.sqrt(math.sqrt(ch))
-        weight = torch.einsum(
-            "bct,bcs->bts",
-            (q * scale).view(bs * self.n_heads, ch, length),
-            (k * scale).view(bs * self.n_heads, ch, length),
-        )
-        weight = torch.softmax(weight.float(), dim=-1).type(weight.dtype)
-        a = torch.einsum("bts,bcs->bct", weight, v.reshape(bs * self.n_heads, ch, length))
-        return a.reshape(bs, -1, length)
+        q, k, v = (part.reshape(bs * self.n_heads, ch, length) for part in qkv.chunk(3, dim=1))
+        return published_attention(q, k, v).reshape(bs, -1, length)
 
 
 class AttentionBlock(nn.Module):
