@@ -339,7 +339,7 @@ def _mib(peak) -> str:
 def _rate(flops: float, seconds: float, peak_tflops) -> tuple:
     tflops = flops / seconds / 1e12 if seconds > 0 else math.inf
     share = "-" if peak_tflops is None else f"{tflops / peak_tflops:.1%}"
-    return f"{tflops:.2f}", share
+    return f"{tflops:.3g}", share
 
 
 def print_forward_table(results: dict, benches: dict, peak_tflops) -> None:
@@ -458,7 +458,7 @@ def report(results: dict, benches: dict, device: torch.device, args) -> None:
           "taken in turn before and after the samplers)")
     print_forward_table(results, benches, peak_tflops)
     if any(result["samplers"] for result in results.values()):
-        print(f"\nSamplers on the {next(iter(benches.values())).sampling_variant} UNet")
+        print(f"\nSamplers, on the UNet as in '{next(iter(benches.values())).sampling_variant}'")
         print_sampler_table(results, peak_tflops)
     lines = []
     for (name, precision), result in results.items():
