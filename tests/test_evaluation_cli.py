@@ -79,7 +79,13 @@ def test_end_to_end_nifti_and_png(folders, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "labels without a prediction: 1" in proc.stderr
     rows = {r["case_id"]: r for r in read_metrics_csv(out_dir / "metrics.csv")}
-    assert set(rows) == {"vol", "img"}
+    # The volume is scored whole (a volume row) and slice by slice along its axial axis (2 here,
+    # the affine's z), as sample.py scores the slices of a volume.
+    assert set(rows) == {"vol", "img"} | {f"vol_{k:03d}" for k in range(8)}
+    assert rows["vol"]["kind"] == "volume" and rows["img"]["kind"] == "case"
+    assert rows["vol_002"]["label_voxels"] == 9 and rows["vol_002"]["pred_voxels"] == 0
+    assert rows["vol_005"]["pred_voxels"] == 9 and rows["vol_000"]["label_voxels"] == 0
+    assert all(rows[f"vol_{k:03d}"]["group_id"] == "vol" for k in range(8))
     assert rows["vol"]["dice"] == 0.0
     assert rows["vol"]["hd95"] == pytest.approx(9.0)
     assert rows["vol"]["assd"] == pytest.approx(6.0)
@@ -90,9 +96,12 @@ def test_end_to_end_nifti_and_png(folders, tmp_path):
     assert rows["img"]["class1_dice"] == 0.0 and math.isnan(rows["img"]["class1_hd95"])
     assert rows["vol"]["class1_hd95"] == pytest.approx(9.0)
     summary = json.loads((out_dir / "summary.json").read_text())
-    assert summary["n_cases"] == 2
+    assert summary["n_cases"] == 9 and summary["kinds"]["case"]["n_both_empty"] == 2
     assert summary["missing_predictions"] == ["lonely"]
-    assert summary["kinds"]["case"]["metrics"]["dice"]["mean"] == pytest.approx(12 / 28)
+    # Per case: img and the six slices that hold a mask (Dice 0); the two both-empty slices left out.
+    assert summary["kinds"]["case"]["metrics"]["dice"]["mean"] == pytest.approx(24 / 28 / 7)
+    assert summary["headline"]["kind"] == "volume" and summary["headline"]["dice"]["mean"] == 0.0
+    assert "mean dice per volume 0.0000 (1 volume)" in proc.stdout
 
 
 def test_missing_label_dir_is_one_line_and_exit_2(folders, tmp_path):
