@@ -576,12 +576,19 @@ def _run_header(kind, model, config, train_set, val_set, options, ctx, *, steps_
     return run_report.header(f"{kind} training", [
         ("network", f"{config.get('arch')}, {n_params:,} parameters"),
         ("device", f"{ctx.device}, {options.precision}, {run_report.processes(ctx.world_size)}"),
-        ("data", f"{train_set.root}: {len(train_set)} training items ({train_set.layout})"),
+        ("data", _data_text(train_set)),
         ("validation", validation),
         ("steps", steps),
         ("out_dir", f"{out_dir}: {every}{'best.pt, ' if val_set is not None else ''}final.pt, "
                     "progress.csv, curves.png, log.txt"),
     ])
+
+
+def _data_text(dataset) -> str:
+    """``DIR: 200 training items (brats2d)``; a Subset names its dataset's folder."""
+    source = getattr(dataset, "dataset", dataset)
+    root, layout = getattr(source, "root", None), getattr(source, "layout", None)
+    return f"{f'{root}: ' if root else ''}{len(dataset)} training items{f' ({layout})' if layout else ''}"
 
 
 def _prune(out_dir, kind, keep):
