@@ -206,13 +206,8 @@ def main(argv=None) -> None:
         if "auto" in (args.resume, args.resume_checkpoint) and not resume:
             logger.log(f"--resume auto: no checkpoint in {out_dir} yet, starting fresh")
         started = time.perf_counter()
-        final_path = loop.run() or bf.join(out_dir, FINAL_NAME)
-        logger.log(run_report.training_closing(
-            "diffusion training", seconds=time.perf_counter() - started, step=loop.step, out_dir=out_dir,
-            final_path=final_path, val_name="val addpm Dice",
-            val_score=run_report.last_logged(out_dir, "val_addpm_dice"),
-            best_score=loop.best_val_score, best_step=loop.best_step,
-            best_path=bf.join(out_dir, BEST_NAME) if loop.best_step is not None else None))
+        final_path = loop.run()
+        logger.log(closing_line(loop, final_path, time.perf_counter() - started))
     finally:
         dist_util.cleanup()
 
@@ -235,6 +230,15 @@ def run_header(args, loop, dataset, training, validator, precision) -> str:
         ("out_dir", f"{loop.out_dir}: diffusion_<step>.pt every {args.save_interval} steps (newest "
                     f"{args.keep_checkpoints} kept), {best}final.pt, progress.csv, curves.png, log.txt"),
     ])
+
+
+def closing_line(loop, final_path: str, seconds: float) -> str:
+    """The trainer's last line: step, loss, validation, checkpoints (``guided_diffusion.run_report``)."""
+    return run_report.training_closing(
+        "diffusion training", seconds=seconds, step=loop.step, out_dir=loop.out_dir,
+        final_path=final_path or bf.join(loop.out_dir, FINAL_NAME), val_name="val addpm Dice",
+        val_score=run_report.last_logged(loop.out_dir, "val_addpm_dice"), best_score=loop.best_val_score,
+        best_step=loop.best_step, best_path=bf.join(loop.out_dir, BEST_NAME) if loop.best_step is not None else None)
 
 
 def training_record(args, num_timesteps: int) -> dict:

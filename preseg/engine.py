@@ -569,9 +569,11 @@ def _run_header(kind, model, config, train_set, val_set, options, ctx, *, steps_
              f"{run_report.processes(ctx.world_size)}")
     if start_step:
         steps += f", resumed at step {start_step}"
-    validation = (f"{len(val_set)} items, Dice every {options.val_interval} steps" if options.val_interval
-                  else f"{len(val_set)} items, Dice every epoch") if val_set is not None else (
-        "none: no validation Dice, no best.pt")
+    if val_set is None:
+        validation = "none: no validation Dice, no best.pt"
+    else:
+        every = f"every {options.val_interval} steps" if options.val_interval else "every epoch"
+        validation = f"{len(val_set)} items, Dice {every}"
     every = f"{kind}_<step>.pt every {options.save_interval} steps, " if options.save_interval > 0 else ""
     return run_report.header(f"{kind} training", [
         ("network", f"{config.get('arch')}, {n_params:,} parameters"),
