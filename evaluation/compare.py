@@ -281,7 +281,6 @@ def format_table(rows: list[dict], *, confidence: float = DEFAULT_CONFIDENCE,
         lines.append("| " + " | ".join(cells) + " |")
     percent = f"{100 * confidence:g}%"
     notes = [
-        "",
         f"Mean [{percent} confidence interval of the mean, t-distribution: mean +- "
         f"t((1+c)/2, n-1) * s / sqrt(n)]. HD95 in mm (pixels for images without a spacing). "
         f"Both empty: {CONVENTIONS['both_empty']}. HD95: {CONVENTIONS['hd95']} (miss). "
@@ -310,7 +309,8 @@ def format_table(rows: list[dict], *, confidence: float = DEFAULT_CONFIDENCE,
         )
     if len({r["cases"] for r in rows}) > 1:
         notes.append("Warning: the runs were not scored on the same cases.")
-    return "\n".join(lines + notes) + "\n"
+    # One paragraph per note: in markdown, lines without a blank one between them run together.
+    return "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
 
 
 def _small_samples(rows: list[dict], keys) -> list[int]:
