@@ -7,9 +7,11 @@
 #   bash run.sh                  # demo data; about 10 minutes on 2 CPU cores
 #   bash run.sh --quick          # the same pipeline in about a minute (a smoke test)
 #   bash run.sh --data_dir DIR   # your data: DIR/training and DIR/testing (with labels)
+#   bash run.sh --update_docs    # the demo, then its table and pictures into docs/demo and README.md
 #
 # Writes everything under $OUT (data, checkpoints, samples; --quick: $OUT/quick) and the table
-# to $RESULTS: table.md, table.json and overlay_example.png. Each run starts afresh.
+# to $RESULTS: table.md, table.json, overlay_example.png (an addpm case) and curves.png (the
+# three trainers' loss, learning rate and validation Dice). Each run starts afresh.
 # The Python is ${PYTHON:-python}: run it with the virtual environment on PATH
 # (PATH="$PWD/.venv/bin:$PATH" bash run.sh) or set PYTHON=.venv/bin/python.
 # On a machine shared with other jobs, OMP_NUM_THREADS=1 avoids thread oversubscription.
@@ -37,19 +39,25 @@ DIFFUSION_TRAIN_STEPS=700
 EMA_RATE=0.99               # short runs need an EMA that forgets the random initial weights
 
 QUICK=0
+UPDATE_DOCS=0
 while (($#)); do
     case "$1" in
         --quick) QUICK=1 ;;
+        --update_docs) UPDATE_DOCS=1 ;;
         --data_dir)
             [[ $# -ge 2 && -n "$2" ]] || { echo "error: --data_dir needs a folder" >&2; exit 2; }
             DATA_DIR=$2
             shift ;;
-        -h | --help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-        *) echo "error: unknown option $1 (usage: bash run.sh [--quick] [--data_dir DIR])" >&2; exit 2 ;;
+        -h | --help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "error: unknown option $1 (usage: bash run.sh [--quick] [--data_dir DIR] [--update_docs])" >&2; exit 2 ;;
     esac
     shift
 done
 
+if ((UPDATE_DOCS)) && { ((QUICK)) || [[ -n "$DATA_DIR" ]]; }; then
+    echo "error: --update_docs documents the demo run itself; it does not go with --quick or --data_dir" >&2
+    exit 2
+fi
 if ((QUICK)); then
     # A 100-step chain keeps the full ddpm chain cheap; pre_t and T are scaled with it.
     OUT=$OUT/quick
@@ -64,7 +72,7 @@ fi
 DATA_FLAGS="--image_size $IMAGE_SIZE --resize_mode $RESIZE_MODE"
 MODEL_FLAGS="--num_channels 16 --num_res_blocks 1 --num_heads 1 --attention_resolutions 8 --class_cond False --learn_sigma False --use_scale_shift_norm False"
 DIFFUSION_FLAGS="--diffusion_steps $NUM_TIMESTEPS --noise_schedule cosine --rescale_learned_sigmas False --rescale_timesteps False"
-TRAIN_FLAGS="--lr 3e-4 --batch_size 8 --ema_rate $EMA_RATE --log_interval 100 --save_interval 100000 --progress False"
+TRAIN_FLAGS="--lr 3e-4 --batch_size 8 --ema_rate $EMA_RATE --log_interval 100 --save_interval 100000"
 PRESEG_FLAGS="--base_channels 16 --depth 3 --batch_size 12 --lr 1e-3 --log_interval 100 --save_interval 0"
 # The denoiser's chain and T must match the diffusion model's (sample.py checks).
 DENOISER_FLAGS="$PRESEG_FLAGS --T $T --diffusion_steps $NUM_TIMESTEPS --noise_schedule cosine"
@@ -154,5 +162,16 @@ print(sys.argv[1] + "/overlays/" + rows[len(rows) // 2]["case_id"] + ".png" if r
 if [[ -n "$OVERLAY" && -f "$OVERLAY" ]]; then
     cp "$OVERLAY" "$RESULTS/overlay_example.png"
     echo "overlay: $OVERLAY -> $RESULTS/overlay_example.png"
+fi
+"$PY" -m evaluation.plot "$RUNS/preseg" "$RUNS/denoiser" "$RUNS/addpm" \
+    --labels "pre-segmentation,denoiser,diffusion UNet" --out "$RESULTS/curves.png"
+
+if ((UPDATE_DOCS)); then
+    # The README shows the demo's own table and pictures: copied here, never retyped.
+    mkdir -p docs/demo
+    cp "$RESULTS/table.md" docs/demo/table.md
+    cp "$RESULTS/curves.png" docs/demo/curves.png
+    if [[ -f "$RESULTS/overlay_example.png" ]]; then cp "$RESULTS/overlay_example.png" docs/demo/overlay.png; fi
+    "$PY" docs/sync_readme.py
 fi
 echo "run.sh finished in $((SECONDS - START)) s"

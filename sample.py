@@ -28,6 +28,8 @@ from tqdm import tqdm
 from data import DATA_HELP, Preprocess, collate, create_dataset, data_defaults, preprocess_from_args
 from denoiser import load_final_step
 from evaluation.outputs import CaseWriter, checkpoint_hashes, finish_run, run_settings, select_cases
+from evaluation.overlay import overlay_channel
+from evaluation.sampling_report import sampling_closing, sampling_header
 from evaluation.uncertainty import FUSIONS
 from guided_diffusion import dist_util
 from guided_diffusion.atomic import check_writable_dir
@@ -79,6 +81,8 @@ SAMPLE_HELP = {
     "out_dir": "where masks, uncertainty maps, overlays, metrics.csv and summary.json go",
     "save_preseg": "also write the pre-segmentation of every case",
     "save_overlays": "write overlays/<case_id>.png",
+    "overlay_channel": "the image channel the overlays show: a channel name (e.g. flair, as the data names "
+    "it) or an index; empty = the channel named FLAIR where there is one, else 0",
     "overwrite": "recompute cases whose results already exist, also when --out_dir holds results "
     "of other settings (refused otherwise)",
     "seed": "seed of the sampling noise: each batch draws from a torch.Generator seeded by --seed, --en_num and its case ids",
@@ -104,8 +108,9 @@ def sample_defaults():
         denoiser_path=DEFAULT_DENOISER_PATH, use_ema=True,
         sampler="addpm", pre_t=300, T=-1, sampling_steps=0, step_method="ddpm", eta=0.0,
         final_step="denoiser", num_ensemble=5, en_num=0, fusion="mean", file_list="",
-        batch_size=1, out_dir="samples", save_preseg=False, save_overlays=True, overwrite=False,
-        seed=0, device="auto", precision="fp32", progress_steps=False, fast_path=True, compile=False,
+        batch_size=1, out_dir="samples", save_preseg=False, save_overlays=True, overlay_channel="",
+        overwrite=False, seed=0, device="auto", precision="fp32", progress_steps=False, fast_path=True,
+        compile=False,
     )
 
 
@@ -155,11 +160,18 @@ def main():
     checkpoints = checkpoint_hashes(args, bundle, plan)
     settings = run_settings(args, plan, num_members=num_members, preprocess=dataset.preprocess,
                             mask_space=mask_space, checkpoints=checkpoints)
+    channel = overlay_channel(args.overlay_channel, dataset.channel_names)
     writer = CaseWriter(args, dataset, plan, dataset.preprocess, num_members, ctx, settings=settings,
-                        checkpoints=checkpoints)
+                        checkpoints=checkpoints, overlay_channel=channel)
     writer.check_out_dir()
-    todo = [i for i in selected[ctx.rank :: ctx.world_size] if args.overwrite or not writer.is_done(i)]
+    mine = selected[ctx.rank :: ctx.world_size]
+    todo = [i for i in mine if args.overwrite or not writer.is_done(i)]
     check_preseg_dir(args, plan, dataset, todo)
+    if ctx.is_main:
+        print(sampling_header(args=args, plan=plan, dataset=dataset, ctx=ctx, num_members=num_members,
+                              n_selected=len(selected), n_todo=len(selected) - len(mine) + len(todo),
+                              checkpoints=checkpoints, overlay_channel=channel), flush=True)
+    started = time.perf_counter()
     writer.start()
     loader = DataLoader(
         Subset(dataset, todo), batch_size=args.batch_size, shuffle=False,
@@ -185,7 +197,9 @@ def main():
                 writer.write_case(batch, i, members[i], preseg_prob, seconds)
     dist_util.barrier()
     if ctx.is_main:
-        finish_run(writer, selected)
+        summary = finish_run(writer, selected)
+        print(sampling_closing(summary, args.out_dir, time.perf_counter() - started,
+                               save_overlays=args.save_overlays), flush=True)
     dist_util.cleanup()
 
 

@@ -44,15 +44,17 @@ with another number it continues at the same sample of the same data order, with
 """
 
 import argparse
+import time
 
+import blobfile as bf
 import torch
 
 from data import DATA_HELP, collate, data_defaults, dataset_from_args
 from denoiser import load_final_step
 from evaluation.validation import AddpmValidator
-from guided_diffusion import dist_util, logger
+from guided_diffusion import dist_util, logger, run_report
 from guided_diffusion.atomic import check_writable_dir, remove_stale_temp_files
-from guided_diffusion.checkpoint import newest_checkpoint
+from guided_diffusion.checkpoint import FINAL_NAME, newest_checkpoint
 from guided_diffusion.errors import ConfigError
 from guided_diffusion.script_util import (
     HELP,
@@ -68,7 +70,8 @@ from guided_diffusion.script_util import (
 )
 from guided_diffusion.resample import parse_t_range
 from guided_diffusion.seg_sampling import plan_sampler
-from guided_diffusion.train_util import TrainLoop, existing_checkpoint, parse_ema_rates, resolve_out_dir
+from guided_diffusion.train_util import (BEST_NAME, TrainLoop, existing_checkpoint, parse_ema_rates,
+                                         resolve_out_dir)
 from preseg import PresegSource
 
 TRAIN_STARTS = ("label", "preseg")
@@ -199,14 +202,43 @@ def main(argv=None) -> None:
         if ctx.is_main:
             remove_stale_temp_files(out_dir, depth=0)
         logger.configure(dir=out_dir, rank=ctx.rank)
-        logger.log(f"data: {len(dataset)} examples with {dataset.num_channels} channel(s) from {args.data_dir}")
-        logger.log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; out_dir: {out_dir}")
-        logger.log(describe_training(training, validator, args))
+        logger.log(run_header(args, loop, dataset, training, validator, precision))
         if "auto" in (args.resume, args.resume_checkpoint) and not resume:
             logger.log(f"--resume auto: no checkpoint in {out_dir} yet, starting fresh")
-        loop.run()
+        started = time.perf_counter()
+        final_path = loop.run()
+        logger.log(closing_line(loop, final_path, time.perf_counter() - started))
     finally:
         dist_util.cleanup()
+
+
+def run_header(args, loop, dataset, training, validator, precision) -> str:
+    """The block the trainer prints before its first step (``guided_diffusion.run_report``)."""
+    n_params = sum(p.numel() for p in loop.model.parameters())
+    total = loop.total_steps
+    steps = f"{loop.step} -> {total if total is not None else 'until stopped'}"
+    steps += f", global batch {loop.global_batch} = {args.batch_size} x {run_report.processes(loop.ctx.world_size)}"
+    best = "best.pt by val addpm Dice, " if validator is not None else ""
+    return run_report.header("diffusion training", [
+        ("model", f"UNet, {n_params / 1e6:.2f}M parameters, {loop.diffusion.num_timesteps}-step "
+                  f"{args.noise_schedule} chain, mask space {args.mask_space}"),
+        ("device", f"{loop.device}, {precision}, {run_report.processes(loop.ctx.world_size)}"),
+        ("data", f"{args.data_dir}: {len(dataset)} examples with {dataset.num_channels} channel(s) "
+                 f"({dataset.layout})"),
+        ("training", describe_training(training, validator, args)),
+        ("steps", steps),
+        ("out_dir", f"{loop.out_dir}: diffusion_<step>.pt every {args.save_interval} steps (newest "
+                    f"{args.keep_checkpoints} kept), {best}final.pt, progress.csv, curves.png, log.txt"),
+    ])
+
+
+def closing_line(loop, final_path: str, seconds: float) -> str:
+    """The trainer's last line: step, loss, validation, checkpoints (``guided_diffusion.run_report``)."""
+    return run_report.training_closing(
+        "diffusion training", seconds=seconds, step=loop.step, out_dir=loop.out_dir,
+        final_path=final_path or bf.join(loop.out_dir, FINAL_NAME), val_name="val addpm Dice",
+        val_score=run_report.last_logged(loop.out_dir, "val_addpm_dice"), best_score=loop.best_val_score,
+        best_step=loop.best_step, best_path=bf.join(loop.out_dir, BEST_NAME) if loop.best_step is not None else None)
 
 
 def training_record(args, num_timesteps: int) -> dict:

@@ -74,7 +74,9 @@ def create_dataset(data_dir, *, dataset: str = "auto", preprocess: Preprocess | 
     if not 0.0 <= float(val_fraction) < 1.0:
         raise DataConfigError(f"--val_fraction must be in [0, 1), got {val_fraction}")
     preprocess = Preprocess() if preprocess is None else preprocess
-    found = scan(data_dir, dataset, mask_suffix=mask_suffix)
+    # A folder no layout recognises may be new, unlabelled scans of the layout the model knows.
+    found = scan(data_dir, dataset, mask_suffix=mask_suffix, trained_layout=preprocess.dataset,
+                 channel_names=preprocess.channel_names)
     if preprocess.label_mode == "subset":
         missing = [v for v in preprocess.foreground_labels if v not in found.declared_labels]
         if missing:
@@ -142,7 +144,9 @@ class SegmentationDataset(Dataset):
     """Common part of the layouts: preprocessing, augmentation and item assembly.
 
     Attributes: layout, root, num_channels, channel_names, preprocess (completed with the
-    data's channel names and layout), declared_labels, labelled (every item has a mask).
+    data's channel names and layout), declared_labels, labelled (every item has a mask),
+    n_labelled (cases, or volumes, with a mask), unlabelled_input (the folder was recognised as
+    unlabelled input of the model's layout, see ``data.layouts``).
     """
 
     def __init__(self, found: Scan, records: list, *, preprocess: Preprocess, augment: bool,
@@ -157,6 +161,8 @@ class SegmentationDataset(Dataset):
         self.channel_names = tuple(channel_names)
         self.num_channels = len(self.channel_names)
         self.labelled = all(r.label_file is not None for r in records)
+        self.n_labelled = sum(r.label_file is not None for r in records)
+        self.unlabelled_input = bool(found.notes.get("unlabelled"))
         self.keep_original_label = bool(keep_original_label)
         if preprocess.channel_names and len(preprocess.channel_names) != self.num_channels:
             raise DataError(f"{self.root} has {self.num_channels} channels ({', '.join(self.channel_names)}) but the "

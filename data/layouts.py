@@ -17,6 +17,12 @@ Layouts (``--dataset``):
   isic     ``ISBI2016_ISIC_Part1_*_Data/ISIC_x.jpg`` + ``..._GroundTruth/ISIC_x_Segmentation.png``.
   lgg      masks beside their images marked by ``--mask_suffix``, searched recursively; the
            patient is the folder (the LGG FLAIR set: ``<P>/<P>_<n>.tif`` + ``<P>_<n>_mask.tif``).
+
+Unlabelled input (new scans to segment): a folder that none of these layouts recognises but
+that holds image files (PNG, JPEG, BMP, TIFF, or NIfTI slices or volumes) is read as unlabelled
+cases of the layout a model was trained on (``trained_layout``, recorded in its checkpoint):
+one case per file, or per ``<case>_XXXX.<ext>`` group of channel files (nnU-Net's
+``imagesTs``); for an ``lgg`` model, the folders are the patients, as in training.
 """
 
 from __future__ import annotations
@@ -106,8 +112,13 @@ def safe_id(text: str) -> str:
     return ident
 
 
-def scan(root: str, dataset: str = "auto", *, mask_suffix: str = "_mask") -> Scan:
-    """Scan ``root`` as the given layout (``auto``: recognise it). Raises DataError."""
+def scan(root: str, dataset: str = "auto", *, mask_suffix: str = "_mask", trained_layout: str = "",
+         channel_names=()) -> Scan:
+    """Scan ``root`` as the given layout (``auto``: recognise it). Raises DataError.
+
+    trained_layout, channel_names: the layout and image channels a model was trained on; with
+    ``auto``, a folder of images that no layout recognises is read as unlabelled input of them.
+    """
     if dataset not in DATASET_CHOICES:
         raise DataConfigError(f"unknown --dataset {dataset!r}; choose one of {', '.join(DATASET_CHOICES)}")
     if not root:
@@ -123,7 +134,15 @@ def scan(root: str, dataset: str = "auto", *, mask_suffix: str = "_mask") -> Sca
     if not any(files for _, files in walk):
         raise DataError(f"data folder {root} is empty (no files under it)")
     if dataset == "auto":
-        dataset = detect_layout(root, mask_suffix=mask_suffix, walk=walk)
+        try:
+            dataset = detect_layout(root, mask_suffix=mask_suffix, walk=walk)
+        except DataError:
+            found = scan_unlabelled(root, walk, trained_layout=trained_layout, channel_names=channel_names,
+                                    mask_suffix=mask_suffix)
+            if found is None:
+                raise
+            _dedupe_ids(found)
+            return found
     scanner = {
         "brats2d": lambda: _scan_brats2d(root, walk),
         "brats3d": lambda: _scan_brats3d(root, walk),
@@ -166,7 +185,8 @@ def detect_layout(root: str, *, mask_suffix: str = "_mask", walk=None) -> str:
         f"ISBI2016_ISIC_*_Data + *_GroundTruth folders (isic), images/ + masks/ (folder), "
         f"<case>/<case>_t1.nii.gz or <case>-t1n.nii.gz volumes (brats3d), "
         f"*_t1_*, *_t1ce_*, *_t2_*, *_flair_* NIfTI slices (brats2d), "
-        f"images with <name>{mask_suffix}.<ext> masks beside them (lgg); pass --dataset to choose one"
+        f"images with <name>{mask_suffix}.<ext> masks beside them (lgg), image or NIfTI files "
+        f"(unlabelled input); pass --dataset to choose one"
     )
 
 
@@ -289,12 +309,16 @@ def _volume_record(volume_id: str, patient_id: str, image_files: list, label_fil
         if other != shape:
             what = "mask" if path == label_file else "image"
             raise DataError(f"{what} {path} has shape {other} but {image_files[0]} has shape {shape}")
-    affine = np.asarray(first.affine)
-    # Axial slices: the array axis that moves most along world z (inferior-superior).
-    slice_axis = int(np.argmax(np.abs(affine[2, :3]))) if len(first.shape) >= 3 and first.shape[2] > 1 else 2
+    slice_axis = axial_axis(first.affine) if len(first.shape) >= 3 and first.shape[2] > 1 else 2
     zooms = tuple(first.zooms) + (1.0,) * (3 - len(first.zooms))
     return VolumeRecord(volume_id, patient_id, list(image_files), label_file, shape, first.affine, zooms[:3],
                         slice_axis)
+
+
+def axial_axis(affine) -> int:
+    """The array axis of a volume cut into axial slices: the one that moves most along world z
+    (inferior-superior)."""
+    return int(np.argmax(np.abs(np.asarray(affine, dtype=np.float64)[2, :3])))
 
 
 def _as_3d(shape: tuple, path: str) -> tuple:
@@ -494,6 +518,72 @@ def _scan_lgg(root: str, walk, mask_suffix: str) -> Scan:
         raise DataError(f"no images (with <name>{mask_suffix}.<ext> masks beside them) found under {root}")
     records.sort(key=lambda r: (r.patient_id, r.slice_index if r.slice_index is not None else -1, r.case_id))
     return Scan("lgg", "image", root, records, None, BINARY_LABELS, binary_masks=True)
+
+
+# ---------------------------------------------------------------- unlabelled input
+
+# nnU-Net names the channels of a case <case>_0000.<ext>, <case>_0001.<ext>, ...
+_CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
+
+
+def scan_unlabelled(root: str, walk, *, trained_layout: str = "", channel_names=(),
+                    mask_suffix: str = "_mask") -> Scan | None:
+    """The image files under ``root`` as unlabelled cases (see the module docstring); None when
+    there are none. Files are grouped into multi-channel cases by nnU-Net's channel suffix when
+    every file carries one and the model has several channels, or was trained on nnU-Net data."""
+    files = [os.path.join(d, f) for d, names in walk for f in names if is_image(f) or is_nifti(f)]
+    if not files:
+        return None
+    niftis = [f for f in files if is_nifti(f)]
+    if niftis and len(niftis) != len(files):
+        other = next(f for f in files if not is_nifti(f))
+        raise DataError(f"{root} holds both NIfTI files ({niftis[0]}) and images ({other}); "
+                        "give a folder of one kind")
+    notes = {"unlabelled": True}
+    if not niftis and trained_layout == "lgg":
+        found = _scan_lgg(root, walk, mask_suffix)
+        found.notes.update(notes)
+        return found
+    stems = {f: strip_suffix(os.path.basename(f)) for f in files}
+    grouped = all(_CHANNEL_FILE.match(s) for s in stems.values()) and (
+        len(channel_names) > 1 or trained_layout == "nnunet")
+    cases = {}
+    for path in files:
+        m = _CHANNEL_FILE.match(stems[path]) if grouped else None
+        key = (os.path.dirname(path), m.group("case") if m else stems[path])
+        cases.setdefault(key, {})[int(m.group("ch")) if m else 0] = path
+    for (folder, case), channels in cases.items():
+        expected = len(channel_names) or len(channels)
+        if grouped and sorted(channels) != list(range(expected)):
+            missing = sorted(set(range(expected)) - set(channels))
+            what = f"no {case}_{missing[0]:04d} file" if missing else f"{len(channels)} channel files"
+            raise DataError(f"case {case} in {folder} has {what}; the model reads {expected} channel(s) "
+                            f"named <case>_0000 ... <case>_{expected - 1:04d}")
+    items = [(safe_id(case), [channels[k] for k in sorted(channels)]) for (_, case), channels in sorted(cases.items())]
+    layout = trained_layout or ("nnunet" if niftis or grouped else "folder")
+    if not niftis:
+        records = [SliceRecord(case_id=c, patient_id=c, image_files=paths, label_file=None) for c, paths in items]
+        names = tuple(channel_names) if grouped else None
+        return Scan(layout, "image", root, records, names, BINARY_LABELS, binary_masks=True, notes=notes)
+    return _unlabelled_nifti(root, items, layout, tuple(channel_names), notes)
+
+
+def _unlabelled_nifti(root: str, items: list, layout: str, channel_names: tuple, notes: dict) -> Scan:
+    """NIfTI cases: 2D slices (a third axis of length 1 at most) or 3D volumes, not both."""
+    shapes = {case: _as_3d(read_nifti_header(paths[0]).shape, paths[0]) for case, paths in items}
+    volumes = [case for case, shape in shapes.items() if shape[2] > 1]
+    if volumes and len(volumes) != len(items):
+        flat = next(case for case in shapes if case not in volumes)
+        raise DataError(f"{root} holds both 3D volumes ({volumes[0]}) and 2D slices ({flat}); "
+                        "give a folder of one kind")
+    n_channels = len(items[0][1])
+    if len(channel_names) != n_channels:
+        channel_names = tuple(f"channel{k}" for k in range(n_channels))
+    if volumes:
+        records = [_volume_record(case, case, paths, None) for case, paths in items]
+        return Scan(layout, "volume", root, records, channel_names, BINARY_LABELS, notes=notes)
+    records = [SliceRecord(case_id=case, patient_id=case, image_files=paths, label_file=None) for case, paths in items]
+    return Scan(layout, "nifti_slice", root, records, channel_names, BINARY_LABELS, notes=notes)
 
 
 def mask_is_lossy(path: str) -> bool:

@@ -11,12 +11,12 @@ from evaluation.metrics import (
     segmentation_metrics,
     surface_distances,
 )
+from evaluation.overlay import save_overlay
 from evaluation.report import (
     GroupAccumulator,
     metrics_row,
     read_metrics_csv,
     read_uint16_png,
-    save_overlay,
     save_uint16_png,
     summarize,
     write_metrics_csv,

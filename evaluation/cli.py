@@ -1,29 +1,39 @@
 """Evaluate a folder of predicted masks against a folder of labels.
 
-    python -m evaluation --pred_dir OUT/masks --label_dir DATA/labels [--out_dir OUT] [--dataset files|brats2d|...]
-        [--pred_suffix ""] [--label_suffix _seg] [--classes 1,2,4] [--dataset auto]
+    python -m evaluation --pred_dir OUT/masks --label_dir DATA/labels [--out FILE.csv] [--dataset files|brats2d|...]
+        [--pred_suffix ""] [--label_suffix _seg] [--classes 1,2,4] [--foreground_labels 1,4]
 
 Like nnU-Net's evaluate-folder: predictions and labels are paired by case id (file name
 without extension and suffix, see ``evaluation.files``), every pair is scored with
 ``evaluation.metrics.segmentation_metrics`` (whole foreground = any nonzero label, spacing
-from the label's NIfTI header, else the prediction's, else 1.0), and metrics.csv (one row
-per case) and summary.json (means, standard deviations, nan counts) are written to
---out_dir, default --pred_dir. With a layout (``--dataset brats2d``, ``lgg``, ...) whose 2D
-cases share patients, each patient is also scored on its slices stacked in 3D (``patient``
-rows, the headline), as sample.py does. Means follow ``evaluation.report.CONVENTIONS``.
-Labels without a prediction and predictions without a label are listed in summary.json and
+from the label's NIfTI header, else the prediction's, else 1.0), with the rows and
+conventions of sample.py's metrics.csv (``evaluation.report.CONVENTIONS``):
+
+- a 2D pair is one ``case`` row; with a layout (``--dataset brats2d``, ``lgg``, ...) whose 2D
+  cases share patients, each patient is also scored on its slices stacked in 3D (``patient``
+  rows, the headline);
+- a 3D pair is a volume: one ``case`` row per axial slice (``<volume>_<slice:03d>``, as
+  sample.py names the slices of a volume) and one ``volume`` row scored on the whole volume
+  (the headline).
+
+The table goes to ``--out FILE.csv`` and the summary (means, standard deviations, counts) to
+``FILE.json`` beside it; by default beside the predictions folder, not inside it
+(``OUT/masks`` -> ``OUT/masks_evaluation.csv`` and ``.json``), so that a folder of masks
+holds masks only. ``--out_dir D`` writes ``D/metrics.csv`` and ``D/summary.json`` instead.
+Labels without a prediction and predictions without a label are listed in the summary and
 not scored. Nothing is written if any pair fails.
 """
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
 from evaluation.errors import EvaluationError
-from evaluation.files import MASK_EXTENSIONS, find_cases, read_mask
+from evaluation.files import MASK_EXTENSIONS, find_cases, read_mask, slice_axis
 from evaluation.metrics import METRIC_NAMES, segmentation_metrics
 
 # Per-class columns carry their voxel counts too, so that both-empty classes leave the means.
@@ -32,12 +42,14 @@ from evaluation.report import (
     GroupAccumulator,
     has_patient_groups,
     metrics_row,
+    results_text,
     summarize,
     write_metrics_csv,
     write_summary_json,
 )
 from data.layouts import DATASET_CHOICES, scan
-from guided_diffusion.atomic import remove_stale_temp_files
+from guided_diffusion import run_report
+from guided_diffusion.atomic import check_writable_dir, remove_stale_temp_files
 from guided_diffusion.errors import ConfigError
 
 DATASETS = ("files",) + tuple(d for d in DATASET_CHOICES if d != "auto")
@@ -55,7 +67,13 @@ def create_argparser() -> argparse.ArgumentParser:
         "--label_dir", required=True, help="folder of label masks (one file per case)"
     )
     parser.add_argument(
-        "--out_dir", default="", help="where metrics.csv and summary.json go (default: --pred_dir)"
+        "--out",
+        default="",
+        help="the metrics table to write (FILE.csv; the summary goes to FILE.json beside it); "
+        "default: beside --pred_dir, <pred_dir>_evaluation.csv",
+    )
+    parser.add_argument(
+        "--out_dir", default="", help="instead of --out: write metrics.csv and summary.json in this folder"
     )
     parser.add_argument(
         "--pred_suffix",
@@ -124,20 +142,21 @@ def evaluate_folders(
     foreground_labels: tuple[int, ...] = (),
     progress: bool = False,
 ) -> tuple[list[dict], dict]:
-    """Score every prediction that has a label.
+    """Score every prediction that has a label (rows as the module docstring says).
 
     Returns:
-        (rows for metrics.csv, dict with pred_dir, label_dir, missing_predictions (case ids of
-        labels without a prediction) and unmatched_predictions (predictions without a label)).
+        (rows for metrics.csv: case rows, then the patient or volume rows, dict with pred_dir,
+        label_dir, missing_predictions (case ids of labels without a prediction) and
+        unmatched_predictions (predictions without a label)).
     """
     pred_dir = _check_folder(pred_dir, "--pred_dir")
     label_dir = _check_folder(label_dir, "--label_dir")
     preds = find_cases(pred_dir, pred_suffix)
-    slices = {}
+    slices, axes = {}, {}
     if dataset == "files":
         labels = find_cases(label_dir, label_suffix)
     else:
-        labels, slices = labels_of_layout(label_dir, dataset, mask_suffix)
+        labels, slices, axes = labels_of_layout(label_dir, dataset, mask_suffix)
     for cases, folder, flag, suffix in (
         (preds, pred_dir, "--pred_dir", pred_suffix),
         (labels, label_dir, "--label_dir", label_suffix),
@@ -153,23 +172,24 @@ def evaluate_folders(
             f"no case ids match between --pred_dir {pred_dir} (e.g. {min(preds)!r}) and "
             f"--label_dir {label_dir} (e.g. {min(labels)!r}); check --pred_suffix/--label_suffix"
         )
+    scorer = _Scorer(classes, foreground_labels)
     patients = [slices[c][0] for c in matched if c in slices]
     groups = GroupAccumulator(kind="patient") if has_patient_groups(patients) else None
-    rows = []
+    rows, volume_rows = [], []
     # disable=None: the bar shows on a terminal and stays out of redirected logs.
-    bar = tqdm(matched, desc="evaluate", unit="case", disable=None if progress else True)
-    for case_id in bar:
+    for case_id in tqdm(matched, desc="evaluate", unit="case", disable=None if progress else True):
         pred, label, spacing = _read_pair(preds[case_id], labels[case_id])
-        extra = {}
-        for value in classes:
-            per_class = segmentation_metrics(pred == value, label == value, spacing)
-            extra.update({f"class{value}_{m}": per_class[m] for m in (*METRIC_NAMES, *VOXEL_COUNTS)})
-        label_fg = np.isin(label, foreground_labels) if foreground_labels else label != 0
+        if pred.ndim == 3:
+            axis = axes[case_id] if case_id in axes else slice_axis(labels[case_id])
+            rows.extend(scorer.slice_rows(case_id, pred, label, spacing, axis))
+            volume_rows.append(scorer.row(case_id, pred, label, spacing, group_id=case_id, kind="volume"))
+            continue
         patient = slices[case_id][0] if groups is not None else ""
-        rows.append(metrics_row(case_id, segmentation_metrics(pred != 0, label_fg, spacing),
-                                group_id=patient, extra=extra))
+        rows.append(scorer.row(case_id, pred, label, spacing, group_id=patient))
         if groups is not None:
-            groups.add(patient, pred != 0, label_fg, slice_index=slices[case_id][1], spacing=spacing)
+            groups.add(patient, pred != 0, scorer.foreground(label), slice_index=slices[case_id][1],
+                       spacing=spacing)
+    rows.extend(volume_rows)
     if groups is not None:
         rows.extend(groups.rows())
     info = {
@@ -179,6 +199,33 @@ def evaluate_folders(
         "unmatched_predictions": sorted(set(preds) - set(labels)),
     }
     return rows, info
+
+
+class _Scorer:
+    """metrics.csv rows of a prediction against its label: the whole foreground, and each of
+    ``classes`` as ``class<k>_`` columns."""
+
+    def __init__(self, classes, foreground_labels):
+        self.classes = tuple(classes)
+        self.foreground_labels = tuple(foreground_labels)
+
+    def foreground(self, label: np.ndarray) -> np.ndarray:
+        return np.isin(label, self.foreground_labels) if self.foreground_labels else label != 0
+
+    def row(self, case_id, pred, label, spacing, *, group_id: str = "", kind: str = "case") -> dict:
+        extra = {}
+        for value in self.classes:
+            per_class = segmentation_metrics(pred == value, label == value, spacing)
+            extra.update({f"class{value}_{m}": per_class[m] for m in (*METRIC_NAMES, *VOXEL_COUNTS)})
+        metrics = segmentation_metrics(pred != 0, self.foreground(label), spacing)
+        return metrics_row(case_id, metrics, group_id=group_id, kind=kind, extra=extra)
+
+    def slice_rows(self, volume_id, pred, label, spacing, axis: int) -> list:
+        """One case row per slice along ``axis``, named as sample.py names a volume's slices."""
+        plane = None if spacing is None else tuple(s for a, s in enumerate(spacing) if a != axis)
+        return [self.row(f"{volume_id}_{k:03d}", np.take(pred, k, axis=axis), np.take(label, k, axis=axis),
+                         plane, group_id=volume_id)
+                for k in range(pred.shape[axis])]
 
 
 def _read_pair(pred_path, label_path):
@@ -192,24 +239,46 @@ def _read_pair(pred_path, label_path):
     return pred, label, label_spacing if label_spacing is not None else pred_spacing
 
 
-def labels_of_layout(label_dir, dataset: str, mask_suffix: str) -> tuple[dict, dict]:
-    """({case id: label file}, {case id: (patient id, slice index)}) of a dataset layout: a
-    slice's or image's case id, or a volume's id (a volume is one case, with no slice entry)."""
+def labels_of_layout(label_dir, dataset: str, mask_suffix: str) -> tuple[dict, dict, dict]:
+    """({case id: label file}, {case id: (patient id, slice index)}, {volume id: slice axis}) of
+    a dataset layout: a slice's or image's case id, or a volume's id (a volume is one case,
+    cut along its layout's slice axis)."""
     found = scan(str(label_dir), dataset, mask_suffix=mask_suffix)
-    labels, slices = {}, {}
+    labels, slices, axes = {}, {}, {}
     for rec in found.records:
         if rec.label_file is not None:
             case_id = rec.volume_id if found.kind == "volume" else rec.case_id
             labels[case_id] = Path(rec.label_file)
-            if found.kind != "volume":
+            if found.kind == "volume":
+                axes[case_id] = rec.slice_axis
+            else:
                 slices[case_id] = (rec.patient_id, rec.slice_index)
-    return labels, slices
+    return labels, slices, axes
+
+
+def output_paths(args) -> tuple[Path, Path]:
+    """(metrics table, summary) from --out / --out_dir; by default beside --pred_dir."""
+    if args.out and args.out_dir:
+        raise ConfigError("give --out FILE or --out_dir DIR, not both")
+    if args.out_dir:
+        return Path(args.out_dir) / "metrics.csv", Path(args.out_dir) / "summary.json"
+    if args.out:
+        table = Path(args.out)
+        if table.suffix.lower() == ".json":
+            raise ConfigError(f"--out {table}: give the table's name (.csv); the summary goes beside it as .json")
+    else:
+        pred_dir = Path(args.pred_dir).resolve()
+        table = pred_dir.parent / f"{pred_dir.name}_evaluation.csv"
+    return table, table.with_suffix(".json")
 
 
 def main(argv=None) -> None:
     args = create_argparser().parse_args(argv)
+    started = time.perf_counter()
     classes = _parse_classes(args.classes, "--classes")
     foreground_labels = _parse_classes(args.foreground_labels, "--foreground_labels")
+    table, summary_path = output_paths(args)
+    check_writable_dir(table.parent, "--out_dir" if args.out_dir else "--out")
     rows, info = evaluate_folders(
         args.pred_dir,
         args.label_dir,
@@ -223,34 +292,19 @@ def main(argv=None) -> None:
     )
     summary = summarize(rows)
     summary.update(info, dataset=args.dataset, classes=list(classes), foreground_labels=list(foreground_labels))
-    out_dir = Path(args.out_dir or args.pred_dir)
-    remove_stale_temp_files(out_dir, depth=0)
+    summary["results"] = results_text(summary)
     try:
-        write_metrics_csv(rows, out_dir / "metrics.csv")
-        write_summary_json(summary, out_dir / "summary.json")
+        table.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(table.parent, depth=0)
+        write_metrics_csv(rows, table)
+        write_summary_json(summary, summary_path)
     except OSError as err:
-        raise EvaluationError(f"--out_dir {out_dir}: cannot write ({err.strerror})") from err
+        raise EvaluationError(f"{table.parent}: cannot write ({err.strerror})") from err
     for key, what in (
         ("missing_predictions", "labels without a prediction"),
         ("unmatched_predictions", "predictions without a label"),
     ):
         if info[key]:
-            print(f"note: {what}: {len(info[key])} (listed in summary.json)", file=sys.stderr)
-    print(f"evaluated {summary['n_cases']} cases: {headline_text(summary)}; "
-          f"wrote {out_dir / 'metrics.csv'} and {out_dir / 'summary.json'}")
-
-
-def headline_text(summary: dict) -> str:
-    """``mean dice per patient 0.8123 (5 patients); per case 0.7710 (3 both empty left out)``."""
-    def mean(kind):
-        dice = summary["kinds"][kind]["metrics"].get("dice", {})
-        return "undefined" if dice.get("mean") is None else f"{dice['mean']:.4f}"
-
-    case = summary["kinds"]["case"]
-    per_case = f"{mean('case')} ({case['n_both_empty']} both empty left out)"
-    kind = summary["headline"]["kind"]
-    if kind == "case":
-        return f"mean dice per case {per_case}"
-    n = summary["headline"]["n"]
-    return f"mean dice per {kind} {mean(kind)} ({n} {kind}{'s' if n != 1 else ''}); per case {per_case}"
-
+            print(f"note: {what}: {len(info[key])} (listed in {summary_path})", file=sys.stderr)
+    print(run_report.closing("evaluation", [summary["results"], f"wrote {table} and {summary_path}"],
+                             time.perf_counter() - started))

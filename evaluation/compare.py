@@ -16,7 +16,8 @@ Each NAME=DIR is the ``--out_dir`` of one ``sample.py`` run; its ``metrics.csv``
 Every metric cell is the mean and a confidence interval of the mean from the t-distribution:
 ``mean +- t_{(1+c)/2, n-1} * s / sqrt(n)`` with ``s`` the sample standard deviation
 (ddof=1) of the n valid values. No interval is given for n < 2, and none is clipped to the
-metric's range (with few, spread values a Dice interval may pass 1). The rows enter the means
+metric's range (with few, spread values a Dice interval may pass 1); the table's notes say so
+wherever an interval rests on fewer than 5 values. The rows enter the means
 by ``evaluation.report.CONVENTIONS``, as in summary.json: cases whose label and prediction are
 both empty are left out and counted; HD95 is the mean over the cases where it is defined (the
 one-sided misses counted as "miss"), and "HD95, miss = diagonal" the mean with each miss scored
@@ -53,6 +54,8 @@ from guided_diffusion.script_util import run_cli
 METRICS = ("dice", "hd95", "hd95_penalized")
 GROUP_KINDS = ("patient", "volume")
 DEFAULT_CONFIDENCE = 0.95
+# Below this many values an interval of the mean is wide enough to need a word in the table.
+FEW_UNITS = 5
 
 
 def mean_ci(values, confidence: float = DEFAULT_CONFIDENCE) -> dict:
@@ -278,7 +281,6 @@ def format_table(rows: list[dict], *, confidence: float = DEFAULT_CONFIDENCE,
         lines.append("| " + " | ".join(cells) + " |")
     percent = f"{100 * confidence:g}%"
     notes = [
-        "",
         f"Mean [{percent} confidence interval of the mean, t-distribution: mean +- "
         f"t((1+c)/2, n-1) * s / sqrt(n)]. HD95 in mm (pixels for images without a spacing). "
         f"Both empty: {CONVENTIONS['both_empty']}. HD95: {CONVENTIONS['hd95']} (miss). "
@@ -296,9 +298,31 @@ def format_table(rows: list[dict], *, confidence: float = DEFAULT_CONFIDENCE,
             f"as miss) and enters miss = diagonal with the diagonal; an interval above 0 (Dice) or "
             f"below 0 (HD95) is a gain on those {pair_word}s."
         )
+    small = _small_samples(rows, [key for key, _ in levels] + (["paired"] if paired else []))
+    if small:
+        sizes = ", ".join(f"n = {n}: t = {float(stats.t.ppf((1.0 + confidence) / 2.0, n - 1)):.2f}" for n in small)
+        notes.append(
+            f"Intervals of fewer than {FEW_UNITS} values ({sizes}) are wide: the t quantile with n - 1 degrees "
+            "of freedom grows fast as n falls, and an interval is not clipped to the metric's range, so a "
+            "Dice interval may run below 0 or above 1. Such an interval says that the units are too few "
+            "to pin the mean down, not that a Dice below 0 is plausible."
+        )
     if len({r["cases"] for r in rows}) > 1:
         notes.append("Warning: the runs were not scored on the same cases.")
-    return "\n".join(lines + notes) + "\n"
+    # One paragraph per note: in markdown, lines without a blank one between them run together.
+    return "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
+
+
+def _small_samples(rows: list[dict], keys) -> list[int]:
+    """The sizes below ``FEW_UNITS`` of the intervals in the table (n >= 2: n < 2 has none)."""
+    sizes = set()
+    for row in rows:
+        for key in keys:
+            level = row.get(key)
+            for metric in METRICS if level else ():
+                if 2 <= level[metric]["n"] < FEW_UNITS:
+                    sizes.add(level[metric]["n"])
+    return sorted(sizes)
 
 
 def parse_runs(specs) -> dict:

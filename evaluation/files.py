@@ -28,6 +28,7 @@ from nibabel.filebasedimages import ImageFileError
 from PIL import Image
 
 from data.io import mask_plane
+from data.layouts import axial_axis
 from evaluation.errors import EvaluationError
 
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
@@ -127,3 +128,13 @@ def read_mask(path) -> tuple[np.ndarray, tuple[float, ...] | None]:
     if data.ndim not in (2, 3):
         raise EvaluationError(f"{path}: expected a 2D or 3D mask, got shape {data.shape}")
     return _as_labels(np.asarray(data)), spacing
+
+
+def slice_axis(path) -> int:
+    """The axis along which a 3D mask file is cut into the slices sample.py scores: for NIfTI the
+    axial one (from the header's affine, as the volume layouts slice), else the first (the pages
+    of a multi-page TIFF)."""
+    path = Path(path)
+    if path.name.lower().endswith(NIFTI_EXTENSIONS):
+        return axial_axis(nib.load(str(path)).affine)
+    return 0

@@ -41,16 +41,15 @@ from evaluation.report import (
     has_patient_groups,
     metrics_columns,
     metrics_row,
-    save_overlay,
+    results_text,
     write_metrics_csv,
     write_summary_json,
 )
-from evaluation.uncertainty import MAX_ENTROPY, ensemble_statistics, fuse
+from evaluation.overlay import overlay_title, save_overlay
+from evaluation.uncertainty import MAX_ENTROPY, MAX_VARIANCE, ensemble_statistics, fuse
 from guided_diffusion.atomic import atomic_write, atomic_write_text, remove_stale_temp_files
 from guided_diffusion.checkpoint import file_sha256
 from guided_diffusion.errors import ConfigError
-
-MAX_VARIANCE = 0.25  # of a probability in [0, 1]
 
 
 def select_cases(dataset, file_list: str) -> list:
@@ -166,10 +165,11 @@ class CaseWriter:
 
     settings: ``run_settings`` of this run; a record is this run's (reused by a rerun, merged
     by ``finish_run``) only when it carries the same settings.
+    overlay_channel: the image channel the overlays show (``overlay.overlay_channel``).
     """
 
     def __init__(self, args, dataset, plan, preprocess, num_members, ctx, *, settings: dict,
-                 checkpoints: dict):
+                 checkpoints: dict, overlay_channel: int = 0):
         self.args = args
         self.dataset = dataset
         self.plan = plan
@@ -181,6 +181,7 @@ class CaseWriter:
         self.settings = settings
         self.digest = settings_digest(settings)
         self.checkpoints = checkpoints
+        self.overlay_channel = overlay_channel
 
     def record_path(self, case_id: str) -> str:
         return os.path.join(self.out_dir, "cases", case_id + ".npz")
@@ -272,19 +273,14 @@ class CaseWriter:
             write_slice(self._stem("uncertainty", case_id + "_entropy"), self._png_scaled(entropy, MAX_ENTROPY, meta), meta)
             if preseg is not None and self.args.save_preseg:
                 write_slice(self._stem("preseg", case_id), preseg, meta)
-        if self.args.save_overlays:
-            image = restore_geometry(batch["image"][i].numpy(), meta, order=1)
-            save_overlay(
-                os.path.join(self.out_dir, "overlays", case_id + ".png"), image, label, preseg,
-                mask, variance, title=f"{case_id}  {self.plan.sampler}  K={self.num_members}",
-            )
-
         spacing = tuple(float(s) for s in meta["spacing"])
         metrics = preseg_metrics = None
         if label is not None:
             metrics = segmentation_metrics(mask > 0, label > 0, spacing)
             if preseg is not None:
                 preseg_metrics = segmentation_metrics(preseg > 0, label > 0, spacing)
+        if self.args.save_overlays:
+            self._write_overlay(batch, i, label, preseg, mask, variance, entropy, metrics, preseg_metrics)
         record = {
             "case_id": case_id, "seconds": seconds, "metrics": metrics,
             "preseg_metrics": preseg_metrics, "meta": meta,
@@ -299,6 +295,17 @@ class CaseWriter:
         if label is not None:
             arrays["label"] = np.packbits(label > 0)
         write_record(self.record_path(case_id), record, **arrays)
+
+    def _write_overlay(self, batch, i, label, preseg, mask, variance, entropy, metrics, preseg_metrics) -> None:
+        case_id, meta = batch["case_id"][i], batch["meta"][i]
+        image = restore_geometry(batch["image"][i].numpy(), meta, order=1)
+        # One member has no spread: its variance panel would be black whatever the case.
+        save_overlay(
+            os.path.join(self.out_dir, "overlays", case_id + ".png"), image, label, preseg, mask,
+            variance=variance if self.num_members > 1 else None, entropy=entropy, channel=self.overlay_channel,
+            channel_name=self.dataset.channel_names[self.overlay_channel],
+            title=overlay_title(case_id, self.plan.sampler, self.num_members, metrics, preseg_metrics),
+        )
 
     @staticmethod
     def _png_scaled(values: np.ndarray, maximum: float, meta: dict) -> np.ndarray:
@@ -354,6 +361,7 @@ class RecordIndex:
     labelled: bool  # some record has metrics
     preseg: bool  # some record has pre-segmentation metrics
     n: int
+    n_unlabelled: int = 0  # records of cases without a label (no metrics)
 
 
 def index_records(paths, digest: str | None = None) -> RecordIndex:
@@ -363,6 +371,7 @@ def index_records(paths, digest: str | None = None) -> RecordIndex:
     """
     entries, formats = [], set()
     labelled = preseg = False
+    n_unlabelled = 0
     for path in paths:
         header = read_record_header(path) if os.path.exists(path) else None
         if header is None or (digest is not None and header.get("settings_digest") != digest):
@@ -371,6 +380,7 @@ def index_records(paths, digest: str | None = None) -> RecordIndex:
         formats.add(meta["format"])
         entries.append((path, meta.get("volume_id") or "", meta.get("patient_id") or ""))
         labelled = labelled or header["metrics"] is not None
+        n_unlabelled += header["metrics"] is None
         preseg = preseg or header["preseg_metrics"] is not None
     if "nifti_volume_slice" in formats:
         kind, key = "volume", 1
@@ -381,7 +391,7 @@ def index_records(paths, digest: str | None = None) -> RecordIndex:
     groups: dict[str, list] = {}
     for entry in entries:
         groups.setdefault(entry[key] if key else "", []).append(entry[0])
-    return RecordIndex(kind, groups, labelled, preseg, len(entries))
+    return RecordIndex(kind, groups, labelled, preseg, len(entries), n_unlabelled)
 
 
 def _group_rows(index: RecordIndex, group_id: str, out_dir: str, save_preseg: bool, seconds: dict):
@@ -415,7 +425,8 @@ def merge_records(paths, out_dir: str, *, save_preseg: bool = False, digest: str
     """Merge case records into ``out_dir``'s metrics.csv (when labelled) and volume outputs, in
     two streaming passes: memory holds one group's arrays and the running sums, whatever the
     number of cases. ``digest``: merge only the records of these settings.
-    Returns ``summarize``'s dict plus n_cases_written and seconds_per_image.
+    Returns ``summarize``'s dict plus n_cases_written, n_unlabelled (cases without a label,
+    hence without metrics) and seconds_per_image.
     """
     index = index_records(paths, digest)
     summary, seconds, group_rows = SummaryAccumulator(), {"sum": 0.0, "n": 0}, []
@@ -441,6 +452,7 @@ def merge_records(paths, out_dir: str, *, save_preseg: bool = False, digest: str
             pass
     result = summary.result()
     result["n_cases_written"] = index.n
+    result["n_unlabelled"] = index.n_unlabelled
     result["seconds_per_image"] = seconds["sum"] / seconds["n"] if seconds["n"] else None
     return result
 
@@ -475,5 +487,6 @@ def finish_run(writer: CaseWriter, selected: list) -> dict:
         "settings_digest": writer.digest,
         "preprocess": writer.preprocess.to_dict(),
     })
+    summary["results"] = results_text(summary)
     write_summary_json(summary, os.path.join(writer.out_dir, "summary.json"))
     return summary

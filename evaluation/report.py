@@ -1,4 +1,4 @@
-"""Metric tables, summaries, per-volume aggregation, overlays and 16-bit maps.
+"""Metric tables, summaries, per-volume aggregation and 16-bit maps (overlays: ``evaluation.overlay``).
 
 metrics.csv has one row per evaluated unit and these columns, in this order:
 
@@ -23,8 +23,7 @@ import math
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw
-from scipy import ndimage
+from PIL import Image
 
 from evaluation.arrays import to_bool_mask, to_numpy
 from evaluation.errors import EvaluationError
@@ -310,6 +309,34 @@ def summarize(rows) -> dict:
     return accumulator.result()
 
 
+def headline_text(summary: dict) -> str:
+    """``mean dice per patient 0.8123 (5 patients); per case 0.7710 (40 cases, 3 both empty left
+    out)``: the line ``python -m evaluation`` and sample.py close with."""
+    def mean(kind):
+        dice = summary["kinds"][kind]["metrics"].get("dice", {})
+        return "undefined" if dice.get("mean") is None else f"{dice['mean']:.4f}"
+
+    case = summary["kinds"]["case"]
+    per_case = f"{mean('case')} ({case['n']} cases, {case['n_both_empty']} both empty left out)"
+    kind = summary["headline"]["kind"]
+    if kind == "case":
+        return f"mean dice per case {per_case}"
+    n = summary["headline"]["n"]
+    return f"mean dice per {kind} {mean(kind)} ({n} {kind}{'s' if n != 1 else ''}); per case {per_case}"
+
+
+def results_text(summary: dict) -> str:
+    """What a run's cases gave, in words: ``headline_text`` over the scored cases, and
+    ``unlabelled: N cases`` for those without a label (segmented, not scored)."""
+    parts = []
+    if summary.get("n_cases"):
+        parts.append(headline_text(summary))
+    n_unlabelled = summary.get("n_unlabelled") or 0
+    if n_unlabelled or not parts:
+        parts.append(f"unlabelled: {n_unlabelled} case{'s' if n_unlabelled != 1 else ''} (no metrics)")
+    return "; ".join(parts)
+
+
 def _json_ready(obj):
     # JSON has no NaN/Infinity; null says "undefined" to every reader.
     if isinstance(obj, dict):
@@ -468,157 +495,6 @@ class GroupAccumulator:
     def rows(self) -> list[dict]:
         """One row per group, sorted by group id."""
         return [self.compute(g) for g in self.group_ids]
-
-
-# Overlay drawing. Panels are drawn at integer scale with nearest-neighbour upsampling so that
-# thin structures stay visible; masks are tinted and outlined.
-OVERLAY_GAP = 4
-OVERLAY_LINE_HEIGHT = 14
-OVERLAY_MIN_SIZE = 128
-_LABEL_RGB = np.array([0, 220, 0], dtype=np.float64)
-_PRESEG_RGB = np.array([255, 200, 0], dtype=np.float64)
-_RESULT_RGB = np.array([255, 40, 40], dtype=np.float64)
-_TINT = 0.35
-# Anchors of a perceptually ordered dark-to-bright heat map (black, purple, red, orange,
-# yellow, white), interpolated linearly to 256 entries.
-_HEAT_ANCHORS = np.array(
-    [[0, 0, 0], [80, 18, 123], [182, 54, 121], [251, 136, 97], [252, 253, 191], [255, 255, 255]],
-    dtype=np.float64,
-)
-
-
-def heat_colormap(values) -> np.ndarray:
-    """Map values in [0, 1] (clipped; nan -> 0) to RGB uint8 [..., 3] with a dark-to-bright
-    heat map."""
-    v = np.nan_to_num(np.clip(to_numpy(values).astype(np.float64), 0.0, 1.0))
-    xs = np.linspace(0.0, 1.0, len(_HEAT_ANCHORS))
-    rgb = np.stack([np.interp(v, xs, _HEAT_ANCHORS[:, c]) for c in range(3)], axis=-1)
-    return np.round(rgb).astype(np.uint8)
-
-
-def _gray(channel: np.ndarray) -> np.ndarray:
-    channel = np.nan_to_num(channel.astype(np.float64))
-    lo, hi = np.percentile(channel, (1.0, 99.0))
-    if hi <= lo:
-        return np.zeros(channel.shape + (3,), dtype=np.float64)
-    g = np.clip((channel - lo) / (hi - lo), 0.0, 1.0) * 255.0
-    return np.repeat(g[..., None], 3, axis=-1)
-
-
-def _tint(rgb: np.ndarray, mask: np.ndarray, color: np.ndarray, fill: bool = True) -> np.ndarray:
-    out = rgb.copy()
-    if fill:
-        out[mask] = (1 - _TINT) * out[mask] + _TINT * color
-    out[mask ^ ndimage.binary_erosion(mask, border_value=0)] = color
-    return out
-
-
-def _upscale(arr: np.ndarray, scale: int) -> np.ndarray:
-    return arr if scale == 1 else np.repeat(np.repeat(arr, scale, axis=0), scale, axis=1)
-
-
-def save_overlay(
-    path,
-    image_channels,
-    label,
-    preseg,
-    result,
-    uncertainty=None,
-    title: str = "",
-    *,
-    channel: int = 0,
-    uncertainty_max: float | None = None,
-    scale: int | None = None,
-) -> tuple[int, int]:
-    """Write a PNG of side-by-side panels: image, label, pre-segmentation, result, uncertainty.
-
-    Panels for ``label``, ``preseg`` and ``uncertainty`` are left out when they are None.
-    The image panel shows one channel in grayscale (1st-99th percentile window); label,
-    pre-segmentation (yellow) and result (red) are tinted and outlined over it, with the
-    label's outline (green) on the pre-segmentation and result panels for comparison. The
-    uncertainty map is drawn with ``heat_colormap`` divided by ``uncertainty_max`` (default:
-    the map's own maximum, so the brightest pixel is the most uncertain of this image).
-
-    Args:
-        path: output .png path (folders are created).
-        image_channels: [C, H, W] (or [H, W]) float image.
-        label, preseg, result: masks [H, W] or None (result is required).
-        uncertainty: [H, W] float map or None.
-        title: a line of text above the panels ("" for none).
-        channel: which image channel to show.
-        scale: integer upsampling of every panel; None picks the smallest one that makes a
-            panel at least ``OVERLAY_MIN_SIZE`` pixels on its longer side.
-
-    Returns:
-        (width, height) of the written PNG: width = n_panels * W * scale + (n_panels - 1) *
-        OVERLAY_GAP, height = H * scale + OVERLAY_LINE_HEIGHT * (2 if title else 1).
-    """
-    image = to_numpy(image_channels)
-    if image.ndim == 2:
-        image = image[None]
-    if image.ndim != 3:
-        raise EvaluationError(f"overlay image must be [C, H, W], got shape {image.shape}")
-    if not 0 <= channel < image.shape[0]:
-        raise EvaluationError(
-            f"overlay channel {channel} is out of range for {image.shape[0]} channels"
-        )
-    height, width = image.shape[1:]
-    masks = {}
-    for name, mask in (("label", label), ("pre-seg", preseg), ("result", result)):
-        if mask is not None:
-            mask = to_bool_mask(mask)
-            if mask.shape != (height, width):
-                raise EvaluationError(
-                    f"overlay {name} shape {mask.shape} does not match image {(height, width)}"
-                )
-            masks[name] = mask
-    if "result" not in masks:
-        raise EvaluationError("overlay needs a result mask")
-    if scale is None:
-        scale = max(1, -(-OVERLAY_MIN_SIZE // max(height, width)))
-    scale = int(scale)
-    if scale < 1:
-        raise EvaluationError(f"overlay scale must be >= 1, got {scale}")
-
-    gray = _upscale(_gray(image[channel]), scale)
-    masks = {k: _upscale(m, scale) for k, m in masks.items()}
-    panels = [("image", gray)]
-    if "label" in masks:
-        panels.append(("label", _tint(gray, masks["label"], _LABEL_RGB)))
-    for name, color in (("pre-seg", _PRESEG_RGB), ("result", _RESULT_RGB)):
-        if name in masks:
-            panel = _tint(gray, masks[name], color)
-            if "label" in masks:
-                panel = _tint(panel, masks["label"], _LABEL_RGB, fill=False)
-            panels.append((name, panel))
-    if uncertainty is not None:
-        unc = np.nan_to_num(to_numpy(uncertainty).astype(np.float64))
-        if unc.shape != (height, width):
-            raise EvaluationError(
-                f"overlay uncertainty shape {unc.shape} does not match image {(height, width)}"
-            )
-        top = float(uncertainty_max) if uncertainty_max is not None else float(unc.max())
-        unc = unc / top if top > 0 else np.zeros_like(unc)
-        panels.append(("uncertainty", _upscale(heat_colormap(unc), scale).astype(np.float64)))
-
-    header = OVERLAY_LINE_HEIGHT * (2 if title else 1)
-    ph, pw = height * scale, width * scale
-    canvas_width = len(panels) * pw + (len(panels) - 1) * OVERLAY_GAP
-    canvas = np.zeros((header + ph, canvas_width, 3), dtype=np.uint8)
-    for i, (_, panel) in enumerate(panels):
-        x = i * (pw + OVERLAY_GAP)
-        canvas[header:, x : x + pw] = np.clip(np.round(panel), 0, 255).astype(np.uint8)
-    picture = Image.fromarray(canvas)
-    draw = ImageDraw.Draw(picture)
-    if title:
-        draw.text((2, 1), title, fill=(255, 255, 255))
-    for i, (name, _) in enumerate(panels):
-        xy = (i * (pw + OVERLAY_GAP) + 2, header - OVERLAY_LINE_HEIGHT + 1)
-        draw.text(xy, name, fill=(255, 255, 255))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
-    return picture.size
 
 
 def save_uint16_png(values, path) -> None:

@@ -18,6 +18,9 @@ from guided_diffusion.errors import ConfigError
 FUSIONS = ("mean", "vote")
 # The largest binary entropy (at p = 0.5), in nats: the scale of an entropy map.
 MAX_ENTROPY = math.log(2.0)
+# The largest variance of values in [0, 1] (half the members at 0, half at 1): the scale of a
+# variance map.
+MAX_VARIANCE = 0.25
 
 
 def _check_members(member_probs):

@@ -43,7 +43,7 @@ from tqdm import tqdm
 
 from data import GroupedSampler, collate
 from data.datasets import DEFAULT_CACHE_VOLUMES
-from guided_diffusion import logger
+from guided_diffusion import logger, run_report
 from guided_diffusion.atomic import check_writable_dir, remove_stale_temp_files
 from guided_diffusion.checkpoint import (
     FINAL_NAME,
@@ -415,15 +415,10 @@ def train(*, kind, model, config, train_set, val_set, batch_to_input_target, opt
 
     net = wrap_model(model, ctx)
     net.train()
-    n_params = sum(p.numel() for p in model.parameters())
-    logger.log(
-        f"training {kind} net ({config.get('arch')}, {n_params:,} parameters) on {device}: "
-        f"{len(train_set)} training / {len(val_set) if has_val else 0} validation items, "
-        f"{steps_per_epoch} steps per epoch, {total_steps} steps, batch {options.batch_size} "
-        f"x {ctx.world_size} process(es), precision {options.precision}"
-    )
-    if not has_val:
-        logger.log("no validation items: no validation Dice, no best.pt")
+    logger.log(_run_header(kind, model, config, train_set, val_set if has_val else None, options, ctx,
+                           steps_per_epoch=steps_per_epoch, total_steps=total_steps, start_step=start_step,
+                           out_dir=out_dir))
+    started = time.perf_counter()
 
     def save(path, *, training_state):
         rng = _gather_rng_states(generator, ctx.world_size) if training_state else None
@@ -554,11 +549,48 @@ def train(*, kind, model, config, train_set, val_set, batch_to_input_target, opt
     if state.step != start_step or validated_now or not final_is_current(out_dir, state.step, kind):
         save(final_path, training_state=True)
         logger.log(f"saved {final_path} at step {state.step}")
-    return TrainResult(
+    result = TrainResult(
         step=state.step, epoch=state.epoch, val_dice=state.val_dice,
         best_val_dice=state.best_val_dice, out_dir=out_dir, final_path=final_path,
         best_path=bf.join(out_dir, "best.pt") if state.best_step is not None else None,
     )
+    logger.log(run_report.training_closing(
+        f"{kind} training", seconds=time.perf_counter() - started, step=state.step, out_dir=out_dir,
+        final_path=final_path, val_score=state.val_dice, best_score=state.best_val_dice,
+        best_step=state.best_step, best_path=result.best_path))
+    return result
+
+
+def _run_header(kind, model, config, train_set, val_set, options, ctx, *, steps_per_epoch, total_steps,
+                start_step, out_dir) -> str:
+    """The block a trainer prints before its first step (``guided_diffusion.run_report``)."""
+    n_params = sum(p.numel() for p in model.parameters())
+    steps = (f"{total_steps} ({steps_per_epoch} per epoch), batch {options.batch_size} x "
+             f"{run_report.processes(ctx.world_size)}")
+    if start_step:
+        steps += f", resumed at step {start_step}"
+    if val_set is None:
+        validation = "none: no validation Dice, no best.pt"
+    else:
+        every = f"every {options.val_interval} steps" if options.val_interval else "every epoch"
+        validation = f"{len(val_set)} items, Dice {every}"
+    every = f"{kind}_<step>.pt every {options.save_interval} steps, " if options.save_interval > 0 else ""
+    return run_report.header(f"{kind} training", [
+        ("network", f"{config.get('arch')}, {n_params:,} parameters"),
+        ("device", f"{ctx.device}, {options.precision}, {run_report.processes(ctx.world_size)}"),
+        ("data", _data_text(train_set)),
+        ("validation", validation),
+        ("steps", steps),
+        ("out_dir", f"{out_dir}: {every}{'best.pt, ' if val_set is not None else ''}final.pt, "
+                    "progress.csv, curves.png, log.txt"),
+    ])
+
+
+def _data_text(dataset) -> str:
+    """``DIR: 200 training items (brats2d)``; a Subset names its dataset's folder."""
+    source = getattr(dataset, "dataset", dataset)
+    root, layout = getattr(source, "root", None), getattr(source, "layout", None)
+    return f"{f'{root}: ' if root else ''}{len(dataset)} training items{f' ({layout})' if layout else ''}"
 
 
 def _prune(out_dir, kind, keep):

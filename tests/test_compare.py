@@ -103,6 +103,9 @@ def test_format_table_rows_and_notes(tmp_path):
     assert lines[3].endswith("| 150 (3 x 50) | 1.25 |")
     assert "t-distribution" in table and "Warning" not in table
     assert "both empty" in table and "diagonal" in table
+    # 2 patients, and the HD95 means over 2..4 cases: the notes say why those intervals are wide.
+    assert "Intervals of fewer than 5 values (n = 2: t = 12.71" in table
+    assert "may run below 0 or above 1" in table
 
 
 def test_table_without_groups_and_with_different_cases(tmp_path):

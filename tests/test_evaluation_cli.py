@@ -79,7 +79,13 @@ def test_end_to_end_nifti_and_png(folders, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "labels without a prediction: 1" in proc.stderr
     rows = {r["case_id"]: r for r in read_metrics_csv(out_dir / "metrics.csv")}
-    assert set(rows) == {"vol", "img"}
+    # The volume is scored whole (a volume row) and slice by slice along its axial axis (2 here,
+    # the affine's z), as sample.py scores the slices of a volume.
+    assert set(rows) == {"vol", "img"} | {f"vol_{k:03d}" for k in range(8)}
+    assert rows["vol"]["kind"] == "volume" and rows["img"]["kind"] == "case"
+    assert rows["vol_002"]["label_voxels"] == 9 and rows["vol_002"]["pred_voxels"] == 0
+    assert rows["vol_005"]["pred_voxels"] == 9 and rows["vol_000"]["label_voxels"] == 0
+    assert all(rows[f"vol_{k:03d}"]["group_id"] == "vol" for k in range(8))
     assert rows["vol"]["dice"] == 0.0
     assert rows["vol"]["hd95"] == pytest.approx(9.0)
     assert rows["vol"]["assd"] == pytest.approx(6.0)
@@ -90,9 +96,12 @@ def test_end_to_end_nifti_and_png(folders, tmp_path):
     assert rows["img"]["class1_dice"] == 0.0 and math.isnan(rows["img"]["class1_hd95"])
     assert rows["vol"]["class1_hd95"] == pytest.approx(9.0)
     summary = json.loads((out_dir / "summary.json").read_text())
-    assert summary["n_cases"] == 2
+    assert summary["n_cases"] == 9 and summary["kinds"]["case"]["n_both_empty"] == 2
     assert summary["missing_predictions"] == ["lonely"]
-    assert summary["kinds"]["case"]["metrics"]["dice"]["mean"] == pytest.approx(12 / 28)
+    # Per case: img and the six slices that hold a mask (Dice 0); the two both-empty slices left out.
+    assert summary["kinds"]["case"]["metrics"]["dice"]["mean"] == pytest.approx(24 / 28 / 7)
+    assert summary["headline"]["kind"] == "volume" and summary["headline"]["dice"]["mean"] == 0.0
+    assert "mean dice per volume 0.0000 (1 volume)" in proc.stdout
 
 
 def test_missing_label_dir_is_one_line_and_exit_2(folders, tmp_path):
@@ -176,3 +185,85 @@ def test_foreground_labels_score_a_label_subset(tmp_path):
     core, _ = evaluate_folders(tmp_path / "pred", tmp_path / "lab", foreground_labels=(1, 4))
     assert whole[0]["dice"] == pytest.approx(2 * 4 / (4 + 8))
     assert core[0]["dice"] == 1.0
+
+
+LGG_DIR = REPO_ROOT.parent / "shared" / "datasets" / "lgg_flair"
+
+
+def test_lgg_patients_get_rows_and_the_table_goes_beside_the_predictions(tmp_path):
+    """Real LGG TIFFs: one row per slice and one per patient (its slices stacked), written by
+    default beside the predictions folder, not inside it."""
+    if not LGG_DIR.is_dir():
+        pytest.skip(f"{LGG_DIR} is missing (../shared beside the repo)")
+    data, pred_dir = tmp_path / "lgg", tmp_path / "run" / "masks"
+    pred_dir.mkdir(parents=True)
+    for patient in sorted(p for p in LGG_DIR.iterdir() if p.is_dir())[:2]:
+        (data / patient.name).mkdir(parents=True)
+        masks = sorted(patient.glob("*_mask.tif"), key=lambda p: int(p.stem.split("_")[-2]))[8:12]
+        for mask in masks:
+            image = mask.with_name(mask.name.replace("_mask", ""))
+            shutil.copy(image, data / patient.name / image.name)
+            shutil.copy(mask, data / patient.name / mask.name)
+            # The prediction: the label shifted two pixels down.
+            label = np.asarray(Image.open(mask)) > 0
+            save_png(pred_dir / f"{image.stem}.png", np.roll(label, 2, axis=0))
+    proc = run_module("--pred_dir", pred_dir, "--label_dir", data, "--dataset", "lgg")
+    assert proc.returncode == 0, proc.stderr
+    table, summary_path = tmp_path / "run" / "masks_evaluation.csv", tmp_path / "run" / "masks_evaluation.json"
+    assert sorted(p.name for p in pred_dir.iterdir()) == sorted(f.name for f in pred_dir.glob("*.png"))
+    rows = read_metrics_csv(table)
+    patients = [r for r in rows if r["kind"] == "patient"]
+    cases = [r for r in rows if r["kind"] == "case"]
+    assert sorted(r["case_id"] for r in patients) == sorted(p.name for p in data.iterdir())
+    assert len(cases) == 8
+    for patient in patients:
+        mine = [r for r in cases if r["group_id"] == patient["case_id"]]
+        assert len(mine) == 4
+        assert patient["tp"] == sum(r["tp"] for r in mine)
+        assert patient["label_voxels"] == sum(r["label_voxels"] for r in mine)
+    summary = json.loads(summary_path.read_text())
+    assert summary["headline"]["kind"] == "patient" and summary["headline"]["n"] == 2
+    assert summary["results"] in proc.stdout and "mean dice per patient" in summary["results"]
+    assert proc.stdout.strip().endswith(f"wrote {table} and {summary_path}")
+
+
+def save_volume(path, mask, zooms=(1.0, 1.0, 2.0)):
+    img = nib.Nifti1Image(mask.astype(np.uint8), np.diag([*zooms, 1.0]))
+    img.header.set_zooms(zooms)
+    nib.save(img, str(path))
+
+
+def test_brats3d_volumes_get_volume_rows_as_sample_py_scores_them(tmp_path):
+    data, pred_dir = tmp_path / "brats3d", tmp_path / "pred"
+    pred_dir.mkdir()
+    shape = (10, 12, 6)
+    for n, corner in enumerate([(2, 2, 1), (4, 5, 2)]):
+        case = data / f"BraTS2021_0000{n}"
+        case.mkdir(parents=True)
+        label = cube(shape, corner, size=3)
+        for modality in ("t1", "t1ce", "t2", "flair"):
+            save_volume(case / f"{case.name}_{modality}.nii.gz", label * 100)
+        save_volume(case / f"{case.name}_seg.nii.gz", label * 2)
+        save_volume(pred_dir / f"{case.name}.nii.gz", np.roll(label, 1, axis=2))
+    out = tmp_path / "eval" / "scores.csv"
+    main(["--pred_dir", str(pred_dir), "--label_dir", str(data), "--dataset", "brats3d", "--out", str(out)])
+    rows = read_metrics_csv(out)
+    volumes = [r for r in rows if r["kind"] == "volume"]
+    assert [r["case_id"] for r in volumes] == ["BraTS2021_00000", "BraTS2021_00001"]
+    # 3 of the cube's 3 slices overlap on 2 after the shift: Dice 2 * 18 / (27 + 27).
+    assert all(r["dice"] == pytest.approx(36 / 54) for r in volumes)
+    slices = [r for r in rows if r["kind"] == "case" and r["group_id"] == "BraTS2021_00000"]
+    assert [r["case_id"] for r in slices] == [f"BraTS2021_00000_{k:03d}" for k in range(6)]
+    assert sum(r["tp"] for r in slices) == volumes[0]["tp"]
+    summary = json.loads(out.with_suffix(".json").read_text())
+    assert summary["headline"]["kind"] == "volume" and summary["headline"]["n"] == 2
+    # Both-empty slices (4 of 6 per volume outside the shifted cube) leave the per-case means.
+    assert summary["kinds"]["case"]["n_both_empty"] == 2 * 2
+
+
+def test_out_and_out_dir_exclude_each_other(folders, tmp_path):
+    pred_dir, label_dir = folders
+    proc = run_module("--pred_dir", pred_dir, "--label_dir", label_dir, "--out", tmp_path / "a.csv",
+                      "--out_dir", tmp_path / "b")
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: give --out FILE or --out_dir DIR, not both"
+    assert not (tmp_path / "a.csv").exists() and not (tmp_path / "b").exists()

@@ -1,4 +1,4 @@
-"""Metric tables, summaries, per-volume aggregation, overlays and 16-bit maps."""
+"""Metric tables, summaries, per-volume aggregation and 16-bit maps."""
 
 import json
 import math
@@ -10,13 +10,10 @@ from PIL import Image
 from evaluation.errors import EvaluationError
 from evaluation.metrics import segmentation_metrics
 from evaluation.report import (
-    OVERLAY_GAP,
-    OVERLAY_LINE_HEIGHT,
     GroupAccumulator,
     metrics_row,
     read_metrics_csv,
     read_uint16_png,
-    save_overlay,
     save_uint16_png,
     summarize,
     write_metrics_csv,
@@ -161,29 +158,6 @@ def test_both_empty_slices_leave_the_means_and_the_volume_is_the_headline(tmp_pa
         assert headline["kind"] == "volume" and headline["n"] == 1
         assert headline["dice"]["mean"] == pytest.approx(2 * 11 / (12 + 16))
         assert "both_empty" in summary["conventions"] and "diagonal" in summary["conventions"]["hd95_penalized"]
-
-
-def test_overlay_png_size_and_colours(tmp_path):
-    rng = np.random.default_rng(0)
-    image = rng.random((3, 16, 24)).astype(np.float32)
-    label = square((16, 24), 4, 4, size=6)
-    result = square((16, 24), 5, 5, size=6)
-    path = tmp_path / "overlays" / "case.png"
-    size = save_overlay(path, image, label, label, result, rng.random((16, 24)), "case 7",
-                        scale=1)
-    with Image.open(path) as img:
-        assert img.size == size == (5 * 24 + 4 * OVERLAY_GAP, 16 + 2 * OVERLAY_LINE_HEIGHT)
-        pixels = np.asarray(img.convert("RGB"))
-    result_panel = pixels[2 * OVERLAY_LINE_HEIGHT :, 3 * (24 + OVERLAY_GAP) :][:16, :24]
-    # (10, 10) is on the result's outline; (7, 7) inside it is tinted red.
-    assert result_panel[10, 10].tolist() == [255, 40, 40]
-    assert result_panel[7, 7, 0] > result_panel[7, 7, 1]
-
-    size = save_overlay(tmp_path / "auto.png", image[0], None, None, result)
-    # Two panels (image, result), scaled by ceil(128 / 24) = 6, no title line.
-    assert size == (2 * 24 * 6 + OVERLAY_GAP, 16 * 6 + OVERLAY_LINE_HEIGHT)
-    with pytest.raises(EvaluationError, match="shape"):
-        save_overlay(tmp_path / "bad.png", image, None, None, np.zeros((5, 5)))
 
 
 def test_uint16_png_round_trip(tmp_path):

@@ -23,9 +23,10 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import sample
-from data import create_dataset
+from data import Preprocess, create_dataset
 from evaluation.outputs import load_record
 from guided_diffusion.checkpoint import load_checkpoint
 from guided_diffusion.script_util import run_cli
@@ -138,7 +139,8 @@ def addpm_flags(trained, data_dir=None) -> list:
 def addpm_run(trained, tmp_path_factory) -> Path:
     """One addpm run on the demo test split: K=2, pre_t 40, T from the denoiser (25)."""
     out = tmp_path_factory.mktemp("addpm") / "out"
-    ok(sample_cli(*addpm_flags(trained), "--out_dir", out))
+    proc = ok(sample_cli(*addpm_flags(trained), "--out_dir", out))
+    (out.parent / "stdout.txt").write_text(proc.stdout)
     return out
 
 
@@ -208,6 +210,105 @@ def test_addpm_on_demo_writes_every_output(trained, addpm_run):
     assert hashes["denoiser_path"]["sha256"] == sha256(trained["denoiser"])
 
 
+def test_run_prints_a_header_and_a_closing_line(trained, addpm_run):
+    lines = (addpm_run.parent / "stdout.txt").read_text().splitlines()
+    start = lines.index("sampling")
+    header = dict(line.split(None, 1) for line in lines[start + 1 : start + 7])
+    assert header["device"] == "cpu, fp32, 1 process"
+    assert header["sampler"] == (f"addpm {PRE_T} -> {T} ({PRE_T - T} UNet evaluations per member, final step "
+                                 "denoiser); 2 members, fusion mean")
+    assert header["data"] == f"{trained['test_dir']}: 3 cases (brats2d), labelled"
+    assert header["checkpoints"] == (f"model {trained['diffusion']}, preseg {trained['preseg']}, "
+                                     f"denoiser {trained['denoiser']}")
+    assert header["overlays"] == "channel 3 (flair)" and header["out_dir"] == str(addpm_run)
+    # The last line: the headline Dice of summary.json, as python -m evaluation prints it.
+    summary = json.loads((addpm_run / "summary.json").read_text())
+    patient, case = summary["headline"]["dice"]["mean"], summary["kinds"]["case"]["metrics"]["dice"]["mean"]
+    assert lines[-1].startswith("sampling done in ")
+    assert (f": mean dice per patient {patient:.4f} (1 patient); per case {case:.4f} (3 cases, 0 both empty "
+            "left out); ") in lines[-1]
+    assert lines[-1].endswith(f"results in {addpm_run} (metrics.csv, summary.json, masks/, uncertainty/, overlays/)")
+    assert summary["results"] in lines[-1]
+
+
+def overlay_panel(path: Path, index: int, side: int = 32, scale: int = 4) -> np.ndarray:
+    """Panel ``index`` of an overlay of a side x side case (title and name lines above it)."""
+    from evaluation.overlay import OVERLAY_GAP, OVERLAY_LINE_HEIGHT
+
+    with Image.open(path) as img:
+        picture = np.asarray(img.convert("RGB"))
+    x, top = index * (side * scale + OVERLAY_GAP), 2 * OVERLAY_LINE_HEIGHT
+    return picture[top : top + side * scale, x : x + side * scale]
+
+
+def test_overlays_show_flair_by_default_and_the_channel_asked_for(trained, addpm_run, tmp_path, capfd):
+    from evaluation.overlay import OVERLAY_FOOTER_HEIGHT, OVERLAY_GAP, OVERLAY_LINE_HEIGHT, _gray, _upscale
+
+    checkpoint = load_checkpoint(trained["diffusion"], kind="diffusion")
+    dataset = create_dataset(str(trained["test_dir"]), preprocess=Preprocess.from_dict(checkpoint["config"]["preprocess"]))
+    item = dataset[0]
+    expected = {c: np.round(_upscale(_gray(item["image"][c].numpy()), 4)).astype(np.uint8) for c in range(4)}
+    default = addpm_run / "overlays" / f"{item['case_id']}.png"
+    with Image.open(default) as img:
+        # flair, label, pre-seg, result, variance, entropy: 32x32 panels drawn at 4x.
+        assert img.size == (6 * 128 + 5 * OVERLAY_GAP, 2 * OVERLAY_LINE_HEIGHT + 128 + OVERLAY_FOOTER_HEIGHT)
+    np.testing.assert_array_equal(overlay_panel(default, 0), expected[3])
+    out = tmp_path / "t1"
+    code, err = sample_main(capfd, *addpm_flags(trained), "--file_list", "0", "--overlay_channel", "t1",
+                            "--out_dir", out)
+    assert code == 0, err
+    np.testing.assert_array_equal(overlay_panel(out / "overlays" / f"{item['case_id']}.png", 0), expected[0])
+    assert not (expected[0] == expected[3]).all()
+    code, err = sample_main(capfd, *addpm_flags(trained), "--overlay_channel", "adc", "--out_dir", tmp_path / "bad")
+    assert code == 2 and error_lines(err) == [
+        "error: --overlay_channel 'adc' is not a channel of the images (0 t1, 1 t1ce, 2 t2, 3 flair)"]
+    assert not (tmp_path / "bad").exists()
+
+
+def new_scans_folder(test_dir: Path, root: Path) -> Path:
+    """The demo test slices as new scans: nnU-Net imagesTs names (<case>_0000 ... _0003 in
+    t1, t1ce, t2, flair order), one flat folder, no labels, no dataset.json."""
+    root.mkdir(parents=True)
+    for folder in sorted(p for p in test_dir.iterdir() if p.is_dir()):
+        for channel, modality in enumerate(("t1", "t1ce", "t2", "flair")):
+            (source,) = folder.glob(f"*_{modality}_*.nii.gz")
+            prefix, number = source.name.split(f"_{modality}_")
+            case = f"{prefix}_{number.split('_')[0]}"
+            shutil.copy(source, root / f"{case}_{channel:04d}.nii.gz")
+    return root
+
+
+def test_unlabelled_folder_of_new_scans_end_to_end(trained, addpm_run, tmp_path):
+    """The README's command on a folder of scans without labels: recognised as unlabelled input
+    of the layout the model was trained on, segmented with no extra flag, not scored."""
+    scans = new_scans_folder(trained["test_dir"], tmp_path / "imagesTs")
+    out = tmp_path / "new"
+    proc = ok(sample_cli("--data_dir", scans, "--model_path", trained["diffusion"], "--preseg_path",
+                         trained["preseg"], "--denoiser_path", trained["denoiser"], "--pre_t", PRE_T,
+                         "--num_ensemble", 2, "--out_dir", out, "--device", "cpu"))
+    ids = case_ids(trained["test_dir"])
+    assert (f"data         {scans}: 3 cases (brats2d layout of the model), unlabelled: masks, uncertainty and "
+            "overlays are written, no metrics") in proc.stdout
+    for cid in ids:
+        source = nib.load(str(scans / f"{cid}_0000.nii.gz"))
+        image, mask = load_nifti(out / "masks" / f"{cid}.nii.gz")
+        np.testing.assert_allclose(image.affine, source.affine)
+        # The same images, case ids and seed as the labelled run: the same masks and maps.
+        np.testing.assert_array_equal(mask, load_nifti(addpm_run / "masks" / f"{cid}.nii.gz")[1])
+        for kind in ("variance", "entropy"):
+            np.testing.assert_allclose(load_nifti(out / "uncertainty" / f"{cid}_{kind}.nii.gz")[1],
+                                       load_nifti(addpm_run / "uncertainty" / f"{cid}_{kind}.nii.gz")[1])
+        with Image.open(out / "overlays" / f"{cid}.png") as img:
+            assert img.size[0] == 5 * 128 + 4 * 4  # no label panel
+    assert not (out / "metrics.csv").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["n_cases"] == 0 and summary["n_unlabelled"] == summary["n_cases_written"] == 3
+    assert summary["results"] == "unlabelled: 3 cases (no metrics)"
+    last = proc.stdout.splitlines()[-1]
+    assert last.startswith("sampling done in ") and ": unlabelled: 3 cases (no metrics); " in last
+    assert last.endswith(f"results in {out} (summary.json, masks/, uncertainty/, overlays/)")
+
+
 def test_masks_and_maps_keep_the_source_geometry(trained, addpm_run):
     for cid in case_ids(trained["test_dir"]):
         source = next(trained["test_dir"].glob(f"*/{cid[:-4]}_flair_{cid[-3:]}_w.nii.gz"))
@@ -241,7 +342,8 @@ def test_unlabelled_brats_fixture_comes_back_at_240(trained, brats2d_mini, tmp_p
         assert (out / "overlays" / f"{cid}.png").is_file()
     assert not (out / "metrics.csv").exists()  # no labels, nothing to score
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["n_cases_written"] == 2 and summary["n_cases"] == 0
+    assert summary["n_cases_written"] == summary["n_unlabelled"] == 2 and summary["n_cases"] == 0
+    assert summary["results"] == "unlabelled: 2 cases (no metrics)"
 
 
 def write_brats3d(root: Path) -> Path:

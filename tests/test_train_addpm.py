@@ -101,8 +101,19 @@ def test_two_steps_on_demo_data_write_a_checkpoint_that_rebuilds_the_model(demo_
 
 def test_two_steps_on_the_brats_fixture(brats2d_mini, tmp_path):
     out = tmp_path / "run"
-    ok(run_train("--data_dir", brats2d_mini / "training", *TINY, "--resize_mode", "resize",
-                 "--val_fraction", "0", "--max_steps", "2", "--out_dir", out))
+    proc = ok(run_train("--data_dir", brats2d_mini / "training", *TINY, "--resize_mode", "resize",
+                        "--val_fraction", "0", "--max_steps", "2", "--out_dir", out))
+    lines = proc.stdout.splitlines()
+    start = lines.index("diffusion training")
+    fields = dict(line.split(None, 1) for line in lines[start + 1 : start + 7])
+    assert fields["model"].startswith("UNet, ") and fields["model"].endswith("50-step cosine chain, mask space pm1")
+    assert fields["device"] == "cpu, fp32, 1 process"
+    assert fields["data"] == f"{brats2d_mini / 'training'}: 6 examples with 4 channel(s) (brats2d)"
+    assert fields["training"].startswith("training on every level of the chain")
+    assert fields["steps"] == "0 -> 2, global batch 2 = 2 x 1 process"
+    assert fields["out_dir"].startswith(f"{out}: diffusion_<step>.pt every 10000 steps (newest 3 kept), final.pt")
+    assert lines[-1].startswith("diffusion training done in ") and ": step 2; loss " in lines[-1]
+    assert lines[-1].endswith(f"; checkpoint {out / 'final.pt'}; logs and curves.png in {out}")
     ckpt = load_checkpoint(out / "final.pt", kind="diffusion")
     assert ckpt["step"] == 2
     assert ckpt["config"]["preprocess"]["resize_mode"] == "resize"

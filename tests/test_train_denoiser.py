@@ -151,6 +151,10 @@ def test_command_line_on_brats_fixture(tmp_path):
             config["denoiser_cond"]) == (250, 1000, "cosine", "pm1", "none")
     assert config["in_channels"] == 1 and config["image_channels"] == 4
     assert (out / "best.pt").is_file() and "val_dice" in (out / "progress.csv").read_text()
+    assert "denoiser training\n  network     unet, " in proc.stdout
+    closing = proc.stdout.splitlines()[-1]
+    assert closing.startswith("denoiser training done in ") and "; validation Dice " in closing
+    assert closing.endswith(f"; checkpoint {out / 'final.pt'}; best {out / 'best.pt'}; logs and curves.png in {out}")
     with torch.no_grad():
         assert model(torch.zeros(1, 1, SIZE, SIZE)).shape == (1, 2, SIZE, SIZE)
 

@@ -137,6 +137,19 @@ def test_command_line_on_brats_fixture(tmp_path):
     header = (out / "progress.csv").read_text().splitlines()[0].split(",")
     for key in ("loss", "ce", "dice_loss", "lr", "samples_per_sec", "val_dice"):
         assert key in header
+    # The run report: a header before the first step, a closing line at the end (also in log.txt).
+    lines = proc.stdout.splitlines()
+    start = lines.index("preseg training")
+    fields = dict(line.split(None, 1) for line in lines[start + 1 : start + 7])
+    assert fields["device"] == "cpu, fp32, 1 process"
+    assert fields["data"] == f"{BRATS2D_MINI / 'training'}: 4 training items (brats2d)"
+    assert fields["validation"] == "2 items, Dice every epoch"
+    assert fields["steps"].startswith("2 (2 per epoch), batch 2 x 1 process")
+    assert fields["out_dir"].startswith(f"{out}: preseg_<step>.pt every 1000 steps, best.pt, final.pt")
+    closing = lines[-1]
+    assert closing.startswith("preseg training done in ") and ": step 2; loss " in closing
+    assert f"; checkpoint {out / 'final.pt'}; best {out / 'best.pt'}; logs and curves.png in {out}" in closing
+    assert closing in (out / "log.txt").read_text()
     # Starting again over the same folder without --resume is refused; --resume auto goes on.
     again = run_script("--data_dir", BRATS2D_MINI / "training", *FIXTURE_FLAGS, "--max_steps", 3,
                        "--out_dir", out)
