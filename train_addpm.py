@@ -51,9 +51,8 @@ from data import DATA_HELP, collate, data_defaults, dataset_from_args
 from denoiser import load_final_step
 from evaluation.validation import AddpmValidator
 from guided_diffusion import dist_util, logger
-from guided_diffusion.atomic import check_writable_dir, remove_stale_temp_files
-from guided_diffusion.checkpoint import newest_checkpoint
 from guided_diffusion.errors import ConfigError
+from guided_diffusion.run_dir import dated_default, open_run_dir, resolve_out_dir, resume_path
 from guided_diffusion.script_util import (
     HELP,
     add_dict_to_argparser,
@@ -68,7 +67,7 @@ from guided_diffusion.script_util import (
 )
 from guided_diffusion.resample import parse_t_range
 from guided_diffusion.seg_sampling import plan_sampler
-from guided_diffusion.train_util import TrainLoop, existing_checkpoint, parse_ema_rates, resolve_out_dir
+from guided_diffusion.train_util import CHECKPOINT_KIND, TrainLoop, parse_ema_rates
 from preseg import PresegSource
 
 TRAIN_STARTS = ("label", "preseg")
@@ -112,26 +111,6 @@ def create_argparser() -> argparse.ArgumentParser:
     return parser
 
 
-def resume_path(args, out_dir: str) -> str:
-    """The checkpoint to resume from ("" for a fresh start), from --resume / --resume_checkpoint."""
-    if args.resume not in ("", "auto"):
-        raise ConfigError(
-            f"--resume {args.resume!r}: expected auto or nothing (use --resume_checkpoint PATH for a file)"
-        )
-    auto = args.resume == "auto" or args.resume_checkpoint == "auto"
-    if auto and args.resume_checkpoint not in ("", "auto"):
-        raise ConfigError("--resume auto and --resume_checkpoint PATH exclude each other; give one")
-    if not auto:
-        if not args.resume_checkpoint:
-            found = existing_checkpoint(out_dir)
-            if found:
-                raise ConfigError(
-                    f"--out_dir {out_dir} already holds {found}: pass --resume auto to continue, or another --out_dir"
-                )
-        return args.resume_checkpoint
-    return newest_checkpoint(out_dir, kind="diffusion") or ""
-
-
 def main(argv=None) -> None:
     args = create_argparser().parse_args(argv)
     logger.reset()
@@ -147,9 +126,8 @@ def main(argv=None) -> None:
         with torch.device("meta"):
             create_model(image_size=args.image_size, image_channels=1, **unet_flags)
         training = training_record(args, diffusion.num_timesteps)
-        out_dir = resolve_out_dir(args.out_dir, ctx)
-        check_writable_dir(out_dir, "--out_dir")
-        resume = resume_path(args, out_dir)
+        out_dir = resolve_out_dir(args.out_dir, dated_default("addpm"), ctx=ctx)
+        resume = resume_path(out_dir, CHECKPOINT_KIND, resume=args.resume, resume_checkpoint=args.resume_checkpoint)
 
         # The train side of the split that every trainer shares (--val_fraction 0: every case).
         dataset = dataset_from_args(args, subset="train", require_labels=True)
@@ -190,20 +168,16 @@ def main(argv=None) -> None:
             log_interval=args.log_interval,
             save_interval=args.save_interval,
             keep_checkpoints=args.keep_checkpoints,
-            resume_checkpoint=resume,
+            resume_checkpoint=resume or "",
             mask_space=args.mask_space,
             seed=args.seed,
             num_workers=args.num_workers,
             progress=args.progress,
         )
-        if ctx.is_main:
-            remove_stale_temp_files(out_dir, depth=0)
-        logger.configure(dir=out_dir, rank=ctx.rank)
+        open_run_dir(out_dir, ctx)
         logger.log(f"data: {len(dataset)} examples with {dataset.num_channels} channel(s) from {args.data_dir}")
         logger.log(f"model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters; out_dir: {out_dir}")
         logger.log(describe_training(training, validator, args))
-        if "auto" in (args.resume, args.resume_checkpoint) and not resume:
-            logger.log(f"--resume auto: no checkpoint in {out_dir} yet, starting fresh")
         loop.run()
     finally:
         dist_util.cleanup()

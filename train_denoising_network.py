@@ -33,7 +33,6 @@ from denoiser.model import (
 )
 from guided_diffusion import dist_util, logger
 from guided_diffusion.script_util import add_dict_to_argparser, run_cli
-from preseg.engine import check_out_dir, seed_everything, train
 from preseg.io import (
     NETWORK_HELP,
     args_record,
@@ -41,7 +40,7 @@ from preseg.io import (
     network_config,
     network_defaults,
 )
-from preseg.options import ENGINE_HELP, TrainOptions, engine_defaults
+from supervised import ENGINE_HELP, TrainOptions, check_out_dir, engine_defaults, seed_everything, train
 
 
 def create_argparser():

@@ -23,7 +23,6 @@ import argparse
 from data import DATA_HELP, data_defaults, dataset_from_args
 from guided_diffusion import dist_util, logger
 from guided_diffusion.script_util import add_dict_to_argparser, run_cli
-from preseg.engine import check_out_dir, seed_everything, train
 from preseg.io import (
     NETWORK_HELP,
     args_record,
@@ -31,7 +30,7 @@ from preseg.io import (
     network_config,
     network_defaults,
 )
-from preseg.options import ENGINE_HELP, TrainOptions, engine_defaults
+from supervised import ENGINE_HELP, TrainOptions, check_out_dir, engine_defaults, seed_everything, train
 
 
 def create_argparser():

@@ -22,9 +22,9 @@ from data import Preprocess, create_dataset
 from guided_diffusion.atomic import atomic_path
 from guided_diffusion.checkpoint import load_checkpoint
 from guided_diffusion.script_util import run_cli
-from preseg.engine import seed_everything, train
+from supervised import seed_everything, train
 from preseg.io import build_network_from_config, network_config
-from preseg.options import TrainOptions
+from supervised import TrainOptions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_UNET = ["--image_size", "32", "--num_channels", "16", "--num_res_blocks", "1",
