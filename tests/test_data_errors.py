@@ -228,7 +228,7 @@ def test_masks_drawn_in_the_alpha_channel_read_the_same_everywhere(tmp_path):
     """RGBA masks, white everywhere with the mask as opacity (as some annotation tools save
     them): the training data, python -m evaluation and --preseg_dir read the alpha channel."""
     from evaluation.cli import evaluate_folders
-    from preseg.io import read_precomputed_preseg
+    from data.precomputed import read_precomputed_preseg
 
     truth = np.zeros((12, 12), dtype=np.uint8)
     truth[3:7, 2:9] = 1

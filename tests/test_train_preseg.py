@@ -14,7 +14,8 @@ from torch.utils.data import Subset
 
 from data import DataError, Preprocess, create_dataset
 from guided_diffusion.checkpoint import load_checkpoint
-from preseg import load_preseg, read_precomputed_preseg
+from data.precomputed import read_precomputed_preseg
+from preseg import load_preseg
 from supervised import seed_everything, train
 from supervised import TrainOptions
 from preseg.io import build_network_from_config, network_config
