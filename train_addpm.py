@@ -71,6 +71,10 @@ from guided_diffusion.train_util import CHECKPOINT_KIND, TrainLoop, parse_ema_ra
 from preseg import PresegSource
 
 TRAIN_STARTS = ("label", "preseg")
+# Flags that TrainLoop takes as they are, under the same names.
+LOOP_FLAGS = ("batch_size", "microbatch", "lr", "weight_decay", "ema_rate", "lr_anneal_steps", "max_steps",
+              "grad_clip", "schedule_sampler", "t_range_mix", "preseg_fraction", "val_interval", "log_interval",
+              "save_interval", "keep_checkpoints", "mask_space", "seed", "num_workers", "progress")
 DEFAULT_VAL_T = 250
 SCRIPT_DEFAULTS = dict(
     out_dir="", resume="", keep_checkpoints=3, progress=True,
@@ -142,37 +146,10 @@ def main(argv=None) -> None:
 
         # What the loop logs while it checks its flags and loads a checkpoint is held for log.txt.
         loop = TrainLoop(
-            model=model,
-            diffusion=diffusion,
-            dataset=dataset,
-            collate_fn=collate,
-            config=config,
-            out_dir=out_dir,
-            ctx=ctx,
-            batch_size=args.batch_size,
-            microbatch=args.microbatch,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            ema_rate=args.ema_rate,
-            lr_anneal_steps=args.lr_anneal_steps,
-            max_steps=args.max_steps,
-            grad_clip=args.grad_clip,
-            precision=precision,
-            schedule_sampler=args.schedule_sampler,
-            t_range=training["t_range"],
-            t_range_mix=args.t_range_mix,
-            preseg_fn=preseg if args.train_start == "preseg" else None,
-            preseg_fraction=args.preseg_fraction,
-            validator=validator,
-            val_interval=args.val_interval,
-            log_interval=args.log_interval,
-            save_interval=args.save_interval,
-            keep_checkpoints=args.keep_checkpoints,
-            resume_checkpoint=resume or "",
-            mask_space=args.mask_space,
-            seed=args.seed,
-            num_workers=args.num_workers,
-            progress=args.progress,
+            model=model, diffusion=diffusion, dataset=dataset, collate_fn=collate, config=config,
+            out_dir=out_dir, ctx=ctx, precision=precision, t_range=training["t_range"],
+            preseg_fn=preseg if args.train_start == "preseg" else None, validator=validator,
+            resume_checkpoint=resume or "", **args_to_dict(args, LOOP_FLAGS),
         )
         open_run_dir(out_dir, ctx)
         logger.log(f"data: {len(dataset)} examples with {dataset.num_channels} channel(s) from {args.data_dir}")

@@ -217,26 +217,10 @@ class TrainLoop:
         num_workers: int = 0,
         progress: bool = True,
     ):
-        if batch_size < 1:
-            raise ConfigError(f"--batch_size must be at least 1, got {batch_size}")
-        if microbatch > batch_size:
-            raise ConfigError(f"--microbatch {microbatch} is larger than --batch_size {batch_size}")
-        for flag, value in (("--lr_anneal_steps", lr_anneal_steps), ("--max_steps", max_steps),
-                            ("--num_workers", num_workers)):
-            if value < 0:
-                raise ConfigError(f"{flag} must be >= 0, got {value}")
-        for flag, value in (("--log_interval", log_interval), ("--save_interval", save_interval),
-                            ("--keep_checkpoints", keep_checkpoints)):
-            if value < 1:
-                raise ConfigError(f"{flag} must be at least 1, got {value}")
-        if not math.isfinite(lr) or lr < 0:
-            raise ConfigError(f"--lr must be a finite number >= 0, got {lr}")
-        if grad_clip < 0:
-            raise ConfigError(f"--grad_clip must be >= 0 (0 turns clipping off), got {grad_clip}")
-        if not 0.0 <= preseg_fraction <= 1.0:
-            raise ConfigError(f"--preseg_fraction must lie in [0, 1], got {preseg_fraction}")
-        if val_interval < 0:
-            raise ConfigError(f"--val_interval must be >= 0, got {val_interval}")
+        _check_settings(batch_size=batch_size, microbatch=microbatch, lr=lr, lr_anneal_steps=lr_anneal_steps,
+                        max_steps=max_steps, num_workers=num_workers, log_interval=log_interval,
+                        save_interval=save_interval, keep_checkpoints=keep_checkpoints, grad_clip=grad_clip,
+                        preseg_fraction=preseg_fraction, val_interval=val_interval)
         self.ctx = ctx
         self.device = ctx.device
         self.model = model.to(self.device)
@@ -275,9 +259,13 @@ class TrainLoop:
         self.best_val_score: float | None = None
         self.best_step: int | None = None
 
+        self._init_state(resume_checkpoint)
+
+    def _init_state(self, resume_checkpoint: str) -> None:
+        """Optimizer, EMA copies, step and data position: fresh, or those of the checkpoint."""
         self.params = [p for p in self.model.parameters()]
         self.param_names = [name for name, _ in self.model.named_parameters()]
-        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.opt = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=self.weight_decay)
         self.ema_params = [[p.detach().clone() for p in self.params] for _ in self.ema_rates]
 
         self.step = 0
@@ -286,10 +274,10 @@ class TrainLoop:
         if resume_checkpoint:
             self._load(resume_checkpoint)
 
-        self.ddp_model = dist_util.wrap_model(self.model, ctx)
+        self.ddp_model = dist_util.wrap_model(self.model, self.ctx)
         self.sampler = StepBatchSampler(
-            len(dataset), batch_size, rank=ctx.rank, world_size=ctx.world_size, seed=self.seed,
-            start_position=self.samples_seen,
+            len(self.dataset), self.batch_size, rank=self.ctx.rank, world_size=self.ctx.world_size,
+            seed=self.seed, start_position=self.samples_seen,
         )
 
     # ----------------------------------------------------------------------------- schedule
@@ -639,6 +627,31 @@ class TrainLoop:
             )
         logger.log(f"parameters consistent across {self.ctx.world_size} ranks (sha256 {digest[:16]})")
         return digest
+
+
+def _check_settings(*, batch_size, microbatch, lr, lr_anneal_steps, max_steps, num_workers, log_interval,
+                    save_interval, keep_checkpoints, grad_clip, preseg_fraction, val_interval) -> None:
+    """ConfigError (one line naming the flag) for a value the loop cannot use."""
+    if batch_size < 1:
+        raise ConfigError(f"--batch_size must be at least 1, got {batch_size}")
+    if microbatch > batch_size:
+        raise ConfigError(f"--microbatch {microbatch} is larger than --batch_size {batch_size}")
+    for flag, value in (("--lr_anneal_steps", lr_anneal_steps), ("--max_steps", max_steps),
+                        ("--num_workers", num_workers)):
+        if value < 0:
+            raise ConfigError(f"{flag} must be >= 0, got {value}")
+    for flag, value in (("--log_interval", log_interval), ("--save_interval", save_interval),
+                        ("--keep_checkpoints", keep_checkpoints)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
+    if not math.isfinite(lr) or lr < 0:
+        raise ConfigError(f"--lr must be a finite number >= 0, got {lr}")
+    if grad_clip < 0:
+        raise ConfigError(f"--grad_clip must be >= 0 (0 turns clipping off), got {grad_clip}")
+    if not 0.0 <= preseg_fraction <= 1.0:
+        raise ConfigError(f"--preseg_fraction must lie in [0, 1], got {preseg_fraction}")
+    if val_interval < 0:
+        raise ConfigError(f"--val_interval must be >= 0, got {val_interval}")
 
 
 def parameter_digest(params: Sequence[torch.Tensor]) -> str:
