@@ -26,8 +26,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from data import DATA_HELP, Preprocess, collate, create_dataset, data_defaults, preprocess_from_args
-from denoiser import load_final_step
 from data.precomputed import precomputed_preseg_path
+from denoiser import load_final_step
 from evaluation.outputs import (
     CaseWriter,
     OutputOptions,
@@ -277,7 +277,8 @@ def check_preseg_dir(args, plan, dataset, todo):
     # The input's format and the case (or volume) id decide the file name; no item needs loading.
     case_ids, groups = dataset.case_ids, dataset.group_ids
     for index in todo:
-        meta = {"format": dataset.item_format, "volume_id": dataset.records[groups[index]].volume_id if groups else None}
+        volume_id = dataset.records[groups[index]].volume_id if groups else None
+        meta = {"format": dataset.item_format, "volume_id": volume_id}
         precomputed_preseg_path(args.preseg_dir, case_ids[index], meta)
 
 

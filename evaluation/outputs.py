@@ -105,7 +105,7 @@ def checkpoint_hashes(bundle, plan, *, preseg_path: str = "", preseg_dir: str = 
         hashes["model_path"] = {"path": bundle.source, "sha256": bundle.sha256, "weights": bundle.weights}
     used = {
         "preseg_path": (plan.needs_preseg and not preseg_dir, preseg_path),
-        "denoiser_path": (plan.sampler == "addpm" and plan.final_step == "denoiser", denoiser_path),
+        "denoiser_path": (plan.needs_denoiser, denoiser_path),
     }
     for flag, (is_used, path) in used.items():
         if is_used and path:

@@ -51,6 +51,11 @@ class SamplerPlan:
         return self.sampler in PRESEG_SAMPLERS
 
     @property
+    def needs_denoiser(self) -> bool:
+        """True when x_T is mapped to the mask by the denoising net (--denoiser_path)."""
+        return self.final_step == "denoiser"
+
+    @property
     def unet_evaluations(self) -> int:
         """UNet forward passes per ensemble member."""
         return len(self.evaluated_levels)
@@ -188,7 +193,7 @@ def sample_members(
         raise ConfigError(f"--sampler {plan.sampler} needs a pre-segmentation (--preseg_path or --preseg_dir)")
     if plan.sampler == "preseg":
         return preseg_probs[:, :1].float()
-    if plan.sampler == "addpm" and plan.final_step == "denoiser" and denoise_fn is None:
+    if plan.needs_denoiser and denoise_fn is None:
         raise ConfigError("--final_step denoiser needs --denoiser_path")
 
     # Members of one image sit next to each other: [img0 x K, img1 x K, ...].

@@ -134,6 +134,7 @@ def test_resume_is_bit_identical(demo_split, tmp_path):
     assert torch.equal(torch.randn(4, generator=ga), torch.randn(4, generator=gb))
 
 
+@pytest.mark.slow
 def test_command_line_on_brats_fixture(tmp_path):
     if not BRATS2D_MINI.is_dir():
         pytest.skip(f"fixture folder {BRATS2D_MINI} is missing (../shared beside the repo)")

@@ -63,7 +63,7 @@ def options(out_dir, **overrides):
     return TrainOptions(**values)
 
 
-@pytest.mark.parametrize("arch", ["unet", "attention_unet"])
+@pytest.mark.parametrize("arch", ["unet", pytest.param("attention_unet", marks=pytest.mark.slow)])
 def test_overfits_eight_slices(arch, eight_slices, tmp_path):
     full, subset = eight_slices
     model, config = build(arch, full.num_channels)
@@ -124,6 +124,7 @@ FIXTURE_FLAGS = ["--image_size", SIZE, "--base_channels", 8, "--depth", 3, "--ba
                  "--device", "cpu", "--split_by", "case", "--val_fraction", 0.34]
 
 
+@pytest.mark.slow
 def test_command_line_on_brats_fixture(tmp_path):
     if not BRATS2D_MINI.is_dir():
         pytest.skip(f"fixture folder {BRATS2D_MINI} is missing (../shared beside the repo)")
@@ -161,6 +162,7 @@ class Halves(nn.Module):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch, expected", [
     ("vnet", "--arch"),
     ("no_such_module_xyz:Net", "no_such_module_xyz"),
