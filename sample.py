@@ -26,8 +26,16 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from data import DATA_HELP, Preprocess, collate, create_dataset, data_defaults, preprocess_from_args
+from data.precomputed import precomputed_preseg_path
 from denoiser import load_final_step
-from evaluation.outputs import CaseWriter, checkpoint_hashes, finish_run, run_settings, select_cases
+from evaluation.outputs import (
+    CaseWriter,
+    OutputOptions,
+    checkpoint_hashes,
+    finish_run,
+    run_settings,
+    select_cases,
+)
 from evaluation.overlay import overlay_channel
 from evaluation.sampling_report import sampling_closing, sampling_header
 from evaluation.uncertainty import FUSIONS
@@ -39,13 +47,19 @@ from guided_diffusion.loading import load_diffusion_model
 from guided_diffusion.script_util import (
     HELP,
     add_dict_to_argparser,
+    args_to_dict,
     diffusion_defaults,
     run_cli,
     unet_defaults,
 )
-from guided_diffusion.seg_sampling import case_generator, plan_sampler, sample_members, untrained_levels_warning
+from guided_diffusion.seg_sampling import (
+    PRESEG_SAMPLERS,
+    case_generator,
+    plan_sampler,
+    sample_members,
+    untrained_levels_warning,
+)
 from preseg import PresegSource
-from preseg.io import precomputed_preseg_path
 
 # The trainers' default --out_dir, so the original commands chain without extra flags.
 DEFAULT_PRESEG_PATH = "runs/preseg/best.pt"
@@ -157,20 +171,23 @@ def main():
         mask_suffix=args.mask_suffix, keep_original_label=True,
     )
     selected = select_cases(dataset, args.file_list)
-    checkpoints = checkpoint_hashes(args, bundle, plan)
-    settings = run_settings(args, plan, num_members=num_members, preprocess=dataset.preprocess,
+    checkpoints = checkpoint_hashes(bundle, plan, preseg_path=args.preseg_path, preseg_dir=args.preseg_dir,
+                                    denoiser_path=args.denoiser_path)
+    options = output_options(args)
+    settings = run_settings(options, plan, num_members=num_members, preprocess=dataset.preprocess,
                             mask_space=mask_space, checkpoints=checkpoints)
     channel = overlay_channel(args.overlay_channel, dataset.channel_names)
-    writer = CaseWriter(args, dataset, plan, dataset.preprocess, num_members, ctx, settings=settings,
+    writer = CaseWriter(options, dataset, plan, dataset.preprocess, num_members, ctx, settings=settings,
                         checkpoints=checkpoints, overlay_channel=channel)
     writer.check_out_dir()
     mine = selected[ctx.rank :: ctx.world_size]
     todo = [i for i in mine if args.overwrite or not writer.is_done(i)]
     check_preseg_dir(args, plan, dataset, todo)
     if ctx.is_main:
-        print(sampling_header(args=args, plan=plan, dataset=dataset, ctx=ctx, num_members=num_members,
-                              n_selected=len(selected), n_todo=len(selected) - len(mine) + len(todo),
-                              checkpoints=checkpoints, overlay_channel=channel), flush=True)
+        print(sampling_header(options=options, data_dir=args.data_dir, plan=plan, dataset=dataset, ctx=ctx,
+                              num_members=num_members, n_selected=len(selected),
+                              n_todo=len(selected) - len(mine) + len(todo), checkpoints=checkpoints,
+                              overlay_channel=channel), flush=True)
     started = time.perf_counter()
     writer.start()
     loader = DataLoader(
@@ -219,12 +236,22 @@ def check_flags(args):
     check_writable_dir(args.out_dir, "--out_dir")
 
 
+def output_options(args):
+    """The flags that shape what the run writes, for evaluation.outputs."""
+    return OutputOptions(
+        out_dir=args.out_dir, fusion=args.fusion, seed=args.seed, en_num=args.en_num,
+        precision=args.precision, batch_size=args.batch_size, save_preseg=args.save_preseg,
+        save_overlays=args.save_overlays, overwrite=args.overwrite,
+    )
+
+
 def load_diffusion_source(args, ctx):
     """The diffusion model; None for --sampler preseg without --model_path."""
     if not args.model_path:
         return None
     bundle = load_diffusion_model(
-        args.model_path, ctx.device, use_ema=args.use_ema, raw_flags=vars(args),
+        args.model_path, ctx.device, use_ema=args.use_ema,
+        raw_flags=args_to_dict(args, [*unet_defaults(), *diffusion_defaults()]),
         # The data flags describe a raw state dict's preprocessing (data/ builds it).
         raw_preprocess=lambda: preprocess_from_args(args).to_dict(),
     )
@@ -244,7 +271,7 @@ def load_preseg_source(args, bundle, device):
     if args.preseg_dir and args.preseg_path != DEFAULT_PRESEG_PATH:
         raise ConfigError("give --preseg_path or --preseg_dir, not both")
     preprocess = Preprocess.from_dict(bundle.config["preprocess"]) if bundle else None
-    if args.sampler not in ("addpm", "preseg"):
+    if args.sampler not in PRESEG_SAMPLERS:
         return None, preprocess
     if args.preseg_dir and preprocess is None:
         preprocess = preprocess_from_args(args)
@@ -265,15 +292,15 @@ def final_step(args, bundle, preprocess, device):
 
 def check_preseg_dir(args, plan, dataset, todo):
     """Fail before any sampling when --preseg_dir lacks a case: one line, nothing written."""
-    if not args.preseg_dir or plan.sampler not in ("addpm", "preseg"):
+    if not args.preseg_dir or not plan.needs_preseg:
         return
     if not os.path.isdir(args.preseg_dir):
         raise ConfigError(f"--preseg_dir {args.preseg_dir}: no such folder")
     # The input's format and the case (or volume) id decide the file name; no item needs loading.
-    fmt = "nifti_volume_slice" if dataset.kind == "volume" else dataset.kind
     case_ids, groups = dataset.case_ids, dataset.group_ids
     for index in todo:
-        meta = {"format": fmt, "volume_id": dataset.records[groups[index]].volume_id if groups else None}
+        volume_id = dataset.records[groups[index]].volume_id if groups else None
+        meta = {"format": dataset.item_format, "volume_id": volume_id}
         precomputed_preseg_path(args.preseg_dir, case_ids[index], meta)
 
 

@@ -53,9 +53,9 @@ from data import DATA_HELP, collate, data_defaults, dataset_from_args
 from denoiser import load_final_step
 from evaluation.validation import AddpmValidator
 from guided_diffusion import dist_util, logger, run_report
-from guided_diffusion.atomic import check_writable_dir, remove_stale_temp_files
-from guided_diffusion.checkpoint import FINAL_NAME, newest_checkpoint
+from guided_diffusion.checkpoint import FINAL_NAME
 from guided_diffusion.errors import ConfigError
+from guided_diffusion.run_dir import BEST_NAME, dated_default, open_run_dir, resolve_out_dir, resume_path
 from guided_diffusion.script_util import (
     HELP,
     add_dict_to_argparser,
@@ -70,11 +70,14 @@ from guided_diffusion.script_util import (
 )
 from guided_diffusion.resample import parse_t_range
 from guided_diffusion.seg_sampling import plan_sampler
-from guided_diffusion.train_util import (BEST_NAME, TrainLoop, existing_checkpoint, parse_ema_rates,
-                                         resolve_out_dir)
+from guided_diffusion.train_util import CHECKPOINT_KIND, TrainLoop, parse_ema_rates
 from preseg import PresegSource
 
 TRAIN_STARTS = ("label", "preseg")
+# Flags that TrainLoop takes as they are, under the same names.
+LOOP_FLAGS = ("batch_size", "microbatch", "lr", "weight_decay", "ema_rate", "lr_anneal_steps", "max_steps",
+              "grad_clip", "schedule_sampler", "t_range_mix", "preseg_fraction", "val_interval", "log_interval",
+              "save_interval", "keep_checkpoints", "mask_space", "seed", "num_workers", "progress")
 DEFAULT_VAL_T = 250
 SCRIPT_DEFAULTS = dict(
     out_dir="", resume="", keep_checkpoints=3, progress=True,
@@ -115,26 +118,6 @@ def create_argparser() -> argparse.ArgumentParser:
     return parser
 
 
-def resume_path(args, out_dir: str) -> str:
-    """The checkpoint to resume from ("" for a fresh start), from --resume / --resume_checkpoint."""
-    if args.resume not in ("", "auto"):
-        raise ConfigError(
-            f"--resume {args.resume!r}: expected auto or nothing (use --resume_checkpoint PATH for a file)"
-        )
-    auto = args.resume == "auto" or args.resume_checkpoint == "auto"
-    if auto and args.resume_checkpoint not in ("", "auto"):
-        raise ConfigError("--resume auto and --resume_checkpoint PATH exclude each other; give one")
-    if not auto:
-        if not args.resume_checkpoint:
-            found = existing_checkpoint(out_dir)
-            if found:
-                raise ConfigError(
-                    f"--out_dir {out_dir} already holds {found}: pass --resume auto to continue, or another --out_dir"
-                )
-        return args.resume_checkpoint
-    return newest_checkpoint(out_dir, kind="diffusion") or ""
-
-
 def main(argv=None) -> None:
     args = create_argparser().parse_args(argv)
     logger.reset()
@@ -150,9 +133,8 @@ def main(argv=None) -> None:
         with torch.device("meta"):
             create_model(image_size=args.image_size, image_channels=1, **unet_flags)
         training = training_record(args, diffusion.num_timesteps)
-        out_dir = resolve_out_dir(args.out_dir, ctx)
-        check_writable_dir(out_dir, "--out_dir")
-        resume = resume_path(args, out_dir)
+        out_dir = resolve_out_dir(args.out_dir, dated_default("addpm"), ctx=ctx)
+        resume = resume_path(out_dir, CHECKPOINT_KIND, resume=args.resume, resume_checkpoint=args.resume_checkpoint)
 
         # The train side of the split that every trainer shares (--val_fraction 0: every case).
         dataset = dataset_from_args(args, subset="train", require_labels=True)
@@ -167,44 +149,13 @@ def main(argv=None) -> None:
 
         # What the loop logs while it checks its flags and loads a checkpoint is held for log.txt.
         loop = TrainLoop(
-            model=model,
-            diffusion=diffusion,
-            dataset=dataset,
-            collate_fn=collate,
-            config=config,
-            out_dir=out_dir,
-            ctx=ctx,
-            batch_size=args.batch_size,
-            microbatch=args.microbatch,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
-            ema_rate=args.ema_rate,
-            lr_anneal_steps=args.lr_anneal_steps,
-            max_steps=args.max_steps,
-            grad_clip=args.grad_clip,
-            precision=precision,
-            schedule_sampler=args.schedule_sampler,
-            t_range=training["t_range"],
-            t_range_mix=args.t_range_mix,
-            preseg_fn=preseg if args.train_start == "preseg" else None,
-            preseg_fraction=args.preseg_fraction,
-            validator=validator,
-            val_interval=args.val_interval,
-            log_interval=args.log_interval,
-            save_interval=args.save_interval,
-            keep_checkpoints=args.keep_checkpoints,
-            resume_checkpoint=resume,
-            mask_space=args.mask_space,
-            seed=args.seed,
-            num_workers=args.num_workers,
-            progress=args.progress,
+            model=model, diffusion=diffusion, dataset=dataset, collate_fn=collate, config=config,
+            out_dir=out_dir, ctx=ctx, precision=precision, t_range=training["t_range"],
+            preseg_fn=preseg if args.train_start == "preseg" else None, validator=validator,
+            resume_checkpoint=resume or "", **args_to_dict(args, LOOP_FLAGS),
         )
-        if ctx.is_main:
-            remove_stale_temp_files(out_dir, depth=0)
-        logger.configure(dir=out_dir, rank=ctx.rank)
+        open_run_dir(out_dir, ctx)
         logger.log(run_header(args, loop, dataset, training, validator, precision))
-        if "auto" in (args.resume, args.resume_checkpoint) and not resume:
-            logger.log(f"--resume auto: no checkpoint in {out_dir} yet, starting fresh")
         started = time.perf_counter()
         final_path = loop.run()
         logger.log(closing_line(loop, final_path, time.perf_counter() - started))

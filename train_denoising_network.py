@@ -19,9 +19,6 @@ Outputs under ``--out_dir`` (default ``runs/denoiser``) as ``train_preseg_networ
 model's schedule match.
 """
 
-import argparse
-
-from data import DATA_HELP, data_defaults, dataset_from_args
 from denoiser.model import (
     DENOISER_HELP,
     IGNORED_HELP,
@@ -31,26 +28,16 @@ from denoiser.model import (
     denoiser_in_channels,
     ignored_diffusion_defaults,
 )
-from guided_diffusion import dist_util, logger
-from guided_diffusion.script_util import add_dict_to_argparser, run_cli
-from preseg.engine import check_out_dir, seed_everything, train
-from preseg.io import (
-    NETWORK_HELP,
-    args_record,
-    build_network_from_config,
-    network_config,
-    network_defaults,
-)
-from preseg.options import ENGINE_HELP, TrainOptions, engine_defaults
+from guided_diffusion import logger
+from guided_diffusion.script_util import run_cli
+from supervised.trainer import create_argparser as supervised_argparser
+from supervised.trainer import train_from_flags
 
 
 def create_argparser():
-    defaults = {**data_defaults(), **network_defaults(), **engine_defaults(), **denoiser_defaults(),
-                **ignored_diffusion_defaults()}
-    helps = {**DATA_HELP, **NETWORK_HELP, **ENGINE_HELP, **DENOISER_HELP, **IGNORED_HELP}
-    parser = argparse.ArgumentParser(description="Train the one-step denoising network of ADDPM.")
-    add_dict_to_argparser(parser, defaults, helps)
-    return parser
+    return supervised_argparser("Train the one-step denoising network of ADDPM.",
+                                {**denoiser_defaults(), **ignored_diffusion_defaults()},
+                                {**DENOISER_HELP, **IGNORED_HELP})
 
 
 def main(argv=None):
@@ -58,28 +45,17 @@ def main(argv=None):
     logger.reset()
     schedule = {key: getattr(args, key) for key in denoiser_defaults()}
     check_denoiser_settings(**schedule)
-    options = TrainOptions.from_args(args)
-    options.check()
-    check_out_dir(options, "denoiser")  # before the data is read: a folder that cannot take the run
-    ctx = dist_util.setup_dist(args.device)
-    try:
-        train_set = dataset_from_args(args, subset="train", require_labels=True)
-        # --val_fraction 0: every patient trains, and nothing is validated (no best.pt).
-        val_set = (dataset_from_args(args, subset="val", require_labels=True)
-                   if args.val_fraction > 0 else None)
-        in_channels = denoiser_in_channels(train_set.num_channels, args.denoiser_cond)
-        config = network_config(args, in_channels=in_channels)
-        ignored = {key: getattr(args, key) for key in ignored_diffusion_defaults()}
-        config.update(schedule, image_channels=train_set.num_channels, ignored_flags=ignored,
-                      preprocess=train_set.preprocess.to_dict(), args=args_record(args))
+    ignored = {key: getattr(args, key) for key in ignored_diffusion_defaults()}
+
+    def record(train_set):
+        # Logged once the data is read, with the run's other opening lines.
         logger.log("ignored (they do not concern the denoising net): "
                    + ", ".join(f"--{key} {value}" for key, value in ignored.items()))
-        seed_everything(args.seed)
-        model = build_network_from_config(config)
-        train(kind="denoiser", model=model, config=config, train_set=train_set, val_set=val_set,
-              batch_to_input_target=NoisyMaskBatch(**schedule), options=options, ctx=ctx)
-    finally:
-        dist_util.cleanup()
+        return {**schedule, "image_channels": train_set.num_channels, "ignored_flags": ignored}
+
+    train_from_flags(args, kind="denoiser", batch_to_input_target=NoisyMaskBatch(**schedule),
+                     in_channels=lambda channels: denoiser_in_channels(channels, args.denoiser_cond),
+                     record=record)
 
 
 if __name__ == "__main__":

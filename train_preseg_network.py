@@ -18,27 +18,14 @@ continues it. Several GPUs::
 ``sample.py`` reads ``runs/preseg/best.pt`` by default (``--preseg_path`` for another).
 """
 
-import argparse
-
-from data import DATA_HELP, data_defaults, dataset_from_args
-from guided_diffusion import dist_util, logger
-from guided_diffusion.script_util import add_dict_to_argparser, run_cli
-from preseg.engine import check_out_dir, seed_everything, train
-from preseg.io import (
-    NETWORK_HELP,
-    args_record,
-    build_network_from_config,
-    network_config,
-    network_defaults,
-)
-from preseg.options import ENGINE_HELP, TrainOptions, engine_defaults
+from guided_diffusion import logger
+from guided_diffusion.script_util import run_cli
+from supervised.trainer import create_argparser as supervised_argparser
+from supervised.trainer import train_from_flags
 
 
 def create_argparser():
-    defaults = {**data_defaults(), **network_defaults(), **engine_defaults()}
-    parser = argparse.ArgumentParser(description="Train a pre-segmentation network for ADDPM.")
-    add_dict_to_argparser(parser, defaults, {**DATA_HELP, **NETWORK_HELP, **ENGINE_HELP})
-    return parser
+    return supervised_argparser("Train a pre-segmentation network for ADDPM.")
 
 
 def image_and_label(batch, generator):
@@ -49,23 +36,7 @@ def image_and_label(batch, generator):
 def main(argv=None):
     args = create_argparser().parse_args(argv)
     logger.reset()
-    options = TrainOptions.from_args(args)
-    options.check()
-    check_out_dir(options, "preseg")  # before the data is read: a folder that cannot take the run
-    ctx = dist_util.setup_dist(args.device)
-    try:
-        train_set = dataset_from_args(args, subset="train", require_labels=True)
-        # --val_fraction 0: every patient trains, and nothing is validated (no best.pt).
-        val_set = (dataset_from_args(args, subset="val", require_labels=True)
-                   if args.val_fraction > 0 else None)
-        config = network_config(args, in_channels=train_set.num_channels)
-        config.update(preprocess=train_set.preprocess.to_dict(), args=args_record(args))
-        seed_everything(args.seed)
-        model = build_network_from_config(config)
-        train(kind="preseg", model=model, config=config, train_set=train_set, val_set=val_set,
-              batch_to_input_target=image_and_label, options=options, ctx=ctx)
-    finally:
-        dist_util.cleanup()
+    train_from_flags(args, kind="preseg", batch_to_input_target=image_and_label)
 
 
 if __name__ == "__main__":

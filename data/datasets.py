@@ -5,7 +5,7 @@ case has no mask), "case_id": str, "meta": dict}``. ``meta`` holds plain python 
 (str, int, float, lists, None) so that it pickles cheaply across DataLoader workers:
 
   source_files    image files (channel order) then the mask file, if any
-  format          "nifti_slice" | "nifti_volume_slice" | "image"
+  format          "nifti_slice" | "nifti_volume_slice" | "image" (``data.formats``)
   layout          the --dataset layout that read it
   original_shape  [H, W] of the slice before preprocessing
   spacing         [sy, sx] in mm of the slice plane (1.0 for images)
@@ -35,10 +35,11 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from data.errors import DataConfigError, DataError
+from data.formats import NIFTI_SLICE, NIFTI_VOLUME_SLICE, item_format
 from data.io import check_finite, plane_shape, read_image, read_nifti
 from data.layouts import Scan, SliceRecord, VolumeRecord, mask_is_lossy, scan
-from data.preprocess import (Preprocess, as_int_label, channel_bounds, check_label_values,
-                             label_values)
+from data.preprocess import (Preprocess, as_int_label, binary_mask_labels, channel_bounds,
+                             check_label_values, label_values, lossy_mask_foreground)
 
 SUBSETS = ("all", "train", "val")
 SPLIT_BY = ("patient", "case")
@@ -175,6 +176,11 @@ class SegmentationDataset(Dataset):
         return [self._case_id(i) for i in range(len(self))]
 
     @property
+    def item_format(self) -> str:
+        """Every item's ``meta["format"]`` (``data.formats``), known without loading one."""
+        return item_format(self.kind)
+
+    @property
     def group_ids(self):
         """Per-item group (volume) for samplers that keep a volume's slices together; None here."""
         return None
@@ -200,22 +206,18 @@ class SegmentationDataset(Dataset):
     def _map_label(self, raw: np.ndarray, path: str) -> np.ndarray:
         """Raw mask [H, W] -> int64 {0, 1}; undeclared values are a DataError naming ``path``."""
         values = label_values(raw, path)
-        if self.binary_masks:
-            if mask_is_lossy(path) and raw.max() > 1:
-                # JPEG masks carry compression noise around 0 and 255: threshold at mid-grey.
-                raw = (raw > 127).astype(np.int64)
-            elif set(values.tolist()) <= {0, 1}:
-                raw = as_int_label(raw)
-            elif set(values.tolist()) <= {0, 255}:
-                raw = (as_int_label(raw) == 255).astype(np.int64)
-            else:
-                extra = sorted(set(values.tolist()) - {0, 1, 255})
-                shown = ", ".join(str(v) for v in extra[:8]) + (", ..." if len(extra) > 8 else "")
-                raise DataError(f"mask {path} has values {shown}; expected a binary mask with values 0/1 or 0/255")
-        else:
+        if not self.binary_masks:
             check_label_values(values, self.declared_labels, path)
-            raw = as_int_label(raw)
-        return self.preprocess.map_label(raw)
+            return self.preprocess.map_label(as_int_label(raw))
+        if mask_is_lossy(path) and raw.max() > 1:
+            binary = as_int_label(lossy_mask_foreground(raw))
+        else:
+            binary = binary_mask_labels(raw, values)
+        if binary is None:
+            extra = sorted(set(values.tolist()) - {0, 1, 255})
+            shown = ", ".join(str(v) for v in extra[:8]) + (", ..." if len(extra) > 8 else "")
+            raise DataError(f"mask {path} has values {shown}; expected a binary mask with values 0/1 or 0/255")
+        return self.preprocess.map_label(binary)
 
 
 class SliceDataset(SegmentationDataset):
@@ -241,13 +243,13 @@ class SliceDataset(SegmentationDataset):
 
     def __getitem__(self, i: int) -> dict:
         rec: SliceRecord = self.records[i]
-        if self.kind == "nifti_slice":
+        if self.kind == NIFTI_SLICE:
             image, affine, spacing = self._read_nifti_channels(rec)
         else:
             image, affine, spacing = self._read_image_channels(rec), None, [1.0, 1.0]
         label = None
         if rec.label_file is not None:
-            if self.kind == "nifti_slice":
+            if self.kind == NIFTI_SLICE:
                 raw, _ = read_nifti(rec.label_file)
                 raw = _squeeze_2d(raw, rec.label_file)
             else:
@@ -259,7 +261,7 @@ class SliceDataset(SegmentationDataset):
         bounds = channel_bounds(image, self.preprocess.clip_percentiles)
         meta = {
             "source_files": list(rec.image_files) + ([rec.label_file] if rec.label_file else []),
-            "format": "nifti_slice" if self.kind == "nifti_slice" else "image",
+            "format": self.item_format,
             "layout": self.layout,
             "original_shape": [int(image.shape[1]), int(image.shape[2])],
             "spacing": spacing,
@@ -350,7 +352,7 @@ class VolumeSliceDataset(SegmentationDataset):
         plane = [a for a in range(3) if a != axis]
         meta = {
             "source_files": list(rec.image_files) + ([rec.label_file] if rec.label_file else []),
-            "format": "nifti_volume_slice",
+            "format": NIFTI_VOLUME_SLICE,
             "layout": self.layout,
             "original_shape": [int(image.shape[1]), int(image.shape[2])],
             "spacing": [float(rec.zooms[a]) for a in plane],

@@ -321,3 +321,26 @@ def as_int_label(label: np.ndarray) -> np.ndarray:
     if label.dtype.kind == "f":
         return np.rint(label).astype(np.int64)
     return label.astype(np.int64, copy=False)
+
+
+# Mask values: the one reading of binary masks that every mask reader shares (the datasets,
+# precomputed pre-segmentations, python -m evaluation).
+BINARY_MASK_VALUES = ((0, 1), (0, 255))
+# Lossy formats (JPEG) scatter values around 0 and 255: their masks are cut at mid-grey.
+LOSSY_MASK_THRESHOLD = 128
+
+
+def binary_mask_labels(mask: np.ndarray, values) -> np.ndarray | None:
+    """``mask`` stored as 0/1 or as 0/255 (its distinct ``values`` tell) -> int64 {0, 1};
+    None for any other values, which each reader handles in its own way."""
+    present = set(np.asarray(values).tolist())
+    if present <= set(BINARY_MASK_VALUES[0]):
+        return as_int_label(mask)
+    if present <= set(BINARY_MASK_VALUES[1]):
+        return (as_int_label(mask) == BINARY_MASK_VALUES[1][1]).astype(np.int64)
+    return None
+
+
+def lossy_mask_foreground(mask: np.ndarray) -> np.ndarray:
+    """uint8 {0, 1} foreground of a mask read from a lossy format: values >= mid-grey."""
+    return (np.asarray(mask) >= LOSSY_MASK_THRESHOLD).astype(np.uint8)

@@ -12,9 +12,8 @@ import numpy as np
 from PIL import Image
 
 from data.errors import DataError
+from data.formats import NIFTI_FORMATS
 from guided_diffusion.atomic import atomic_write
-
-NIFTI_FORMATS = ("nifti_slice", "nifti_volume_slice")
 
 
 def output_extension(meta: dict) -> str:

@@ -12,8 +12,8 @@ Formats:
 - PNG, TIFF, BMP (via Pillow): 2D; a multi-page TIFF is a 3D volume (pages on axis 0). Each
   page is read as the data loaders read a mask (``data.io.mask_plane``: colour by its largest
   channel, a mask drawn in the alpha channel from there). Spacing unknown.
-- JPEG: as PNG, but binarised at 128, since lossy compression scatters small nonzero values
-  along the edges of a 0/255 mask.
+- JPEG: as PNG, but binarised at mid-grey (``data.preprocess.lossy_mask_foreground``), since
+  lossy compression scatters small nonzero values along the edges of a 0/255 mask.
 
 Values are label values: 0 is background, any nonzero value foreground (so 0/1 and 0/255
 masks both work), and ``--classes`` selects single values.
@@ -29,6 +29,7 @@ from PIL import Image
 
 from data.io import mask_plane
 from data.layouts import axial_axis
+from data.preprocess import lossy_mask_foreground
 from evaluation.errors import EvaluationError
 
 NIFTI_EXTENSIONS = (".nii.gz", ".nii")
@@ -101,7 +102,7 @@ def _read_image(path: Path) -> np.ndarray:
             frames.append(mask_plane(img, path))
     data = frames[0] if len(frames) == 1 else np.stack(frames)
     if path.suffix.lower() in (".jpg", ".jpeg"):
-        data = (data >= 128).astype(np.uint8)
+        data = lossy_mask_foreground(data)
     return data
 
 

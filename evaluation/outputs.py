@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from data import restore_geometry
-from data.writers import NIFTI_FORMATS, write_slice, write_volume
+from data.formats import NIFTI_FORMATS, NIFTI_VOLUME_SLICE
+from data.writers import write_slice, write_volume
 from evaluation.metrics import segmentation_metrics
 from evaluation.report import (
     GroupAccumulator,
@@ -50,6 +51,22 @@ from evaluation.uncertainty import MAX_ENTROPY, MAX_VARIANCE, ensemble_statistic
 from guided_diffusion.atomic import atomic_write, atomic_write_text, remove_stale_temp_files
 from guided_diffusion.checkpoint import file_sha256
 from guided_diffusion.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """The choices of a sampling run that shape its outputs and records (sample.py's flags of
+    the same names)."""
+
+    out_dir: str
+    fusion: str = "mean"
+    seed: int = 0
+    en_num: int = 0
+    precision: str = "fp32"
+    batch_size: int = 1
+    save_preseg: bool = False
+    save_overlays: bool = True
+    overwrite: bool = False
 
 
 def select_cases(dataset, file_list: str) -> list:
@@ -78,26 +95,27 @@ def select_cases(dataset, file_list: str) -> list:
 SETTINGS_NAME = "settings.json"
 
 
-def checkpoint_hashes(args, bundle, plan) -> dict:
+def checkpoint_hashes(bundle, plan, *, preseg_path: str = "", preseg_dir: str = "",
+                      denoiser_path: str = "") -> dict:
     """The checkpoints this run reads, with their SHA-256; the --preseg_path / --denoiser_path
     defaults are left out when the sampler does not read them (they may not exist)."""
     hashes = {}
     if bundle is not None:
         hashes["model_path"] = {"path": bundle.source, "sha256": bundle.sha256, "weights": bundle.weights}
     used = {
-        "preseg_path": plan.sampler in ("addpm", "preseg") and not args.preseg_dir,
-        "denoiser_path": plan.sampler == "addpm" and plan.final_step == "denoiser",
+        "preseg_path": (plan.needs_preseg and not preseg_dir, preseg_path),
+        "denoiser_path": (plan.needs_denoiser, denoiser_path),
     }
-    for flag, is_used in used.items():
-        path = getattr(args, flag)
+    for flag, (is_used, path) in used.items():
         if is_used and path:
             hashes[flag] = {"path": path, "sha256": file_sha256(path)}
-    if args.preseg_dir:
-        hashes["preseg_dir"] = {"path": os.path.abspath(args.preseg_dir)}
+    if preseg_dir:
+        hashes["preseg_dir"] = {"path": os.path.abspath(preseg_dir)}
     return hashes
 
 
-def run_settings(args, plan, *, num_members: int, preprocess, mask_space, checkpoints: dict) -> dict:
+def run_settings(options: OutputOptions, plan, *, num_members: int, preprocess, mask_space,
+                 checkpoints: dict) -> dict:
     """What made a case's result, as a case record and ``cases/settings.json`` store it."""
     return {
         "sampler": plan.sampler,
@@ -106,10 +124,10 @@ def run_settings(args, plan, *, num_members: int, preprocess, mask_space, checkp
         "eta": plan.eta,
         "final_step": plan.final_step,
         "num_ensemble": num_members,
-        "fusion": args.fusion,
-        "seed": args.seed,
-        "en_num": args.en_num,
-        "precision": args.precision,
+        "fusion": options.fusion,
+        "seed": options.seed,
+        "en_num": options.en_num,
+        "precision": options.precision,
         "mask_space": mask_space,
         "preprocess": preprocess.to_dict(),
         # Paths may move; the contents may not.
@@ -168,15 +186,15 @@ class CaseWriter:
     overlay_channel: the image channel the overlays show (``overlay.overlay_channel``).
     """
 
-    def __init__(self, args, dataset, plan, preprocess, num_members, ctx, *, settings: dict,
-                 checkpoints: dict, overlay_channel: int = 0):
-        self.args = args
+    def __init__(self, options: OutputOptions, dataset, plan, preprocess, num_members, ctx, *,
+                 settings: dict, checkpoints: dict, overlay_channel: int = 0):
+        self.options = options
         self.dataset = dataset
         self.plan = plan
         self.preprocess = preprocess
         self.num_members = num_members
         self.ctx = ctx
-        self.out_dir = args.out_dir
+        self.out_dir = options.out_dir
         self.case_ids = dataset.case_ids
         self.settings = settings
         self.digest = settings_digest(settings)
@@ -210,7 +228,7 @@ class CaseWriter:
         """Refuse (one line naming the differing settings) to add to results of other settings,
         unless --overwrite True. Reads only; every rank may call it."""
         earlier = self._earlier_settings()
-        if earlier == {} or earlier == self.settings or self.args.overwrite:
+        if earlier == {} or earlier == self.settings or self.options.overwrite:
             return
         if earlier is None:
             raise ConfigError(
@@ -250,12 +268,12 @@ class CaseWriter:
         """members: [K, S, S] foreground probabilities; preseg_prob: [S, S] or None."""
         case_id, meta = batch["case_id"][i], batch["meta"][i]
         stats = ensemble_statistics(members)
-        fused_prob, _ = fuse(members, self.args.fusion)
+        fused_prob, _ = fuse(members, self.options.fusion)
         # Resample the fused probability and threshold on the input's grid, so that a resized
         # case gets smooth borders rather than blown-up network pixels (crop_pad: the same).
         fused_prob = restore_geometry(fused_prob.numpy().astype(np.float32), meta, order=1)
         # fuse's rules: mean >= 0.5, or a strict majority of the votes.
-        mask = (fused_prob > 0.5 if self.args.fusion == "vote" else fused_prob >= 0.5).astype(np.uint8)
+        mask = (fused_prob > 0.5 if self.options.fusion == "vote" else fused_prob >= 0.5).astype(np.uint8)
         variance = restore_geometry(stats["variance"].numpy().astype(np.float32), meta, order=1)
         entropy = restore_geometry(stats["entropy"].numpy().astype(np.float32), meta, order=1)
         preseg = None
@@ -267,11 +285,11 @@ class CaseWriter:
             label = batch["original_label"][i]
             label = None if label is None else np.asarray(label, dtype=np.uint8)
 
-        if meta["format"] != "nifti_volume_slice":
+        if meta["format"] != NIFTI_VOLUME_SLICE:
             write_slice(self._stem("masks", case_id), mask, meta)
             write_slice(self._stem("uncertainty", case_id + "_variance"), self._png_scaled(variance, MAX_VARIANCE, meta), meta)
             write_slice(self._stem("uncertainty", case_id + "_entropy"), self._png_scaled(entropy, MAX_ENTROPY, meta), meta)
-            if preseg is not None and self.args.save_preseg:
+            if preseg is not None and self.options.save_preseg:
                 write_slice(self._stem("preseg", case_id), preseg, meta)
         spacing = tuple(float(s) for s in meta["spacing"])
         metrics = preseg_metrics = None
@@ -279,14 +297,14 @@ class CaseWriter:
             metrics = segmentation_metrics(mask > 0, label > 0, spacing)
             if preseg is not None:
                 preseg_metrics = segmentation_metrics(preseg > 0, label > 0, spacing)
-        if self.args.save_overlays:
+        if self.options.save_overlays:
             self._write_overlay(batch, i, label, preseg, mask, variance, entropy, metrics, preseg_metrics)
         record = {
             "case_id": case_id, "seconds": seconds, "metrics": metrics,
             "preseg_metrics": preseg_metrics, "meta": meta,
             "settings": self.settings, "settings_digest": self.digest,
             "device": str(self.ctx.device), "world_size": self.ctx.world_size,
-            "batch_size": self.args.batch_size,
+            "batch_size": self.options.batch_size,
         }
         arrays = {"mask": np.packbits(mask > 0), "variance": variance.astype(np.float16),
                   "entropy": entropy.astype(np.float16)}
@@ -382,7 +400,7 @@ def index_records(paths, digest: str | None = None) -> RecordIndex:
         labelled = labelled or header["metrics"] is not None
         n_unlabelled += header["metrics"] is None
         preseg = preseg or header["preseg_metrics"] is not None
-    if "nifti_volume_slice" in formats:
+    if NIFTI_VOLUME_SLICE in formats:
         kind, key = "volume", 1
     elif has_patient_groups(e[2] for e in entries):
         kind, key = "patient", 2
@@ -461,8 +479,9 @@ def finish_run(writer: CaseWriter, selected: list) -> dict:
     """Merge the records of every selected case made with this run's settings into
     metrics.csv and summary.json."""
     paths = [writer.record_path(writer.case_ids[i]) for i in selected]
-    args, plan = writer.args, writer.plan
-    summary = merge_records(paths, writer.out_dir, save_preseg=args.save_preseg, digest=writer.digest)
+    options, plan = writer.options, writer.plan
+    addpm = plan.sampler == "addpm"
+    summary = merge_records(paths, writer.out_dir, save_preseg=options.save_preseg, digest=writer.digest)
     summary.update({
         "n_cases_selected": len(selected),
         "sampler": plan.sampler,
@@ -470,18 +489,18 @@ def finish_run(writer: CaseWriter, selected: list) -> dict:
         "reverse_steps": max(len(plan.timesteps) - 1, 0),
         "step_method": plan.method,
         "final_step": plan.final_step,
-        "pre_t": args.pre_t if plan.sampler == "addpm" else None,
-        "T": plan.timesteps[-1] if plan.sampler == "addpm" else None,
+        "pre_t": plan.timesteps[0] if addpm else None,
+        "T": plan.timesteps[-1] if addpm else None,
         "num_ensemble": writer.num_members,
-        "fusion": args.fusion,
+        "fusion": options.fusion,
         "mask_space": writer.settings["mask_space"],
         "unet_evaluations_per_image": plan.unet_evaluations * writer.num_members,
         "unet_evaluations_per_member": plan.unet_evaluations,
         "device": str(writer.ctx.device),
         "world_size": writer.ctx.world_size,
-        "precision": args.precision,
-        "seed": args.seed,
-        "en_num": args.en_num,
+        "precision": options.precision,
+        "seed": options.seed,
+        "en_num": options.en_num,
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__},
         "checkpoints": writer.checkpoints,
         "settings_digest": writer.digest,

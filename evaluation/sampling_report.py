@@ -35,18 +35,19 @@ def describe_data(dataset, data_dir: str, n_selected: int, n_todo: int) -> str:
     return text
 
 
-def sampling_header(*, args, plan, dataset, ctx, num_members: int, n_selected: int, n_todo: int,
-                    checkpoints: dict, overlay_channel: int) -> str:
+def sampling_header(*, options, data_dir: str, plan, dataset, ctx, num_members: int, n_selected: int,
+                    n_todo: int, checkpoints: dict, overlay_channel: int) -> str:
+    """The block sample.py prints before its first case; ``options``: its ``OutputOptions``."""
     paths = ", ".join(f"{flag.replace('_path', '')} {entry['path']}" for flag, entry in checkpoints.items())
     overlays = (f"channel {overlay_channel} ({dataset.channel_names[overlay_channel]})"
-                if args.save_overlays else "off")
+                if options.save_overlays else "off")
     return run_report.header(TITLE, [
-        ("device", f"{ctx.device}, {args.precision}, {run_report.processes(ctx.world_size)}"),
-        ("sampler", describe_sampler(plan, num_members, args.fusion)),
-        ("data", describe_data(dataset, args.data_dir, n_selected, n_todo)),
+        ("device", f"{ctx.device}, {options.precision}, {run_report.processes(ctx.world_size)}"),
+        ("sampler", describe_sampler(plan, num_members, options.fusion)),
+        ("data", describe_data(dataset, data_dir, n_selected, n_todo)),
         ("checkpoints", paths),
         ("overlays", overlays),
-        ("out_dir", args.out_dir),
+        ("out_dir", options.out_dir),
     ])
 
 

@@ -118,7 +118,7 @@ def save_checkpoint(
         bf.write_bytes(path, buffer.getvalue())
         return
     # atomic_write's temporary name starts with a dot, which keeps it out of the "*.pt"
-    # listing of newest_checkpoint.
+    # listing of run_dir.list_checkpoints.
     atomic_write(path, lambda tmp: torch.save(payload, tmp), durable=True)
 
 
@@ -302,32 +302,6 @@ def checkpoint_step(path, kind: str | None = None) -> int | None:
     return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
-def final_is_current(out_dir, step: int, kind: str) -> bool:
-    """True when ``out_dir/final.pt`` holds the state at ``step``: a run that ends there need
-    not write it again. False when it is missing (e.g. a kill during its write) or older."""
-    return checkpoint_step(bf.join(os.fspath(out_dir), FINAL_NAME), kind) == step
-
-
-def list_checkpoints(folder, kind: str | None = None) -> list[tuple[int, str]]:
-    """Our checkpoints among the ``*.pt`` files of ``folder``, as (step, path) by increasing step.
-
-    The step is read from each file's content; files that are not our checkpoints (or not of
-    ``kind``, when given) are skipped. A missing folder gives an empty list.
-    """
-    folder = os.fspath(folder)
-    if not bf.isdir(folder):
-        return []
-    found = []
-    for name in sorted(bf.listdir(folder)):
-        if not name.endswith(".pt") or name.startswith("."):
-            continue
-        step = checkpoint_step(bf.join(folder, name), kind)
-        if step is not None:
-            found.append((step, bf.join(folder, name)))
-    found.sort(key=lambda item: item[0])
-    return found
-
-
 def file_sha256(path) -> str:
     """SHA-256 of a file, read through blobfile as the checkpoint loaders read it, so a cloud
     URL is hashed as it loads."""
@@ -346,9 +320,3 @@ def _is_zip(path: str) -> bool:
         return zipfile.is_zipfile(path)
     except OSError:
         return False
-
-
-def newest_checkpoint(folder, kind: str | None = None) -> str | None:
-    """Path of the checkpoint with the highest step stored in ``folder`` (``--resume auto``), or None."""
-    found = list_checkpoints(folder, kind=kind)
-    return found[-1][1] if found else None

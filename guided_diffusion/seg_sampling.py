@@ -14,7 +14,6 @@ The pre-segmentation and the denoising net enter as tensors and callables, so th
 knows nothing of their architectures.
 """
 
-import hashlib
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
@@ -24,8 +23,11 @@ from guided_diffusion.errors import ConfigError
 from guided_diffusion.gaussian_diffusion import GaussianDiffusion
 from guided_diffusion.mask_space import to_diffusion_space, to_probability
 from guided_diffusion.respace import full_chain_timesteps, truncated_timesteps
+from guided_diffusion.run_dir import mix_seed
 
 SAMPLERS = ("addpm", "ddpm", "ddim", "preseg")
+# addpm starts from the noised pre-segmentation; preseg is the pre-segmentation alone.
+PRESEG_SAMPLERS = ("addpm", "preseg")
 FINAL_STEPS = ("denoiser", "x0")
 STEP_METHODS = ("ddpm", "ddim")
 
@@ -42,6 +44,16 @@ class SamplerPlan:
     method: str
     eta: float
     final_step: Optional[str]
+
+    @property
+    def needs_preseg(self) -> bool:
+        """True when the sampler reads a pre-segmentation (--preseg_path or --preseg_dir)."""
+        return self.sampler in PRESEG_SAMPLERS
+
+    @property
+    def needs_denoiser(self) -> bool:
+        """True when x_T is mapped to the mask by the denoising net (--denoiser_path)."""
+        return self.final_step == "denoiser"
 
     @property
     def unet_evaluations(self) -> int:
@@ -81,9 +93,7 @@ def case_generator(seed: int, en_num: int, case_ids: Sequence[str], device) -> t
     """The generator of a batch's sampling noise, a function of the seed, the ensemble index and
     the batch's case ids alone: a result does not change with the rank that runs it, the cases a
     rerun skips, or (in validation) the step at which it is drawn."""
-    key = f"{seed}:{en_num}:{','.join(case_ids)}".encode()
-    mixed = int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1
-    return torch.Generator(device=device).manual_seed(mixed)
+    return torch.Generator(device=device).manual_seed(mix_seed(seed, en_num, ",".join(case_ids), scheme="text"))
 
 
 def _spaced_full_chain(sampler: str, num_timesteps: int, respacing: str, sampling_steps: int) -> list:
@@ -179,11 +189,11 @@ def sample_members(
     batch, _, height, width = images.shape
     if isinstance(num_ensemble, bool) or not isinstance(num_ensemble, int) or num_ensemble < 1:
         raise ConfigError(f"--num_ensemble must be a positive integer, got {num_ensemble!r}")
-    if plan.sampler in ("addpm", "preseg") and preseg_probs is None:
+    if plan.needs_preseg and preseg_probs is None:
         raise ConfigError(f"--sampler {plan.sampler} needs a pre-segmentation (--preseg_path or --preseg_dir)")
     if plan.sampler == "preseg":
         return preseg_probs[:, :1].float()
-    if plan.sampler == "addpm" and plan.final_step == "denoiser" and denoise_fn is None:
+    if plan.needs_denoiser and denoise_fn is None:
         raise ConfigError("--final_step denoiser needs --denoiser_path")
 
     # Members of one image sit next to each other: [img0 x K, img1 x K, ...].

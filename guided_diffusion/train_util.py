@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import os
-import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import nullcontext
@@ -49,11 +47,9 @@ from guided_diffusion import checkpoint, dist_util, logger
 from guided_diffusion.errors import AddpmError, CheckpointError, ConfigError
 from guided_diffusion.mask_space import to_diffusion_space
 from guided_diffusion.resample import create_named_schedule_sampler
+from guided_diffusion.run_dir import BEST_NAME, checkpoint_path, final_is_current, mix_seed, prune_checkpoints
 
 CHECKPOINT_KIND = "diffusion"
-FINAL_NAME = checkpoint.FINAL_NAME
-BEST_NAME = "best.pt"
-_NUMBERED = re.compile(rf"^{CHECKPOINT_KIND}_(\d{{7,}})\.pt$")
 
 
 def parse_ema_rates(ema_rate: str | float | Sequence[float]) -> list[str]:
@@ -74,11 +70,6 @@ def parse_ema_rates(ema_rate: str | float | Sequence[float]) -> list[str]:
     if len({float(t) for t in tokens}) != len(tokens):
         raise ConfigError(f"--ema_rate {ema_rate!r} names a rate twice")
     return tokens
-
-
-def seed_from(*parts: int) -> int:
-    """A 63-bit seed that mixes ``parts`` (independent streams for different tuples)."""
-    return int(np.random.SeedSequence([int(p) for p in parts]).generate_state(2, np.uint64)[0] >> 1)
 
 
 class StepBatchSampler(Sampler):
@@ -145,22 +136,6 @@ def log_loss_dict(num_timesteps: int, ts: torch.Tensor, losses: dict[str, torch.
         for sub_t, sub_loss in zip(ts_cpu, values_cpu):
             quartile = int(4 * sub_t / num_timesteps)
             logger.logkv_mean(f"{key}_q{quartile}", float(sub_loss))
-
-
-def checkpoint_path(out_dir: str, step: int) -> str:
-    return bf.join(out_dir, f"{CHECKPOINT_KIND}_{step:07d}.pt")
-
-
-def numbered_checkpoints(out_dir: str) -> list[tuple[int, str]]:
-    """``[(step, path), ...]`` of the ``diffusion_<step>.pt`` files in ``out_dir``, oldest first."""
-    if not bf.isdir(out_dir):
-        return []
-    found = []
-    for name in bf.listdir(out_dir):
-        match = _NUMBERED.match(name)
-        if match:
-            found.append((int(match.group(1)), bf.join(out_dir, name)))
-    return sorted(found)
 
 
 class TrainLoop:
@@ -242,26 +217,10 @@ class TrainLoop:
         num_workers: int = 0,
         progress: bool = True,
     ):
-        if batch_size < 1:
-            raise ConfigError(f"--batch_size must be at least 1, got {batch_size}")
-        if microbatch > batch_size:
-            raise ConfigError(f"--microbatch {microbatch} is larger than --batch_size {batch_size}")
-        for flag, value in (("--lr_anneal_steps", lr_anneal_steps), ("--max_steps", max_steps),
-                            ("--num_workers", num_workers)):
-            if value < 0:
-                raise ConfigError(f"{flag} must be >= 0, got {value}")
-        for flag, value in (("--log_interval", log_interval), ("--save_interval", save_interval),
-                            ("--keep_checkpoints", keep_checkpoints)):
-            if value < 1:
-                raise ConfigError(f"{flag} must be at least 1, got {value}")
-        if not math.isfinite(lr) or lr < 0:
-            raise ConfigError(f"--lr must be a finite number >= 0, got {lr}")
-        if grad_clip < 0:
-            raise ConfigError(f"--grad_clip must be >= 0 (0 turns clipping off), got {grad_clip}")
-        if not 0.0 <= preseg_fraction <= 1.0:
-            raise ConfigError(f"--preseg_fraction must lie in [0, 1], got {preseg_fraction}")
-        if val_interval < 0:
-            raise ConfigError(f"--val_interval must be >= 0, got {val_interval}")
+        _check_settings(batch_size=batch_size, microbatch=microbatch, lr=lr, lr_anneal_steps=lr_anneal_steps,
+                        max_steps=max_steps, num_workers=num_workers, log_interval=log_interval,
+                        save_interval=save_interval, keep_checkpoints=keep_checkpoints, grad_clip=grad_clip,
+                        preseg_fraction=preseg_fraction, val_interval=val_interval)
         self.ctx = ctx
         self.device = ctx.device
         self.model = model.to(self.device)
@@ -300,9 +259,13 @@ class TrainLoop:
         self.best_val_score: float | None = None
         self.best_step: int | None = None
 
+        self._init_state(resume_checkpoint)
+
+    def _init_state(self, resume_checkpoint: str) -> None:
+        """Optimizer, EMA copies, step and data position: fresh, or those of the checkpoint."""
         self.params = [p for p in self.model.parameters()]
         self.param_names = [name for name, _ in self.model.named_parameters()]
-        self.opt = torch.optim.AdamW(self.params, lr=lr, weight_decay=weight_decay)
+        self.opt = torch.optim.AdamW(self.params, lr=self.lr, weight_decay=self.weight_decay)
         self.ema_params = [[p.detach().clone() for p in self.params] for _ in self.ema_rates]
 
         self.step = 0
@@ -311,10 +274,10 @@ class TrainLoop:
         if resume_checkpoint:
             self._load(resume_checkpoint)
 
-        self.ddp_model = dist_util.wrap_model(self.model, ctx)
+        self.ddp_model = dist_util.wrap_model(self.model, self.ctx)
         self.sampler = StepBatchSampler(
-            len(dataset), batch_size, rank=ctx.rank, world_size=ctx.world_size, seed=self.seed,
-            start_position=self.samples_seen,
+            len(self.dataset), self.batch_size, rank=self.ctx.rank, world_size=self.ctx.world_size,
+            seed=self.seed, start_position=self.samples_seen,
         )
 
     # ----------------------------------------------------------------------------- schedule
@@ -344,7 +307,7 @@ class TrainLoop:
             collate_fn=self.collate_fn,
             pin_memory=self.device.type == "cuda",
             persistent_workers=False,
-            generator=torch.Generator().manual_seed(seed_from(self.seed, self.step, 2)),
+            generator=torch.Generator().manual_seed(mix_seed(self.seed, self.step, 2)),
         )
 
     def run(self) -> str:
@@ -356,7 +319,7 @@ class TrainLoop:
         if total is not None and self.step >= total:
             logger.log(f"step {self.step} already reaches the end step {total}: nothing to train")
             # A kill while final.pt was written leaves the run without it: write it again.
-            if not checkpoint.final_is_current(self.out_dir, self.step, CHECKPOINT_KIND):
+            if not final_is_current(self.out_dir, self.step, CHECKPOINT_KIND):
                 self.save(final=True)
             return self.last_checkpoint
         logger.log(
@@ -373,7 +336,7 @@ class TrainLoop:
         data = iter(self._loader())
         try:
             while total is None or self.step < total:
-                torch.manual_seed(seed_from(self.seed, self.step, self.ctx.rank, 1))
+                torch.manual_seed(mix_seed(self.seed, self.step, self.ctx.rank, 1))
                 batch = next(data)
                 stats = self.run_step(batch)
                 interval_samples += self.global_batch
@@ -420,7 +383,7 @@ class TrainLoop:
         image = batch["image"].to(self.device, non_blocking=True)
         x_start = to_diffusion_space(batch["label"].to(self.device).float().unsqueeze(1), self.mask_space)
         generator = torch.Generator(device=self.device)
-        generator.manual_seed(seed_from(self.seed, self.step, self.ctx.rank, 0))
+        generator.manual_seed(mix_seed(self.seed, self.step, self.ctx.rank, 0))
         noised_start = self._noised_start(batch, x_start, generator) if self.preseg_fraction > 0 else None
 
         for group in self.opt.param_groups:
@@ -574,9 +537,10 @@ class TrainLoop:
     def save(self, final: bool = False, name: str | None = None) -> str:
         """Write ``diffusion_<step>.pt`` (``final.pt`` when final, ``name`` when given) on rank 0
         and prune old numbered files. Every file holds the whole training state."""
-        if name is None:
-            name = FINAL_NAME if final else os.path.basename(checkpoint_path(self.out_dir, self.step))
-        path = bf.join(self.out_dir, name)
+        if name is not None or final:
+            path = bf.join(self.out_dir, name or checkpoint.FINAL_NAME)
+        else:
+            path = checkpoint_path(self.out_dir, CHECKPOINT_KIND, self.step)
         if self.ctx.is_main:
             checkpoint.save_checkpoint(
                 path,
@@ -589,8 +553,7 @@ class TrainLoop:
                 extra=self._extra_state(),
             )
             logger.log(f"saved {path} (step {self.step})")
-            for _, old in numbered_checkpoints(self.out_dir)[:-self.keep_checkpoints]:
-                bf.remove(old)
+            prune_checkpoints(self.out_dir, CHECKPOINT_KIND, self.keep_checkpoints)
         if name != BEST_NAME:
             self.last_checkpoint = path
         return path
@@ -666,6 +629,31 @@ class TrainLoop:
         return digest
 
 
+def _check_settings(*, batch_size, microbatch, lr, lr_anneal_steps, max_steps, num_workers, log_interval,
+                    save_interval, keep_checkpoints, grad_clip, preseg_fraction, val_interval) -> None:
+    """ConfigError (one line naming the flag) for a value the loop cannot use."""
+    if batch_size < 1:
+        raise ConfigError(f"--batch_size must be at least 1, got {batch_size}")
+    if microbatch > batch_size:
+        raise ConfigError(f"--microbatch {microbatch} is larger than --batch_size {batch_size}")
+    for flag, value in (("--lr_anneal_steps", lr_anneal_steps), ("--max_steps", max_steps),
+                        ("--num_workers", num_workers)):
+        if value < 0:
+            raise ConfigError(f"{flag} must be >= 0, got {value}")
+    for flag, value in (("--log_interval", log_interval), ("--save_interval", save_interval),
+                        ("--keep_checkpoints", keep_checkpoints)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
+    if not math.isfinite(lr) or lr < 0:
+        raise ConfigError(f"--lr must be a finite number >= 0, got {lr}")
+    if grad_clip < 0:
+        raise ConfigError(f"--grad_clip must be >= 0 (0 turns clipping off), got {grad_clip}")
+    if not 0.0 <= preseg_fraction <= 1.0:
+        raise ConfigError(f"--preseg_fraction must lie in [0, 1], got {preseg_fraction}")
+    if val_interval < 0:
+        raise ConfigError(f"--val_interval must be >= 0, got {val_interval}")
+
+
 def parameter_digest(params: Sequence[torch.Tensor]) -> str:
     """sha256 of the parameters' bytes (exact equality test across processes)."""
     h = hashlib.sha256()
@@ -699,25 +687,3 @@ def _dice(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     """Dice of two {0,1} float masks pooled over every pixel (1 when both are empty)."""
     total = pred.sum() + label.sum()
     return 2 * (pred * label).sum() / total if total > 0 else torch.ones(())
-
-
-def resolve_out_dir(flag: str, ctx: dist_util.DistContext) -> str:
-    """``--out_dir``, else ``OPENAI_LOGDIR``, else ``./runs/addpm-<date-time>``; the same on every rank.
-
-    Rank 0's choice is broadcast, so that a date-stamped default cannot differ between processes.
-    """
-    out_dir = flag or os.environ.get("OPENAI_LOGDIR") or os.path.join("runs", time.strftime("addpm-%Y%m%d-%H%M%S"))
-    if ctx.is_distributed:
-        box = [out_dir]
-        dist.broadcast_object_list(box, src=0)
-        out_dir = box[0]
-    return out_dir
-
-
-def existing_checkpoint(out_dir: str) -> str | None:
-    """A diffusion checkpoint already in ``out_dir`` (by name), or None."""
-    numbered = numbered_checkpoints(out_dir)
-    if numbered:
-        return numbered[-1][1]
-    final = bf.join(out_dir, FINAL_NAME)
-    return final if bf.exists(final) else None

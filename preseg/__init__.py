@@ -14,7 +14,8 @@ __all__ = [
     "soft_dice_score",
 ]
 
-# Loading trained pre-segmentation nets and precomputed masks (sample.py's two sources).
-from preseg.io import PresegSource, load_preseg, read_precomputed_preseg  # noqa: E402
+# Loading trained pre-segmentation nets, or precomputed masks (sample.py's two sources).
+from preseg.io import load_preseg  # noqa: E402
+from preseg.source import PresegSource  # noqa: E402
 
-__all__ += ["PresegSource", "load_preseg", "read_precomputed_preseg"]
+__all__ += ["PresegSource", "load_preseg"]

@@ -145,12 +145,14 @@ class AttentionGate(nn.Module):
 class _SizeAgnosticNet(nn.Module):
     """Base class: pads the input to a multiple of ``2 ** depth`` and crops the logits back.
 
-    Subclasses implement ``forward_padded(x)`` for an input whose H and W are multiples of
-    ``2 ** depth``.
+    Subclasses take the same keyword arguments (``in_channels, num_classes, base_channels=32,
+    depth=4, dropout=0.0, norm="batch", upsample="transpose"``) and implement
+    ``forward_padded(x)`` for an input whose H and W are multiples of ``2 ** depth``.
     """
 
-    def __init__(self, *, in_channels: int, num_classes: int, base_channels: int, depth: int,
-                 dropout: float, norm: str, upsample: str):
+    def __init__(self, *, in_channels: int, num_classes: int, base_channels: int = 32,
+                 depth: int = 4, dropout: float = 0.0, norm: str = "batch",
+                 upsample: str = "transpose"):
         super().__init__()
         check_unet_options(base_channels=base_channels, depth=depth, dropout=dropout, norm=norm,
                            upsample=upsample)
@@ -158,6 +160,8 @@ class _SizeAgnosticNet(nn.Module):
         self.num_classes = num_classes
         self.depth = depth
         self.widths = [base_channels * 2**i for i in range(depth + 1)]
+        # What the subclasses' blocks are built with.
+        self.dropout, self.norm, self.upsample = dropout, norm, upsample
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Image batch [B, in_channels, H, W] -> logits [B, num_classes, H, W], any H, W >= 1."""
@@ -191,16 +195,12 @@ class UNet(_SizeAgnosticNet):
     forward(x [B, in_channels, H, W]) -> logits [B, num_classes, H, W].
     """
 
-    def __init__(self, *, in_channels: int, num_classes: int, base_channels: int = 32,
-                 depth: int = 4, dropout: float = 0.0, norm: str = "batch",
-                 upsample: str = "transpose"):
-        super().__init__(in_channels=in_channels, num_classes=num_classes,
-                         base_channels=base_channels, depth=depth, dropout=dropout, norm=norm,
-                         upsample=upsample)
-        w = self.widths
+    def __init__(self, **options):
+        super().__init__(**options)
+        w, depth, norm, dropout, upsample = self.widths, self.depth, self.norm, self.dropout, self.upsample
         self.pool = nn.MaxPool2d(2)
         self.encoder = nn.ModuleList(
-            [ConvBlock(in_channels, w[0], norm=norm, dropout=dropout)]
+            [ConvBlock(self.in_channels, w[0], norm=norm, dropout=dropout)]
             + [ConvBlock(w[i - 1], w[i], norm=norm, dropout=dropout) for i in range(1, depth + 1)]
         )
         # decoder[i] and ups[i] produce level i (i = 0 .. depth-1).
@@ -208,7 +208,7 @@ class UNet(_SizeAgnosticNet):
         self.decoder = nn.ModuleList(
             [ConvBlock(2 * w[i], w[i], norm=norm, dropout=dropout) for i in range(depth)]
         )
-        self.head = nn.Conv2d(w[0], num_classes, 1)
+        self.head = nn.Conv2d(w[0], self.num_classes, 1)
 
     def encode(self, x: torch.Tensor) -> list:
         """Features per level: [B, widths[i], H / 2**i, W / 2**i] for i = 0 .. depth."""
@@ -234,13 +234,9 @@ class AttentionUNet(UNet):
     forward(x [B, in_channels, H, W]) -> logits [B, num_classes, H, W].
     """
 
-    def __init__(self, *, in_channels: int, num_classes: int, base_channels: int = 32,
-                 depth: int = 4, dropout: float = 0.0, norm: str = "batch",
-                 upsample: str = "transpose"):
-        super().__init__(in_channels=in_channels, num_classes=num_classes,
-                         base_channels=base_channels, depth=depth, dropout=dropout, norm=norm,
-                         upsample=upsample)
-        w = self.widths
+    def __init__(self, **options):
+        super().__init__(**options)
+        w, depth, norm = self.widths, self.depth, self.norm
         self.gates = nn.ModuleList(
             [AttentionGate(w[i], w[i + 1], max(w[i] // 2, 1), norm=norm) for i in range(depth)]
         )
@@ -264,25 +260,21 @@ class UNetPlusPlus(_SizeAgnosticNet):
     forward(x [B, in_channels, H, W]) -> logits [B, num_classes, H, W].
     """
 
-    def __init__(self, *, in_channels: int, num_classes: int, base_channels: int = 32,
-                 depth: int = 4, dropout: float = 0.0, norm: str = "batch",
-                 upsample: str = "transpose"):
-        super().__init__(in_channels=in_channels, num_classes=num_classes,
-                         base_channels=base_channels, depth=depth, dropout=dropout, norm=norm,
-                         upsample=upsample)
-        w = self.widths
+    def __init__(self, **options):
+        super().__init__(**options)
+        w, depth, norm, dropout, upsample = self.widths, self.depth, self.norm, self.dropout, self.upsample
         self.pool = nn.MaxPool2d(2)
         self.nodes = nn.ModuleDict()
         self.ups = nn.ModuleDict()
         for i in range(depth + 1):
-            in_ch = in_channels if i == 0 else w[i - 1]
+            in_ch = self.in_channels if i == 0 else w[i - 1]
             self.nodes[f"x{i}_0"] = ConvBlock(in_ch, w[i], norm=norm, dropout=dropout)
         for j in range(1, depth + 1):
             for i in range(depth + 1 - j):
                 self.ups[f"x{i + 1}_{j - 1}"] = UpSample(w[i + 1], w[i], mode=upsample)
                 self.nodes[f"x{i}_{j}"] = ConvBlock((j + 1) * w[i], w[i], norm=norm,
                                                     dropout=dropout)
-        self.head = nn.Conv2d(w[0], num_classes, 1)
+        self.head = nn.Conv2d(w[0], self.num_classes, 1)
 
     def forward_padded(self, x: torch.Tensor) -> torch.Tensor:
         grid = [[None] * (self.depth + 1) for _ in range(self.depth + 1)]

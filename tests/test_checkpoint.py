@@ -11,15 +11,14 @@ from guided_diffusion.checkpoint import (
     FORMAT,
     FORMAT_VERSION,
     is_raw_state_dict,
-    list_checkpoints,
     load_checkpoint,
     load_raw_object,
     load_weights,
-    newest_checkpoint,
     save_checkpoint,
     unwrap_model,
 )
 from guided_diffusion.errors import CheckpointError
+from guided_diffusion.run_dir import list_checkpoints, newest_checkpoint
 from guided_diffusion.script_util import create_model, unet_defaults
 
 TINY_UNET = dict(

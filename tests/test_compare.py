@@ -149,6 +149,7 @@ def test_errors_are_addpm_errors(tmp_path):
     assert issubclass(EvaluationError, AddpmError)
 
 
+@pytest.mark.slow
 def test_module_entry_point_prints_one_line_error(tmp_path):
     missing = tmp_path / "nowhere"
     result = subprocess.run(

@@ -58,6 +58,7 @@ def test_without_validation_two_panels(tmp_path):
     assert 1.5 * height < width < 2.8 * height
 
 
+@pytest.mark.slow
 def test_plot_cli_draws_several_runs_and_names_a_missing_one(tmp_path):
     a = write_run(tmp_path / "a", steps=10, with_validation=True)
     b = write_run(tmp_path / "b", steps=10, with_validation=False)

@@ -115,6 +115,7 @@ dist_util.cleanup()
 """
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_on_cpu(tmp_path):
     script = tmp_path / "ranks.py"
     script.write_text(RANK_SCRIPT)

@@ -104,6 +104,7 @@ def test_end_to_end_nifti_and_png(folders, tmp_path):
     assert "mean dice per volume 0.0000 (1 volume)" in proc.stdout
 
 
+@pytest.mark.slow
 def test_missing_label_dir_is_one_line_and_exit_2(folders, tmp_path):
     pred_dir, _ = folders
     proc = run_module("--pred_dir", pred_dir, "--label_dir", tmp_path / "nowhere")

@@ -22,9 +22,9 @@ from data import Preprocess, create_dataset
 from guided_diffusion.atomic import atomic_path
 from guided_diffusion.checkpoint import load_checkpoint
 from guided_diffusion.script_util import run_cli
-from preseg.engine import seed_everything, train
+from supervised import seed_everything, train
 from preseg.io import build_network_from_config, network_config
-from preseg.options import TrainOptions
+from supervised import TrainOptions
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_UNET = ["--image_size", "32", "--num_channels", "16", "--num_res_blocks", "1",
@@ -97,6 +97,7 @@ def assert_final_equals(out: Path, numbered: str) -> None:
         assert torch.equal(value, final["model"][key]), key
 
 
+@pytest.mark.slow
 def test_train_addpm_writes_a_lost_final_pt_and_removes_stale_temp_files(demo_dir, tmp_path):
     out = tmp_path / "run"
     first = run_script("train_addpm.py", "--data_dir", demo_dir, *TINY_UNET, "--max_steps", 4,
@@ -170,6 +171,7 @@ run_cli(module.main)
 """
 
 
+@pytest.mark.slow
 def test_read_only_out_dir_is_one_line_for_every_script():
     """Run as a user who may not write there: the scripts refuse before any work."""
     # Outside pytest's own (owner-only) folder, so that another user can reach it.
@@ -229,6 +231,7 @@ def test_nothing_is_written_before_the_inputs_are_checked(script, flags, named, 
 # The last line of a run that fails with a progress bar open
 
 
+@pytest.mark.slow
 def test_error_inside_the_training_loop_is_the_last_line(demo_dir, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(demo_dir, data)

@@ -324,6 +324,7 @@ def test_masks_and_maps_keep_the_source_geometry(trained, addpm_run):
         assert entropy.min() >= 0 and entropy.max() <= math.log(2) + 1e-6
 
 
+@pytest.mark.slow
 def test_unlabelled_brats_fixture_comes_back_at_240(trained, brats2d_mini, tmp_path):
     out = tmp_path / "out"
     ok(sample_cli(*addpm_flags(trained, brats2d_mini / "testing"), "--out_dir", out))
@@ -364,6 +365,7 @@ def write_brats3d(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_3d_volume_in_gives_volumes_out(trained, tmp_path):
     data = write_brats3d(tmp_path / "brats3d")
     out = tmp_path / "out"
@@ -409,6 +411,7 @@ def write_preseg_dir(trained, folder: Path) -> dict:
     return masks
 
 
+@pytest.mark.slow
 def test_preseg_dir_feeds_addpm_and_the_preseg_sampler(trained, tmp_path):
     given = write_preseg_dir(trained, tmp_path / "presegs")
     data = ["--data_dir", trained["test_dir"], "--model_path", trained["diffusion"], "--device", "cpu",
@@ -433,6 +436,7 @@ def test_preseg_dir_feeds_addpm_and_the_preseg_sampler(trained, tmp_path):
 # Reruns, reproducibility, other samplers, models trained elsewhere
 
 
+@pytest.mark.slow
 def test_rerun_skips_finished_cases_unless_overwrite(trained, addpm_run, tmp_path, capfd):
     out = tmp_path / "out"
     shutil.copytree(addpm_run, out)
@@ -456,6 +460,7 @@ def test_rerun_skips_finished_cases_unless_overwrite(trained, addpm_run, tmp_pat
     assert all(path.stat().st_mtime != past for path in records)
 
 
+@pytest.mark.slow
 def test_same_seed_same_result_other_en_num_other_samples(trained, addpm_run, tmp_path, capfd):
     ok(sample_cli(*addpm_flags(trained), "--seed", 0, "--out_dir", tmp_path / "again"))
     first, again = outputs_of(addpm_run), outputs_of(tmp_path / "again")
@@ -521,6 +526,7 @@ def test_other_samplers_run(trained, tmp_path, capfd, flags, per_member):
     assert len(list((tmp_path / "out" / "masks").glob("*.nii.gz"))) == 1
 
 
+@pytest.mark.slow
 def test_raw_state_dict_matches_the_checkpoint(trained, tmp_path, capfd):
     raw = tmp_path / "savedmodel.pt"
     torch.save(load_checkpoint(trained["diffusion"], kind="diffusion")["model"], raw)
@@ -573,6 +579,7 @@ def test_raw_state_dict_defaults_to_the_original_01_mask_space(trained, tmp_path
 # Errors: exit code 2, one line, nothing written
 
 
+@pytest.mark.slow
 def test_denoiser_of_another_T_is_refused_in_one_line(trained, tmp_path):
     out = tmp_path / "out"
     proc = sample_cli(*addpm_flags(trained), "--T", 20, "--out_dir", out)
@@ -621,6 +628,7 @@ def test_bad_input_gives_one_error_line(trained, tmp_path, capfd, case):
 # torchrun
 
 
+@pytest.mark.slow
 def test_torchrun_splits_cases_and_rank0_merges(trained, addpm_run, tmp_path):
     out = tmp_path / "out"
     ok(sample_cli(*addpm_flags(trained), "--out_dir", out, torchrun=True))
@@ -638,6 +646,7 @@ def test_torchrun_splits_cases_and_rank0_merges(trained, addpm_run, tmp_path):
             assert np.array_equal(nib.load(str(out / name)).get_fdata(), nib.load(str(addpm_run / name)).get_fdata())
 
 
+@pytest.mark.slow
 def test_preseg_dir_takes_whole_volumes_for_3d_input(trained, tmp_path):
     """A 3D tool's output (one volume per case) is a pre-segmentation for volume inputs."""
     data = write_brats3d(tmp_path / "brats3d")
@@ -657,6 +666,7 @@ def test_preseg_dir_takes_whole_volumes_for_3d_input(trained, tmp_path):
 # Reruns with other settings, the pre-segmentation alone, flags that were silently misread
 
 
+@pytest.mark.slow
 def test_rerun_with_other_settings_is_refused_unless_overwrite(trained, addpm_run, tmp_path, capfd):
     out = tmp_path / "out"
     shutil.copytree(addpm_run, out)

@@ -99,6 +99,7 @@ def test_two_steps_on_demo_data_write_a_checkpoint_that_rebuilds_the_model(demo_
     assert any(key.startswith("loss_q") for key in header)
 
 
+@pytest.mark.slow
 def test_two_steps_on_the_brats_fixture(brats2d_mini, tmp_path):
     out = tmp_path / "run"
     proc = ok(run_train("--data_dir", brats2d_mini / "training", *TINY, "--resize_mode", "resize",
@@ -122,6 +123,7 @@ def test_two_steps_on_the_brats_fixture(brats2d_mini, tmp_path):
     load_weights(model, ckpt["model"], source="final.pt")
 
 
+@pytest.mark.slow
 def test_resume_is_bit_identical_to_an_uninterrupted_run(demo_dir, tmp_path):
     # Microbatches, dropout and the loss-aware sampler all carry state or randomness across steps.
     flags = ["--data_dir", demo_dir, *TINY, "--microbatch", "1", "--dropout", "0.1",
@@ -142,6 +144,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(demo_dir, tmp_path):
     assert sorted(p.name for p in resumed.glob("*.pt")) == ["diffusion_0000003.pt", "diffusion_0000004.pt", "final.pt"]
 
 
+@pytest.mark.slow
 def test_two_process_torchrun_ends_with_identical_weights(demo_dir, tmp_path):
     out = tmp_path / "run"
     proc = ok(run_train("--data_dir", demo_dir, *TINY, "--microbatch", "1", "--max_steps", "2",
@@ -151,6 +154,7 @@ def test_two_process_torchrun_ends_with_identical_weights(demo_dir, tmp_path):
     assert load_checkpoint(out / "final.pt", kind="diffusion")["step"] == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad", [
     ["--noise_schedule", "foo"],
     ["--class_cond", "True"],
@@ -170,6 +174,7 @@ def test_bad_flags_and_data_give_one_error_line(bad, demo_dir, tmp_path):
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(demo_dir, tmp_path):
     out = tmp_path / "run"
     # An absurd learning rate without clipping throws the weights to ~1e37 in step 1; the

@@ -51,13 +51,19 @@ def ok(proc):
 
 
 @pytest.fixture(scope="module")
-def nets(tmp_path_factory):
-    """Demo data (4 patients of 4 slices) and a pre-segmentation and denoising net trained on it."""
+def demo(tmp_path_factory):
+    """Demo data: 4 patients of 4 slices, and a test split."""
     root = tmp_path_factory.mktemp("window")
     subprocess.run([sys.executable, "-m", "data.demo", "--out", str(root / "demo"), "--n_train", "16",
                     "--n_test", "2", "--image_size", "32", "--seed", "0"],
                    cwd=REPO_ROOT, env=_env(), check=True, capture_output=True, timeout=120)
-    train = root / "demo" / "training"
+    return {"root": root, "train": root / "demo" / "training", "test": root / "demo" / "testing"}
+
+
+@pytest.fixture(scope="module")
+def nets(demo):
+    """The demo data and a pre-segmentation and denoising net trained on it."""
+    root, train = demo["root"], demo["train"]
     procs = {
         "preseg": subprocess.Popen(
             [sys.executable, "train_preseg_network.py", "--data_dir", str(train), *NET,
@@ -71,7 +77,7 @@ def nets(tmp_path_factory):
     for name, proc in procs.items():
         out, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, f"{name}: {out[-2000:]}\n{err[-3000:]}"
-    return {"train": train, "test": root / "demo" / "testing",
+    return {"train": train, "test": demo["test"],
             "preseg": root / "preseg" / "final.pt", "denoiser": root / "denoiser" / "final.pt"}
 
 
@@ -90,6 +96,7 @@ def assert_state_equal(a, b, where=""):
         assert a == b, f"{where}: {a!r} != {b!r}"
 
 
+@pytest.mark.slow
 def test_window_and_preseg_start_resume_bit_identically(nets, tmp_path):
     flags = ["--data_dir", nets["train"], *TINY, *WINDOW, "--train_start", "preseg",
              "--preseg_path", nets["preseg"], "--preseg_fraction", "0.5", "--predict_xstart", "True",
@@ -119,6 +126,7 @@ def read_progress(path: Path) -> list:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_validation_logs_addpm_next_to_preseg_and_keeps_the_best(nets, tmp_path):
     out = tmp_path / "run"
     proc = ok(run_script(
@@ -156,8 +164,8 @@ def write_full_presegs(dataset, folder: Path) -> None:
         nib.save(nib.Nifti1Image(np.ones(shape, dtype=np.uint8), np.eye(4)), folder / f"{item['case_id']}.nii.gz")
 
 
-def test_preseg_aware_batches_noise_the_preseg_and_keep_the_label_as_target(nets, tmp_path):
-    args = {"data_dir": str(nets["train"]), "image_size": 32, "resize_mode": "resize", "val_fraction": 0.0}
+def test_preseg_aware_batches_noise_the_preseg_and_keep_the_label_as_target(demo, tmp_path):
+    args = {"data_dir": str(demo["train"]), "image_size": 32, "resize_mode": "resize", "val_fraction": 0.0}
     dataset = dataset_from_args(args, "train")
     write_full_presegs(dataset, tmp_path / "presegs")
     source = PresegSource.from_flags(preseg_dir=str(tmp_path / "presegs"), preprocess=dataset.preprocess)
@@ -185,6 +193,7 @@ def test_preseg_aware_batches_noise_the_preseg_and_keep_the_label_as_target(nets
     assert not torch.equal((other == 1.0).flatten(1).all(1), from_preseg)  # random positions
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bad,words", [
     (["--t_range", "30,25"], "--t_range"),
     (["--t_range_mix", "0.5"], "--t_range_mix"),
@@ -206,6 +215,7 @@ def test_bad_window_and_validation_flags_give_one_line_and_write_nothing(nets, t
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_sampling_outside_the_window_warns_in_one_line(nets, tmp_path, capfd):
     out = tmp_path / "run"
     ok(run_script("train_addpm.py", "--data_dir", nets["train"], *TINY, "--t_range", "25,30",
@@ -226,6 +236,7 @@ def test_sampling_outside_the_window_warns_in_one_line(nets, tmp_path, capfd):
             assert not warnings, err
 
 
+@pytest.mark.slow
 def test_torchrun_with_window_and_validation(nets, tmp_path):
     out = tmp_path / "run"
     proc = ok(run_script(

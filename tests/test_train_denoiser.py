@@ -13,8 +13,8 @@ from denoiser import NoisyMaskBatch, check_denoiser_matches, denoiser_input, loa
 from guided_diffusion.checkpoint import load_checkpoint
 from guided_diffusion.errors import ConfigError
 from guided_diffusion.mask_space import to_probability
-from preseg.engine import evaluate_dice, seed_everything, train
-from preseg.options import TrainOptions
+from supervised import evaluate_dice, seed_everything, train
+from supervised import TrainOptions
 from preseg.io import build_network_from_config, network_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -134,6 +134,7 @@ def test_resume_is_bit_identical(demo_split, tmp_path):
     assert torch.equal(torch.randn(4, generator=ga), torch.randn(4, generator=gb))
 
 
+@pytest.mark.slow
 def test_command_line_on_brats_fixture(tmp_path):
     if not BRATS2D_MINI.is_dir():
         pytest.skip(f"fixture folder {BRATS2D_MINI} is missing (../shared beside the repo)")

@@ -14,9 +14,10 @@ from torch.utils.data import Subset
 
 from data import DataError, Preprocess, create_dataset
 from guided_diffusion.checkpoint import load_checkpoint
-from preseg import load_preseg, read_precomputed_preseg
-from preseg.engine import seed_everything, train
-from preseg.options import TrainOptions
+from data.precomputed import read_precomputed_preseg
+from preseg import load_preseg
+from supervised import seed_everything, train
+from supervised import TrainOptions
 from preseg.io import build_network_from_config, network_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +63,7 @@ def options(out_dir, **overrides):
     return TrainOptions(**values)
 
 
-@pytest.mark.parametrize("arch", ["unet", "attention_unet"])
+@pytest.mark.parametrize("arch", ["unet", pytest.param("attention_unet", marks=pytest.mark.slow)])
 def test_overfits_eight_slices(arch, eight_slices, tmp_path):
     full, subset = eight_slices
     model, config = build(arch, full.num_channels)
@@ -123,6 +124,7 @@ FIXTURE_FLAGS = ["--image_size", SIZE, "--base_channels", 8, "--depth", 3, "--ba
                  "--device", "cpu", "--split_by", "case", "--val_fraction", 0.34]
 
 
+@pytest.mark.slow
 def test_command_line_on_brats_fixture(tmp_path):
     if not BRATS2D_MINI.is_dir():
         pytest.skip(f"fixture folder {BRATS2D_MINI} is missing (../shared beside the repo)")
@@ -173,6 +175,7 @@ class Halves(nn.Module):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch, expected", [
     ("vnet", "--arch"),
     ("no_such_module_xyz:Net", "no_such_module_xyz"),

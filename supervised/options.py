@@ -10,10 +10,10 @@ from dataclasses import dataclass
 
 from guided_diffusion.dist_util import PRECISIONS
 from guided_diffusion.errors import ConfigError
+from guided_diffusion.run_dir import check_resume_flags
 from guided_diffusion.script_util import HELP
 
 LR_SCHEDULES = ("cosine", "plateau")
-RESUME_CHOICES = ("", "auto")
 
 
 @dataclass
@@ -80,13 +80,7 @@ class TrainOptions:
             raise ConfigError(
                 f"--precision: unknown value {self.precision!r} (choose one of {', '.join(PRECISIONS)})"
             )
-        if self.resume not in RESUME_CHOICES:
-            raise ConfigError(
-                f"--resume {self.resume!r}: expected auto or nothing (use --resume_checkpoint "
-                "PATH for a file)"
-            )
-        if self.resume == "auto" and self.resume_checkpoint not in ("", "auto"):
-            raise ConfigError("--resume auto and --resume_checkpoint PATH exclude each other; give one")
+        check_resume_flags(self.resume, self.resume_checkpoint)
 
 
 def engine_defaults():

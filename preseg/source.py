@@ -1,0 +1,54 @@
+"""Where the pre-segmentation of a batch comes from: a trained net or a folder of masks."""
+
+import os
+
+import torch
+
+from data import Preprocess
+from data.precomputed import PrecomputedMasks
+from guided_diffusion.errors import ConfigError
+from preseg.io import load_preseg
+from preseg.networks import foreground_probability
+
+
+class PresegSource:
+    """``source(batch)`` -> foreground probabilities [B, 1, S, S] on the network grid, on
+    ``device``: the net's softmax on ``batch["image"]``, or each case's precomputed file
+    (``data.precomputed``, label maps mapped by ``preprocess.map_label``) mapped through the
+    case's own geometry onto the grid the networks see. ``preprocess`` is the run's
+    ``Preprocess``.
+    """
+
+    def __init__(self, *, net=None, preseg_dir="", preprocess=None, device="cpu"):
+        if (net is None) == (not preseg_dir):
+            raise ConfigError("give --preseg_path or --preseg_dir, not both")
+        self.net = net
+        self.preseg_dir = preseg_dir
+        self.masks = PrecomputedMasks(preseg_dir, preprocess) if preseg_dir else None
+        self.preprocess = preprocess
+        self.device = torch.device(device)
+
+    @classmethod
+    def from_flags(cls, *, preseg_path="", preseg_dir="", preprocess=None, device="cpu"):
+        """Load ``--preseg_path`` (checked against ``preprocess``, the diffusion model's; without
+        one, the net's own preprocessing is the run's) or take ``--preseg_dir`` (with
+        ``preprocess``, whose labels map label-map files); one of the two must be given."""
+        if preseg_path and preseg_dir:
+            raise ConfigError("give --preseg_path or --preseg_dir, not both")
+        if preseg_dir:
+            if not os.path.isdir(preseg_dir):
+                raise ConfigError(f"--preseg_dir {preseg_dir}: no such folder")
+            return cls(preseg_dir=preseg_dir, preprocess=preprocess, device=device)
+        if not preseg_path:
+            raise ConfigError("a pre-segmentation is needed: give --preseg_path or --preseg_dir")
+        net, config = load_preseg(preseg_path, device)
+        if preprocess is not None:
+            preprocess.check_same_as(config["preprocess"], preseg_path)
+        else:
+            preprocess = Preprocess.from_dict(config["preprocess"])
+        return cls(net=net, preprocess=preprocess, device=device)
+
+    def __call__(self, batch):
+        if self.net is not None:
+            return foreground_probability(self.net(batch["image"].to(self.device)))
+        return self.masks(batch).to(self.device)
