@@ -1,8 +1,7 @@
-"""The demo generator: deterministic, fast, read by the brats2d loader, and not trivially easy."""
+"""The demo generator: deterministic, read by the brats2d loader, and not trivially easy."""
 
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import nibabel as nib
@@ -22,14 +21,12 @@ def read_all(root):
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "demo"
-    start = time.perf_counter()
     write_demo_dataset(str(out), n_train=64, n_test=8, image_size=64, seed=0)
-    return out, time.perf_counter() - start
+    return out
 
 
-def test_demo_is_fast_and_laid_out_as_brats2d(demo):
-    out, seconds = demo
-    assert seconds < 5.0  # 64 + 8 slices of 64x64; about 0.7 s on one core
+def test_demo_is_laid_out_as_brats2d(demo):
+    out = demo
     assert detect_layout(str(out)) == "brats2d"
     first = sorted((out / "training" / "000001").iterdir())
     assert [p.name for p in first] == [f"demo_001_{m}_000_w.nii.gz" for m in ("flair", "seg", "t1", "t1ce", "t2")]
@@ -42,7 +39,7 @@ def test_demo_is_fast_and_laid_out_as_brats2d(demo):
 
 
 def test_demo_is_deterministic(demo, tmp_path):
-    out, _ = demo
+    out = demo
     again = tmp_path / "again"
     write_demo_dataset(str(again), n_train=8, n_test=0, image_size=64, seed=0)
     second = read_all(again)
@@ -55,7 +52,7 @@ def test_demo_is_deterministic(demo, tmp_path):
 
 
 def test_demo_content_is_varied_and_not_trivial(demo):
-    out, _ = demo
+    out = demo
     train = create_dataset(out / "training", preprocess=Preprocess(image_size=64))
     images = np.stack([train[i]["image"].numpy() for i in range(len(train))])
     segs = np.stack([np.asarray(nib.load(r.label_file).dataobj) for r in train.records])
@@ -78,7 +75,7 @@ def test_demo_content_is_varied_and_not_trivial(demo):
 
 
 def test_demo_split_by_patient(demo):
-    out, _ = demo
+    out = demo
     kw = dict(preprocess=Preprocess(image_size=64), val_fraction=0.25)
     train = create_dataset(out / "training", subset="train", **kw)
     val = create_dataset(out / "training", subset="val", **kw)
