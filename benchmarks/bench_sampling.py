@@ -32,8 +32,8 @@ Two tables per configuration and precision, all in one process:
    extrapolated and the row marked ``*``.
 
 Every row shows TFLOP/s (the FLOPs of one forward counted by ``torch.utils.flop_counter``) and, on
-CUDA, its peak memory (``torch.cuda.max_memory_allocated``) and the share of the GPU's dense bf16
-peak. ``--memory_batches N`` then runs the addpm K = 5 ensemble on N fresh images (the first
+CUDA, the share of the GPU's dense bf16 peak and the peak memory of a process holding only the
+row's networks (the row's own peak by ``torch.cuda.max_memory_allocated`` plus those weights). ``--memory_batches N`` then runs the addpm K = 5 ensemble on N fresh images (the first
 precision) and compares the memory in use after image 10 with that after image N: a sampler that
 keeps references grows. On a CPU shared with other jobs, ``--threads 1 --clock process`` times
 the process's own CPU time, which other jobs barely disturb.
@@ -116,15 +116,16 @@ class Timer:
             torch.cuda.synchronize(self.device)
 
     def __call__(self, fn) -> tuple:
-        """(seconds, peak bytes allocated during the call or None off CUDA) of one call of ``fn``."""
+        """(seconds, peak bytes the call allocated above what was held before it, or None off CUDA)."""
         self.sync()
         if self.cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
+            held = torch.cuda.memory_allocated(self.device)
         start = self.clock()
         fn()
         self.sync()
         seconds = self.clock() - start
-        return seconds, torch.cuda.max_memory_allocated(self.device) if self.cuda else None
+        return seconds, torch.cuda.max_memory_allocated(self.device) - held if self.cuda else None
 
     def median(self, fn, repeats: int) -> tuple:
         """(median seconds, highest peak bytes or None) of ``repeats`` calls of ``fn``."""
@@ -142,6 +143,17 @@ class Timer:
 def max_peak(peaks) -> int | None:
     peaks = [p for p in peaks if p is not None]
     return max(peaks) if peaks else None
+
+
+def weight_bytes(module) -> int:
+    module = getattr(module, "model", module)  # a CompiledUNet holds its UNet
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+def with_weights(peak, *modules) -> int | None:
+    """A row's peak as a process holding only the row's networks sees it: the call's own peak
+    above what was held before (every variant's weights) plus those networks' weights."""
+    return None if peak is None else peak + sum(weight_bytes(m) for m in modules)
 
 
 def count_flops(fn) -> int:
@@ -272,7 +284,8 @@ def sampler_row(bench: Bench, timer: Timer, spec: tuple, repeats: int) -> dict:
     flops = (bench.unet_flops * plan.unet_evaluations * members
              + (bench.denoise_flops * members if plan.final_step == "denoiser" else 0)) * calls
     return dict(key=key, row=label, batch=members, forwards=plan.unet_evaluations * calls,
-                seconds=seconds + (total - n) * per_eval, per_eval=per_eval / calls, peak=peak,
+                seconds=seconds + (total - n) * per_eval, per_eval=per_eval / calls,
+                peak=with_weights(peak, bench.model, bench.denoiser),
                 flops=flops, measured=f"{n}/{plan.unet_evaluations}", extrapolated=n < total)
 
 
@@ -352,8 +365,9 @@ def print_forward_table(results: dict, benches: dict, peak_tflops) -> None:
         for (variant, batch), seconds in result["seconds"].items():
             reference = result["seconds"][(REFERENCE, batch)]
             tflops, share = _rate(bench.unet_flops * batch, seconds, peak_tflops)
+            peak = with_weights(result["forward"][(variant, batch)]["peak"], bench.variants[variant])
             print(f"{name:<8} {precision:<5} {variant:<28} {batch:>5} {seconds:>10.4f} {reference / seconds:>11.2f}x "
-                  f"{tflops:>8} {share:>8} {_mib(result['forward'][(variant, batch)]['peak']):>9}")
+                  f"{tflops:>8} {share:>8} {_mib(peak):>9}")
 
 
 def print_sampler_table(results: dict, peak_tflops) -> None:
