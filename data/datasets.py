@@ -220,6 +220,10 @@ class SegmentationDataset(Dataset):
         return self.preprocess.map_label(binary)
 
 
+# The three planes of the LGG set's TIFFs (Buda et al. 2019), so that overlays show its FLAIR.
+LGG_CHANNELS = ("pre-contrast", "FLAIR", "post-contrast")
+
+
 class SliceDataset(SegmentationDataset):
     """Items read from their own files: BraTS 2D slice folders and 2D image layouts."""
 
@@ -229,7 +233,10 @@ class SliceDataset(SegmentationDataset):
         if channel_names is None:
             # Grey or colour: the first image decides, every other image must agree.
             first = records[0].image_files[0]
-            channel_names = ("R", "G", "B") if read_image(first).shape[2] == 3 else ("gray",)
+            if read_image(first).shape[2] != 3:
+                channel_names = ("gray",)
+            else:
+                channel_names = LGG_CHANNELS if found.layout == "lgg" else ("R", "G", "B")
         self._first_file = records[0].image_files[0]
         super().__init__(found, records, preprocess=preprocess, augment=augment, channel_names=channel_names,
                          keep_original_label=keep_original_label)

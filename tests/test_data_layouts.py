@@ -246,7 +246,7 @@ def test_isic_layout(tmp_path):
 def test_lgg_real_patients(tmp_path):
     root = make_lgg_copy(tmp_path, n=3)
     ds = create_dataset(root, preprocess=Preprocess(image_size=256))
-    assert ds.layout == "lgg" and ds.labelled and ds.channel_names == ("R", "G", "B")
+    assert ds.layout == "lgg" and ds.labelled and ds.channel_names == ("pre-contrast", "FLAIR", "post-contrast")
     patients = {r.patient_id for r in ds.records}
     assert len(patients) == 3
     item = max((ds[i] for i in range(0, len(ds), 3)), key=lambda it: int(it["label"].sum()))
