@@ -143,7 +143,7 @@ def main(argv=None) -> None:
         torch.manual_seed(args.seed)
         model = create_model(image_size=args.image_size, image_channels=dataset.num_channels, **unet_flags)
         config = diffusion_checkpoint_config(
-            args, image_channels=dataset.num_channels, preprocess=dataset.preprocess.to_dict()
+            vars(args), image_channels=dataset.num_channels, preprocess=dataset.preprocess.to_dict()
         )
         config["training"] = training
 

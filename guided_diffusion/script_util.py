@@ -410,17 +410,18 @@ def run_cli(main: Callable[[], Any]) -> Any:
 # Diffusion checkpoints (kind "diffusion", written by train_addpm.py, read by sample.py)
 
 
-def diffusion_checkpoint_config(args, *, image_channels: int, preprocess: Mapping, mask_channels: int = 1) -> dict:
+def diffusion_checkpoint_config(flags: Mapping, *, image_channels: int, preprocess: Mapping,
+                                mask_channels: int = 1) -> dict:
     """The ``config`` of a diffusion checkpoint: what rebuilds the UNet, the diffusion and the preprocessing.
 
-    :param args: the parsed flags (Namespace or mapping) holding every ``unet_defaults()`` and
+    :param flags: every parsed flag by name, holding every ``unet_defaults()`` and
         ``diffusion_defaults()`` key and ``image_size``.
     :param image_channels: channels of the training images (from the dataset).
     :param preprocess: ``Preprocess.to_dict()`` of the training data.
     :return: ``{"image_size", "image_channels", "mask_channels", "model": {UNet flags},
         "diffusion": {diffusion flags}, "preprocess": {...}, "args": {every flag}}``, plain types.
     """
-    flags = dict(args if isinstance(args, Mapping) else vars(args))
+    flags = dict(flags)
     return {
         "image_size": int(flags["image_size"]),
         "image_channels": int(image_channels),

@@ -22,9 +22,8 @@ from data import Preprocess, create_dataset
 from guided_diffusion.atomic import atomic_path
 from guided_diffusion.checkpoint import load_checkpoint
 from guided_diffusion.script_util import run_cli
-from supervised import seed_everything, train
 from preseg.io import build_network_from_config, network_config
-from supervised import TrainOptions
+from supervised import TrainOptions, seed_everything, train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TINY_UNET = ["--image_size", "32", "--num_channels", "16", "--num_res_blocks", "1",

@@ -13,9 +13,8 @@ from denoiser import NoisyMaskBatch, check_denoiser_matches, denoiser_input, loa
 from guided_diffusion.checkpoint import load_checkpoint
 from guided_diffusion.errors import ConfigError
 from guided_diffusion.mask_space import to_probability
-from supervised import evaluate_dice, seed_everything, train
-from supervised import TrainOptions
 from preseg.io import build_network_from_config, network_config
+from supervised import TrainOptions, evaluate_dice, seed_everything, train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BRATS2D_MINI = REPO_ROOT.parent / "shared" / "fixtures" / "brats2d_mini"

@@ -16,9 +16,8 @@ from data import DataError, Preprocess, create_dataset
 from guided_diffusion.checkpoint import load_checkpoint
 from data.precomputed import read_precomputed_preseg
 from preseg import load_preseg
-from supervised import seed_everything, train
-from supervised import TrainOptions
 from preseg.io import build_network_from_config, network_config
+from supervised import TrainOptions, seed_everything, train
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BRATS2D_MINI = REPO_ROOT.parent / "shared" / "fixtures" / "brats2d_mini"
