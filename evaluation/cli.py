@@ -35,9 +35,6 @@ from tqdm import tqdm
 from evaluation.errors import EvaluationError
 from evaluation.files import MASK_EXTENSIONS, find_cases, read_mask, slice_axis
 from evaluation.metrics import METRIC_NAMES, segmentation_metrics
-
-# Per-class columns carry their voxel counts too, so that both-empty classes leave the means.
-VOXEL_COUNTS = ("pred_voxels", "label_voxels")
 from evaluation.report import (
     GroupAccumulator,
     has_patient_groups,
@@ -53,6 +50,8 @@ from guided_diffusion.atomic import check_writable_dir, remove_stale_temp_files
 from guided_diffusion.errors import ConfigError
 
 DATASETS = ("files",) + tuple(d for d in DATASET_CHOICES if d != "auto")
+# Per-class columns carry their voxel counts too, so that both-empty classes leave the means.
+VOXEL_COUNTS = ("pred_voxels", "label_voxels")
 
 
 def create_argparser() -> argparse.ArgumentParser:
