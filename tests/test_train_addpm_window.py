@@ -20,6 +20,7 @@ from guided_diffusion.mask_space import to_diffusion_space
 from guided_diffusion.script_util import create_gaussian_diffusion, create_model, run_cli
 from guided_diffusion.train_util import TrainLoop
 from preseg import PresegSource
+from tests.test_train_addpm import assert_state_equal
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SIZE = ["--image_size", "32", "--resize_mode", "resize", "--device", "cpu"]
@@ -79,21 +80,6 @@ def nets(demo):
         assert proc.returncode == 0, f"{name}: {out[-2000:]}\n{err[-3000:]}"
     return {"train": train, "test": demo["test"],
             "preseg": root / "preseg" / "final.pt", "denoiser": root / "denoiser" / "final.pt"}
-
-
-def assert_state_equal(a, b, where=""):
-    if isinstance(a, torch.Tensor):
-        assert isinstance(b, torch.Tensor) and torch.equal(a, b), f"{where} differs"
-    elif isinstance(a, dict):
-        assert a.keys() == b.keys(), f"{where}: keys differ"
-        for key in a:
-            assert_state_equal(a[key], b[key], f"{where}.{key}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"{where}: lengths differ"
-        for i, (x, y) in enumerate(zip(a, b)):
-            assert_state_equal(x, y, f"{where}[{i}]")
-    else:
-        assert a == b, f"{where}: {a!r} != {b!r}"
 
 
 @pytest.mark.slow
