@@ -53,6 +53,7 @@ from guided_diffusion.script_util import (
     unet_defaults,
 )
 from guided_diffusion.seg_sampling import (
+    DEFAULT_T,
     PRESEG_SAMPLERS,
     case_generator,
     plan_sampler,
@@ -64,7 +65,6 @@ from preseg import PresegSource
 # The trainers' default --out_dir, so the original commands chain without extra flags.
 DEFAULT_PRESEG_PATH = "runs/preseg/best.pt"
 DEFAULT_DENOISER_PATH = "runs/denoiser/best.pt"
-DEFAULT_T = 250
 # The data flags sampling reads; the preprocessing ones matter only for a raw state dict.
 SAMPLE_DATA_FLAGS = ("data_dir", "dataset", "mask_suffix", "num_workers", "image_size", "resize_mode",
                      "label_mode", "foreground_labels")

@@ -69,7 +69,7 @@ from guided_diffusion.script_util import (
     unet_defaults,
 )
 from guided_diffusion.resample import parse_t_range
-from guided_diffusion.seg_sampling import plan_sampler
+from guided_diffusion.seg_sampling import DEFAULT_T, plan_sampler
 from guided_diffusion.train_util import CHECKPOINT_KIND, TrainLoop, parse_ema_rates
 from preseg import PresegSource
 
@@ -78,7 +78,6 @@ TRAIN_STARTS = ("label", "preseg")
 LOOP_FLAGS = ("batch_size", "microbatch", "lr", "weight_decay", "ema_rate", "lr_anneal_steps", "max_steps",
               "grad_clip", "schedule_sampler", "t_range_mix", "preseg_fraction", "val_interval", "log_interval",
               "save_interval", "keep_checkpoints", "mask_space", "seed", "num_workers", "progress")
-DEFAULT_VAL_T = 250
 SCRIPT_DEFAULTS = dict(
     out_dir="", resume="", keep_checkpoints=3, progress=True,
     t_range="", t_range_mix=0.0, train_start="label", preseg_fraction=0.5,
@@ -234,7 +233,7 @@ def make_validator(args, diffusion, preseg, preprocess, ctx):
     final_step = args.val_final_step
     if final_step == "auto":
         final_step = "denoiser" if args.denoiser_path else "x0"
-    denoise_fn, T = None, (args.T if args.T >= 0 else DEFAULT_VAL_T)
+    denoise_fn, T = None, (args.T if args.T >= 0 else DEFAULT_T)
     if final_step == "denoiser":
         if not args.denoiser_path:
             raise ConfigError("--val_final_step denoiser needs --denoiser_path")

@@ -29,6 +29,8 @@ SAMPLERS = ("addpm", "ddpm", "ddim", "preseg")
 # addpm starts from the noised pre-segmentation; preseg is the pre-segmentation alone.
 PRESEG_SAMPLERS = ("addpm", "preseg")
 FINAL_STEPS = ("denoiser", "x0")
+# The level where ADDPM's truncated process ends when no denoising net names its own T (the paper's).
+DEFAULT_T = 250
 STEP_METHODS = ("ddpm", "ddim")
 
 # x_T [N,1,H,W] and the matching images [N,C,H,W] -> foreground probabilities [N,1,H,W].
