@@ -56,7 +56,7 @@ from guided_diffusion.fast_path import apply_fast_path
 from guided_diffusion.gaussian_diffusion import build_model_input
 from guided_diffusion.script_util import create_model_and_diffusion, diffusion_defaults, run_cli, str2bool, unet_defaults
 from guided_diffusion.seg_sampling import plan_sampler, sample_members
-from preseg import build_network, foreground_probability
+from preseg import build_network, mask_probabilities
 
 IMAGE_CHANNELS = 4
 ENSEMBLE = 5
@@ -201,7 +201,7 @@ class Bench:
         self.denoise_flops = count_flops(lambda: self.denoise(x, None))
 
     def denoise(self, x_T: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-        return foreground_probability(self.denoiser(denoiser_input(x_T, None, "none")))
+        return mask_probabilities(self.denoiser(denoiser_input(x_T, None, "none")))
 
     def forward_input(self, batch: int) -> tuple:
         image = self.image.expand(batch, -1, -1, -1)

@@ -1,7 +1,9 @@
 """Datasets: every layout yields the same item dict, built by the one ``Preprocess``.
 
-An item is ``{"image": float32 [C, S, S], "label": int64 [S, S] in {0, 1} (absent when the
-case has no mask), "case_id": str, "meta": dict}``. ``meta`` holds plain python values only
+An item is ``{"image": float32 [C, S, S], "label": int64 {0, 1} (absent when the case has no
+mask), "case_id": str, "meta": dict}``; the label is [S, S] in the one-channel label modes and
+[K, S, S], one channel per class or region, in multiclass and regions mode
+(``Preprocess.map_label``). ``meta`` holds plain python values only
 (str, int, float, lists, None) so that it pickles cheaply across DataLoader workers:
 
   source_files    image files (channel order) then the mask file, if any
@@ -25,6 +27,7 @@ header of ``reference_file``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -65,8 +68,8 @@ def create_dataset(data_dir, *, dataset: str = "auto", preprocess: Preprocess | 
     skip_empty_slices: volume layouts only; drop slices without brain (all-zero first channel).
         None: True for "train" and "val", False for "all" (so that volumes reassemble).
     cache_volumes: decoded volumes kept per worker (LRU), so slicing does not re-read a case.
-    keep_original_label: items also carry "original_label", the {0, 1} int64 mask [H, W] on the
-        input's own grid (before crop/pad/resize), for evaluation at the input's size.
+    keep_original_label: items also carry "original_label", the {0, 1} int64 mask ([H, W] or
+        [K, H, W]) on the input's own grid (before crop/pad/resize), for evaluation at the input's size.
     """
     if subset not in SUBSETS:
         raise DataConfigError(f"unknown subset {subset!r}; choose one of {', '.join(SUBSETS)}")
@@ -78,11 +81,7 @@ def create_dataset(data_dir, *, dataset: str = "auto", preprocess: Preprocess | 
     # A folder no layout recognises may be new, unlabelled scans of the layout the model knows.
     found = scan(data_dir, dataset, mask_suffix=mask_suffix, trained_layout=preprocess.dataset,
                  channel_names=preprocess.channel_names)
-    if preprocess.label_mode == "subset":
-        missing = [v for v in preprocess.foreground_labels if v not in found.declared_labels]
-        if missing:
-            raise DataConfigError(f"--foreground_labels {missing[0]} is not a label of {found.root} "
-                                  f"(labels: {', '.join(str(v) for v in found.declared_labels)})")
+    preprocess = _complete_label_channels(preprocess, found)
     records = split_records(found, subset, split_by=split_by, val_fraction=float(val_fraction),
                             split_seed=int(split_seed))
     if require_labels:
@@ -97,6 +96,32 @@ def create_dataset(data_dir, *, dataset: str = "auto", preprocess: Preprocess | 
                                   skip_empty_slices=skip_empty_slices, cache_volumes=cache_volumes)
     return SliceDataset(found, records, preprocess=preprocess, augment=augment,
                         keep_original_label=keep_original_label)
+
+
+def _complete_label_channels(preprocess: Preprocess, found: Scan) -> Preprocess:
+    """Fill the multiclass classes from the dataset's declared labels (regions from an nnU-Net
+    dataset.json that declares them) when the flags left them empty, and refuse label values
+    that the dataset does not declare."""
+    declared = ", ".join(str(v) for v in found.declared_labels)
+    if preprocess.label_mode == "multiclass" and not preprocess.classes:
+        classes = tuple(v for v in found.declared_labels if v != 0)
+        if not classes:
+            raise DataConfigError(f"{found.root} declares no foreground label; give --classes (e.g. 1,2,4)")
+        preprocess = dataclasses.replace(preprocess, classes=classes)
+    if preprocess.label_mode == "regions" and not preprocess.regions:
+        regions = found.notes.get("regions")
+        if not regions:
+            raise DataConfigError(f"--label_mode regions needs --regions (e.g. \"WT:1,2,4;TC:1,4;ET:4\"); "
+                                  f"{found.root} declares none (labels: {declared})")
+        preprocess = dataclasses.replace(preprocess, regions=regions)
+    flags = {"subset": "--foreground_labels", "multiclass": "--classes", "regions": "--regions"}
+    wanted = preprocess.foreground_labels or preprocess.covered_labels
+    # Unlabelled scans declare no labels of their own.
+    missing = [] if found.notes.get("unlabelled") else [v for v in wanted if v not in found.declared_labels]
+    if missing:
+        raise DataConfigError(f"{flags[preprocess.label_mode]} {missing[0]} is not a label of {found.root} "
+                              f"(labels: {declared})")
+    return preprocess
 
 
 def split_records(found: Scan, subset: str, *, split_by: str, val_fraction: float, split_seed: int) -> list:
@@ -204,10 +229,12 @@ class SegmentationDataset(Dataset):
         return item
 
     def _map_label(self, raw: np.ndarray, path: str) -> np.ndarray:
-        """Raw mask [H, W] -> int64 {0, 1}; undeclared values are a DataError naming ``path``."""
+        """Raw mask [H, W] -> ``Preprocess.map_label``'s target; undeclared values (and, with
+        classes or regions, values none of them covers) are a DataError naming ``path``."""
         values = label_values(raw, path)
         if not self.binary_masks:
             check_label_values(values, self.declared_labels, path)
+            self.preprocess.check_covered(values, path)
             return self.preprocess.map_label(as_int_label(raw))
         if mask_is_lossy(path) and raw.max() > 1:
             binary = as_int_label(lossy_mask_foreground(raw))
@@ -397,7 +424,9 @@ class VolumeSliceDataset(SegmentationDataset):
         if rec.label_file is not None:
             raw, _ = read_nifti(rec.label_file)
             raw = raw.reshape(rec.shape)
-            check_label_values(label_values(raw, rec.label_file), self.declared_labels, rec.label_file)
+            values = label_values(raw, rec.label_file)
+            check_label_values(values, self.declared_labels, rec.label_file)
+            self.preprocess.check_covered(values, rec.label_file)
             label = np.ascontiguousarray(np.moveaxis(as_int_label(raw), rec.slice_axis, 0))
             label = label.astype(np.uint8 if max(self.declared_labels) < 256 else np.int32)
         entry = (slices, label, bounds)

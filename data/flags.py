@@ -14,7 +14,7 @@ from __future__ import annotations
 from data.datasets import create_dataset
 from data.errors import DataConfigError
 from data.layouts import DATASET_CHOICES
-from data.preprocess import Preprocess, parse_foreground_labels
+from data.preprocess import Preprocess, parse_classes, parse_foreground_labels, parse_regions
 
 
 def data_defaults() -> dict:
@@ -25,6 +25,8 @@ def data_defaults() -> dict:
         resize_mode="crop_pad",
         label_mode="binary",
         foreground_labels="",
+        classes="",
+        regions="",
         split_by="patient",
         val_fraction=0.1,
         split_seed=0,
@@ -40,9 +42,16 @@ DATA_HELP = {
                "volumes, nnunet raw with dataset.json, folder images/+masks/, isic ISBI2016, lgg masks beside images)",
     "image_size": "side of the square network input; slices are centre-cropped/zero-padded or resized to it",
     "resize_mode": "crop_pad (centre crop or zero pad, exact inverse) or resize (bilinear image, nearest mask)",
-    "label_mode": "binary: every non-zero label is foreground (BraTS whole tumour); subset: only --foreground_labels",
+    "label_mode": "binary: every non-zero label is foreground (BraTS whole tumour); subset: only "
+                  "--foreground_labels; multiclass: one mask channel per label value (--classes, default the "
+                  "dataset's labels); regions: one channel per overlapping region (--regions)",
     "foreground_labels": "comma-separated label values that count as foreground, e.g. 1,4 (BraTS tumour core); "
                          "implies --label_mode subset",
+    "classes": "comma-separated label values segmented as separate classes, e.g. 1,2,4; implies "
+               "--label_mode multiclass (empty: every non-zero label the dataset declares)",
+    "regions": "overlapping regions, each NAME:values, separated by ';', e.g. \"WT:1,2,4;TC:1,4;ET:4\" "
+               "(BraTS 2021; 2023: \"WT:1,2,3;TC:1,3;ET:3\"); implies --label_mode regions (empty with "
+               "regions mode: the regions of an nnU-Net dataset.json)",
     "split_by": "patient (slices of one patient never in both train and val) or case",
     "val_fraction": "fraction of patients (or cases) held out for validation, in [0, 1)",
     "split_seed": "seed of the train/val split (fixed, so every trainer sees the same split)",
@@ -71,18 +80,26 @@ def _as_bool(value) -> bool:
 def preprocess_from_args(args, channel_names=(), dataset: str = "") -> Preprocess:
     """The Preprocess the data flags describe (``args``: argparse namespace or dict).
 
-    ``--foreground_labels`` given with the default ``--label_mode binary`` means subset mode.
+    ``--foreground_labels`` (``--classes``, ``--regions``) given with the default
+    ``--label_mode binary`` means subset (multiclass, regions) mode.
     channel_names/dataset are normally filled in by the dataset; pass them to record others.
     """
     labels = parse_foreground_labels(_get(args, "foreground_labels"))
+    classes = parse_classes(_get(args, "classes"))
+    regions = parse_regions(_get(args, "regions"))
     label_mode = _get(args, "label_mode")
-    if labels and label_mode == "binary":
-        label_mode = "subset"
+    if label_mode == "binary":
+        given = [mode for mode, value in (("subset", labels), ("multiclass", classes), ("regions", regions)) if value]
+        if len(given) > 1:
+            raise DataConfigError("give one of --foreground_labels, --classes and --regions")
+        label_mode = given[0] if given else label_mode
     return Preprocess(
         image_size=_get(args, "image_size"),
         resize_mode=_get(args, "resize_mode"),
         label_mode=label_mode,
         foreground_labels=labels,
+        classes=classes,
+        regions=regions,
         channel_names=tuple(channel_names),
         dataset=dataset,
     )

@@ -404,8 +404,11 @@ def _scan_nnunet(root: str) -> Scan:
         else:
             records.append(_volume_record(safe_id(case), safe_id(case), image_files, label))
     kind = "image" if two_d else "volume"
-    return Scan("nnunet", kind, root, records, channel_names, declared,
-                notes={"file_ending": ending, "dataset_json": json_path})
+    notes = {"file_ending": ending, "dataset_json": json_path}
+    regions = _nnunet_regions(spec["labels"])
+    if regions:
+        notes["regions"] = regions
+    return Scan("nnunet", kind, root, records, channel_names, declared, notes=notes)
 
 
 def _nnunet_labels(labels, json_path: str) -> tuple:
@@ -423,6 +426,20 @@ def _nnunet_labels(labels, json_path: str) -> tuple:
                 values.add(item)
     values.add(0)
     return tuple(sorted(values))
+
+
+def _nnunet_regions(labels: dict) -> tuple:
+    """The regions of a region-based dataset.json (some label is a list of values, e.g.
+    ``"whole tumor": [1, 2, 3]``): ((name, values), ...) with spaces in names made ``_``;
+    () for a plain label set."""
+    if not any(isinstance(v, (list, tuple)) for v in labels.values()):
+        return ()
+    regions = []
+    for name, v in labels.items():
+        values = tuple(v) if isinstance(v, (list, tuple)) else (v,)
+        if set(values) != {0}:
+            regions.append(("_".join(str(name).split()), values))
+    return tuple(regions)
 
 
 # ---------------------------------------------------------------- image folders

@@ -30,7 +30,9 @@ from data.errors import DataConfigError, DataError
 from data.io import check_finite
 
 RESIZE_MODES = ("crop_pad", "resize")
-LABEL_MODES = ("binary", "subset")
+LABEL_MODES = ("binary", "subset", "multiclass", "regions")
+# Modes with one mask channel: the foreground of every model written before multi-class existed.
+SINGLE_CHANNEL_MODES = ("binary", "subset")
 # Volumes hold millions of non-zero voxels; percentiles of a regular subsample of this many
 # values differ from the exact ones by far less than the noise, and cost a fraction.
 _MAX_PERCENTILE_SAMPLES = 1 << 20
@@ -45,8 +47,14 @@ class Preprocess:
     image_size: side S of the square network input.
     resize_mode: "crop_pad" or "resize".
     clip_percentiles: (low, high) percentiles of each channel's non-zero region.
-    label_mode: "binary" (any non-zero label is foreground) or "subset" (``foreground_labels``).
+    label_mode: "binary" (any non-zero label is foreground), "subset" (``foreground_labels``),
+        "multiclass" (one channel per value of ``classes``, mutually exclusive) or "regions"
+        (one channel per entry of ``regions``, overlapping; an extension, see ``map_label``).
     foreground_labels: label values counted as foreground in "subset" mode, e.g. (1, 4).
+    classes: label values of the "multiclass" channels, e.g. (1, 2, 4); filled from the
+        dataset's declared labels when empty.
+    regions: ((name, (values, ...)), ...) of the "regions" channels, e.g. BraTS
+        (("WT", (1, 2, 4)), ("TC", (1, 4)), ("ET", (4,))).
     channel_names: the image channels in order, as the data named them (filled by the dataset).
     dataset: the layout the model was trained on (filled by the dataset).
     """
@@ -58,10 +66,14 @@ class Preprocess:
     foreground_labels: tuple = ()
     channel_names: tuple = field(default=())
     dataset: str = ""
+    classes: tuple = ()
+    regions: tuple = ()
 
     def __post_init__(self):
         object.__setattr__(self, "clip_percentiles", tuple(float(p) for p in self.clip_percentiles))
         object.__setattr__(self, "foreground_labels", tuple(int(v) for v in self.foreground_labels))
+        object.__setattr__(self, "classes", tuple(int(v) for v in self.classes))
+        object.__setattr__(self, "regions", parse_regions(self.regions))
         object.__setattr__(self, "channel_names", tuple(str(c) for c in self.channel_names))
         size = self.image_size
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
@@ -78,13 +90,24 @@ class Preprocess:
             raise DataConfigError("--foreground_labels is only used with --label_mode subset")
         if 0 in self.foreground_labels:
             raise DataConfigError("--foreground_labels must not contain 0 (the background)")
+        if self.classes and self.label_mode != "multiclass":
+            raise DataConfigError("--classes is only used with --label_mode multiclass")
+        if self.regions and self.label_mode != "regions":
+            raise DataConfigError("--regions is only used with --label_mode regions")
+        if 0 in self.classes:
+            raise DataConfigError("--classes must not contain 0 (the background)")
+        if len(set(self.classes)) != len(self.classes):
+            raise DataConfigError(f"--classes lists a value twice: {','.join(str(v) for v in self.classes)}")
         if len(self.clip_percentiles) != 2 or not 0.0 <= self.clip_percentiles[0] < self.clip_percentiles[1] <= 100.0:
             raise DataConfigError(f"clip_percentiles must be (low, high) with 0 <= low < high <= 100, "
                                   f"got {self.clip_percentiles}")
 
     def to_dict(self) -> dict:
-        """Plain python types only (lists, not tuples), as a checkpoint config stores them."""
-        return {
+        """Plain python types only (lists, not tuples), as a checkpoint config stores them.
+
+        ``classes`` and ``regions`` appear only when set, so that a one-channel model's record
+        (and the settings digest of its sampling runs) is the same as before they existed."""
+        record = {
             "image_size": self.image_size,
             "resize_mode": self.resize_mode,
             "clip_percentiles": list(self.clip_percentiles),
@@ -93,6 +116,11 @@ class Preprocess:
             "channel_names": list(self.channel_names),
             "dataset": self.dataset,
         }
+        if self.classes:
+            record["classes"] = list(self.classes)
+        if self.regions:
+            record["regions"] = [[name, list(values)] for name, values in self.regions]
+        return record
 
     @classmethod
     def from_dict(cls, d: dict) -> "Preprocess":
@@ -110,11 +138,12 @@ class Preprocess:
         """Refuse a network (checkpoint ``path``, preprocessing ``recorded``) that was trained on
         other inputs: the three nets feed each other's masks, so they must see the same grid."""
         other, mine = Preprocess.from_dict(recorded).to_dict(), self.to_dict()
-        for name in ("image_size", "resize_mode", "clip_percentiles", "label_mode", "foreground_labels"):
-            if other[name] != mine[name]:
+        for name in ("image_size", "resize_mode", "clip_percentiles", "label_mode", "foreground_labels",
+                     "classes", "regions"):
+            if other.get(name) != mine.get(name):
                 raise DataConfigError(
-                    f"{path} was trained with {name}={other[name]}, but the diffusion model with "
-                    f"{name}={mine[name]}; train all three networks with the same preprocessing"
+                    f"{path} was trained with {name}={other.get(name, [])}, but the diffusion model with "
+                    f"{name}={mine.get(name, [])}; train all three networks with the same preprocessing"
                 )
         theirs, ours = other["channel_names"], mine["channel_names"]
         if theirs and ours and len(theirs) != len(ours):
@@ -122,19 +151,120 @@ class Preprocess:
                 f"{path} was trained on {len(theirs)} image channels, the diffusion model on {len(ours)}"
             )
 
+    # ------------------------------------------------------------------ label channels
+    @property
+    def num_mask_channels(self) -> int:
+        """K, the mask's channels: 1 (binary, subset), one per class or per region."""
+        if self.label_mode == "multiclass":
+            return len(self.classes)
+        if self.label_mode == "regions":
+            return len(self.regions)
+        return 1
+
+    @property
+    def exclusive(self) -> bool:
+        """True when at most one channel is on per pixel (classes), False for regions."""
+        return self.label_mode != "regions"
+
+    @property
+    def network_classes(self) -> int:
+        """Outputs of the supervised nets: K + 1 softmax logits (background first) for
+        exclusive classes, K sigmoid logits for regions."""
+        return self.num_mask_channels + 1 if self.exclusive else self.num_mask_channels
+
+    @property
+    def class_names(self) -> tuple:
+        """One name per channel, as the tables name them: ("foreground",), the classes as
+        "label<value>", or the region names."""
+        if self.label_mode == "multiclass":
+            return tuple(f"label{v}" for v in self.classes)
+        if self.label_mode == "regions":
+            return tuple(name for name, _ in self.regions)
+        return ("foreground",)
+
+    @property
+    def covered_labels(self) -> tuple:
+        """The label values some channel reads (every other non-zero value is an error in
+        multiclass and regions mode, where a silently dropped value would be a wrong target)."""
+        if self.label_mode == "multiclass":
+            return tuple(sorted(self.classes))
+        if self.label_mode == "regions":
+            return tuple(sorted({v for _, values in self.regions for v in values}))
+        return ()
+
+    def check_covered(self, values, path: str) -> None:
+        """DataError naming ``path`` and the value when a mask holds a non-zero value that no
+        class or region covers (multiclass and regions mode only)."""
+        if self.label_mode not in ("multiclass", "regions"):
+            return
+        extra = sorted(set(int(v) for v in values) - set(self.covered_labels) - {0})
+        if extra:
+            what = "--classes" if self.label_mode == "multiclass" else "--regions"
+            raise DataError(f"mask {path} has label value {extra[0]}, which {what} "
+                            f"({self.describe_labels()}) does not cover")
+
+    def describe_labels(self) -> str:
+        """The channels as the flags write them: ``1,2,4`` or ``WT:1,2,4;TC:1,4;ET:4``."""
+        if self.label_mode == "regions":
+            return format_regions(self.regions)
+        if self.label_mode == "multiclass":
+            return ",".join(str(v) for v in self.classes)
+        return ",".join(str(v) for v in self.foreground_labels)
+
     def map_label(self, raw: np.ndarray) -> np.ndarray:
-        """Raw label values [H, W] -> int64 {0, 1} foreground mask."""
+        """Raw label values [H, W] -> the training target, int64 {0, 1}: the foreground mask
+        [H, W] in the one-channel modes, else one channel per class or region [K, H, W]."""
         if self.label_mode == "binary":
             return (raw != 0).astype(np.int64)
-        return np.isin(raw, self.foreground_labels).astype(np.int64)
+        if self.label_mode == "subset":
+            return np.isin(raw, self.foreground_labels).astype(np.int64)
+        if self.label_mode == "multiclass":
+            return np.stack([raw == v for v in self.classes]).astype(np.int64)
+        return np.stack([np.isin(raw, values) for _, values in self.regions]).astype(np.int64)
+
+    def paint_order(self) -> list:
+        """[(channel, value), ...]: painted in this order, the channels give the label map.
+
+        Classes are disjoint: channel k is value ``classes[k]``. Regions are painted from the
+        largest value set to the smallest (BraTS WT, TC, ET), each with the smallest of its
+        values that no later region holds (WT:1,2,4 -> 2, TC:1,4 -> 1, ET:4 -> 4), the way
+        nnU-Net's ``regions_class_order`` turns regions back into labels."""
+        if self.label_mode == "multiclass":
+            return list(enumerate(self.classes))
+        if self.label_mode != "regions":
+            return [(0, 1)]
+        order = sorted(range(len(self.regions)), key=lambda k: -len(self.regions[k][1]))
+        painted = []
+        for i, k in enumerate(order):
+            later = {v for j in order[i + 1:] for v in self.regions[j][1]}
+            own = sorted(set(self.regions[k][1]) - later) or sorted(self.regions[k][1])
+            painted.append((k, own[0]))
+        return painted
+
+    def label_map(self, channels: np.ndarray) -> np.ndarray:
+        """Hard channels [K, H, W] (or [H, W] for K = 1), {0, 1} -> one integer map [H, W] in
+        the dataset's own label values (0/1 in the one-channel modes, as masks were written
+        before); uint8 when every value fits, else int32."""
+        channels = np.asarray(channels)
+        if channels.ndim == 2:
+            channels = channels[None]
+        if channels.shape[0] != self.num_mask_channels:
+            raise ValueError(f"{channels.shape[0]} channels for a {self.num_mask_channels}-channel label mode")
+        order = self.paint_order()
+        dtype = np.uint8 if max(v for _, v in order) < 256 else np.int32
+        out = np.zeros(channels.shape[1:], dtype=dtype)
+        for k, value in order:
+            out[channels[k] > 0] = value
+        return out
 
     def apply(self, image: np.ndarray, label: np.ndarray | None, bounds, *, augment: bool = False,
               rng: np.random.Generator | None = None):
         """Normalise and fit one slice to the network input.
 
-        image: [C, H, W] raw intensities; label: [H, W] {0, 1} or None;
+        image: [C, H, W] raw intensities; label: ``map_label``'s [H, W] or [K, H, W], or None;
         bounds: per-channel (low, high) intensities from ``channel_bounds``.
-        Returns (image float32 [C, S, S] in [0, 1], label int64 [S, S] or None, geometry dict).
+        Returns (image float32 [C, S, S] in [0, 1], label int64 [S, S] or [K, S, S] or None,
+        geometry dict).
         """
         image = normalise(image, bounds)
         plan = geometry_plan(image.shape[-2:], self.image_size, self.resize_mode, rng=rng if augment else None)
@@ -160,6 +290,58 @@ def parse_foreground_labels(text) -> tuple:
                 raise DataConfigError(f"--foreground_labels must be comma-separated integers like 1,4; "
                                       f"got {text!r}") from None
     return tuple(sorted(set(int(v) for v in values)))
+
+
+def parse_classes(text, flag: str = "--classes") -> tuple:
+    """``"1,2,4"`` -> (1, 2, 4) in the order given; ``""`` -> (). Accepts a sequence of ints."""
+    if isinstance(text, (list, tuple)):
+        return tuple(int(v) for v in text)
+    values = []
+    for part in (p.strip() for p in str(text).split(",")):
+        if not part:
+            continue
+        try:
+            values.append(int(part))
+        except ValueError:
+            raise DataConfigError(f"{flag} must be comma-separated integers like 1,2,4; got {text!r}") from None
+    return tuple(values)
+
+
+def parse_regions(spec) -> tuple:
+    """``"WT:1,2,4;TC:1,4;ET:4"`` (or the pairs themselves, or the lists a record stores) ->
+    (("WT", (1, 2, 4)), ("TC", (1, 4)), ("ET", (4,))); ``""`` -> ().
+
+    Each region is a name and the label values it unites; names are letters, digits, ``_``
+    or ``-`` (they name table columns and files) and unique, values non-zero."""
+    if isinstance(spec, str):
+        pairs = []
+        for entry in (e.strip() for e in spec.split(";")):
+            if not entry:
+                continue
+            name, sep, values = entry.partition(":")
+            if not sep:
+                raise DataConfigError(f"--regions entry {entry!r} must be NAME:values, e.g. WT:1,2,4")
+            pairs.append((name.strip(), parse_classes(values, f"--regions {name.strip()}")))
+    else:
+        pairs = [(name, values if isinstance(values, (list, tuple)) else (values,)) for name, values in spec]
+    regions = []
+    for name, values in pairs:
+        name, values = str(name), tuple(sorted(set(int(v) for v in values)))
+        if not name or not all(c.isalnum() or c in "_-" for c in name):
+            raise DataConfigError(f"--regions name {name!r} must be letters, digits, _ or - (e.g. WT)")
+        if not values:
+            raise DataConfigError(f"--regions {name} lists no label values")
+        if 0 in values:
+            raise DataConfigError(f"--regions {name} must not contain 0 (the background)")
+        if name in (n for n, _ in regions):
+            raise DataConfigError(f"--regions names {name} twice")
+        regions.append((name, values))
+    return tuple(regions)
+
+
+def format_regions(regions) -> str:
+    """Inverse of ``parse_regions``: ``WT:1,2,4;TC:1,4;ET:4``."""
+    return ";".join(f"{name}:{','.join(str(v) for v in values)}" for name, values in regions)
 
 
 def channel_bounds(image: np.ndarray, percentiles=(0.5, 99.5)) -> list:

@@ -26,7 +26,7 @@ from guided_diffusion.gaussian_diffusion import (
 from guided_diffusion.mask_space import MASK_SPACES, to_diffusion_space
 from guided_diffusion.script_util import HELP, diffusion_defaults
 from preseg.io import load_network_checkpoint
-from preseg.networks import foreground_probability
+from preseg.networks import mask_probabilities
 
 DENOISER_CONDS = ("none", "image")
 # What a checkpoint must record so that a sampler can check it against its truncated loop.
@@ -205,6 +205,6 @@ def load_final_step(path, *, preprocess, schedule, T=-1, device="cpu"):
     cond = config["denoiser_cond"]
 
     def denoise(x_T, images):
-        return foreground_probability(net(denoiser_input(x_T, images, cond)))
+        return mask_probabilities(net(denoiser_input(x_T, images, cond)))
 
     return denoise, T

@@ -47,3 +47,31 @@ def to_probability(x: torch.Tensor, mask_space: str) -> torch.Tensor:
     if mask_space == "pm1":
         x = (x + 1.0) * 0.5
     return x.clamp(0.0, 1.0)
+
+
+def label_channels(label: torch.Tensor) -> torch.Tensor:
+    """A label batch -> float {0,1} mask channels [B, K, H, W].
+
+    :param label: int {0,1} targets as the datasets give them: [B, H, W] (one channel) or
+        [B, K, H, W] (one channel per class or region).
+    """
+    if label.dim() == 3:
+        label = label.unsqueeze(1)
+    if label.dim() != 4:
+        raise ValueError(f"label must be [B, H, W] or [B, K, H, W], got {tuple(label.shape)}")
+    return (label > 0).float()
+
+
+def hard_channels(probs: torch.Tensor, exclusive: bool) -> torch.Tensor:
+    """Per-channel probabilities [..., K, H, W] -> float {0,1} decisions of the same shape.
+
+    One channel (K = 1) and regions: ``p >= 0.5`` per channel. Exclusive classes (K > 1): the
+    most probable of background (``1 - sum p``) and the K classes, so at most one channel is
+    on per pixel.
+    """
+    if not exclusive or probs.shape[-3] == 1:
+        return (probs >= 0.5).to(probs.dtype)
+    background = (1.0 - probs.sum(dim=-3, keepdim=True)).clamp_min(0.0)
+    winner = torch.cat([background, probs], dim=-3).argmax(dim=-3, keepdim=True)
+    classes = torch.arange(1, probs.shape[-3] + 1, device=probs.device).view(-1, 1, 1)
+    return (winner == classes).to(probs.dtype)

@@ -1,7 +1,7 @@
 """Pre-segmentation networks (a registry by name, plus any importable nn.Module) and their loss."""
 
 from preseg.losses import SegmentationLoss, dice_per_image, soft_dice_score
-from preseg.networks import ARCH_CHOICES, DEFAULT_ARCH, build_network, foreground_probability, registry_help
+from preseg.networks import ARCH_CHOICES, DEFAULT_ARCH, build_network, mask_probabilities, registry_help
 
 __all__ = [
     "ARCH_CHOICES",
@@ -9,7 +9,7 @@ __all__ = [
     "SegmentationLoss",
     "build_network",
     "dice_per_image",
-    "foreground_probability",
+    "mask_probabilities",
     "registry_help",
     "soft_dice_score",
 ]

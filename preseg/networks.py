@@ -56,9 +56,17 @@ def registry_help() -> str:
     )
 
 
-def foreground_probability(logits: torch.Tensor) -> torch.Tensor:
-    """Two-class logits [N, 2, H, W] -> foreground probability [N, 1, H, W] (float32)."""
-    return torch.softmax(logits.float(), dim=1)[:, 1:2]
+def mask_probabilities(logits: torch.Tensor, exclusive: bool = True) -> torch.Tensor:
+    """Logits -> per-channel probabilities [N, K, H, W] (float32), the mask channels that the
+    diffusion model works in.
+
+    exclusive: logits [N, K+1, H, W] of background and K classes -> their softmax without the
+    background (K = 1: the foreground probability of a two-class net). Regions: logits
+    [N, K, H, W] -> one sigmoid per region.
+    """
+    if exclusive:
+        return torch.softmax(logits.float(), dim=1)[:, 1:]
+    return torch.sigmoid(logits.float())
 
 
 def build_network(arch: str, *, in_channels: int, num_classes: int, base_channels: int = 32,

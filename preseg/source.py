@@ -8,7 +8,7 @@ from data import Preprocess
 from data.precomputed import PrecomputedMasks
 from guided_diffusion.errors import ConfigError
 from preseg.io import load_preseg
-from preseg.networks import foreground_probability
+from preseg.networks import mask_probabilities
 
 
 class PresegSource:
@@ -50,5 +50,5 @@ class PresegSource:
 
     def __call__(self, batch):
         if self.net is not None:
-            return foreground_probability(self.net(batch["image"].to(self.device)))
+            return mask_probabilities(self.net(batch["image"].to(self.device)))
         return self.masks(batch).to(self.device)
