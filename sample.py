@@ -207,7 +207,7 @@ def main():
                     num_ensemble=num_members, mask_space=mask_space, preseg_probs=preseg_probs,
                     denoise_fn=denoise_fn, generator=generator, progress=args.progress_steps and ctx.is_main,
                 )
-            members = members.float().cpu()
+            members = members[:, :, 0].float().cpu()
             seconds = (time.perf_counter() - start) / len(batch["case_id"])
             for i in range(len(batch["case_id"])):
                 preseg_prob = None if preseg_probs is None else preseg_probs[i, 0].float().cpu()

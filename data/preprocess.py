@@ -175,9 +175,9 @@ class Preprocess:
     @property
     def class_names(self) -> tuple:
         """One name per channel, as the tables name them: ("foreground",), the classes as
-        "label<value>", or the region names."""
+        "class<value>" (as python -m evaluation --classes names its columns), or the region names."""
         if self.label_mode == "multiclass":
-            return tuple(f"label{v}" for v in self.classes)
+            return tuple(f"class{v}" for v in self.classes)
         if self.label_mode == "regions":
             return tuple(name for name, _ in self.regions)
         return ("foreground",)

@@ -90,7 +90,7 @@ class AddpmValidator:
                     mask_space=self.mask_space, preseg_probs=preseg, denoise_fn=self.denoise_fn,
                     generator=generator,
                 )
-            addpm = members[:, 0].float().cpu() >= 0.5
+            addpm = members[:, 0, 0].float().cpu() >= 0.5
             pre = preseg[:, 0].float().cpu() >= 0.5
             label = batch["label"].cpu() > 0
             for i, (case_id, meta) in enumerate(zip(batch["case_id"], batch["meta"])):

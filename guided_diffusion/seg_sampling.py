@@ -21,7 +21,7 @@ import torch
 
 from guided_diffusion.errors import ConfigError
 from guided_diffusion.gaussian_diffusion import GaussianDiffusion
-from guided_diffusion.mask_space import to_diffusion_space, to_probability
+from guided_diffusion.mask_space import hard_channels, to_diffusion_space, to_probability
 from guided_diffusion.respace import full_chain_timesteps, truncated_timesteps
 from guided_diffusion.run_dir import mix_seed
 
@@ -33,7 +33,7 @@ FINAL_STEPS = ("denoiser", "x0")
 DEFAULT_T = 250
 STEP_METHODS = ("ddpm", "ddim")
 
-# x_T [N,1,H,W] and the matching images [N,C,H,W] -> foreground probabilities [N,1,H,W].
+# x_T [N,K,H,W] and the matching images [N,C,H,W] -> per-channel probabilities [N,K,H,W].
 DenoiseFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
@@ -180,29 +180,36 @@ def sample_members(
     denoise_fn: Optional[DenoiseFn] = None,
     generator: Optional[torch.Generator] = None,
     progress: bool = False,
+    mask_channels: int = 1,
+    exclusive: bool = True,
 ) -> torch.Tensor:
     """Run ``num_ensemble`` members per image as one batch.
 
     images:        [B, C, H, W]
-    preseg_probs:  [B, 1, H, W] foreground probabilities (addpm and preseg samplers)
-    returns:       [B, K, H, W] foreground probabilities of every member
-                   (K = 1 for the deterministic preseg sampler)
+    preseg_probs:  [B, K, H, W] per-channel probabilities (addpm and preseg samplers)
+    mask_channels: K, the mask's channels (one per class or region; the model's)
+    exclusive:     classes (the truncated start takes the most probable one per pixel) or
+                   overlapping regions (each channel thresholded), see ``hard_channels``
+    returns:       [B, M, K, H, W] per-channel probabilities of every member
+                   (M = 1 for the deterministic preseg sampler)
     """
     batch, _, height, width = images.shape
     if isinstance(num_ensemble, bool) or not isinstance(num_ensemble, int) or num_ensemble < 1:
         raise ConfigError(f"--num_ensemble must be a positive integer, got {num_ensemble!r}")
     if plan.needs_preseg and preseg_probs is None:
         raise ConfigError(f"--sampler {plan.sampler} needs a pre-segmentation (--preseg_path or --preseg_dir)")
+    if plan.needs_preseg and preseg_probs.shape[1] != mask_channels:
+        raise ConfigError(f"the pre-segmentation has {preseg_probs.shape[1]} channels, the model {mask_channels}")
     if plan.sampler == "preseg":
-        return preseg_probs[:, :1].float()
+        return preseg_probs.unsqueeze(1).float()
     if plan.needs_denoiser and denoise_fn is None:
         raise ConfigError("--final_step denoiser needs --denoiser_path")
 
     # Members of one image sit next to each other: [img0 x K, img1 x K, ...].
     member_images = images.repeat_interleave(num_ensemble, dim=0)
-    shape = (batch * num_ensemble, 1, height, width)
+    shape = (batch * num_ensemble, mask_channels, height, width)
     if plan.sampler == "addpm":
-        preseg_mask = (preseg_probs[:, :1] >= 0.5).float().repeat_interleave(num_ensemble, dim=0)
+        preseg_mask = hard_channels(preseg_probs.float(), exclusive).repeat_interleave(num_ensemble, dim=0)
         start_level = torch.full((shape[0],), plan.timesteps[0], device=images.device, dtype=torch.long)
         noise = torch.randn(shape, generator=generator, device=images.device, dtype=images.dtype)
         start = diffusion.q_sample(to_diffusion_space(preseg_mask, mask_space), start_level, noise=noise)
@@ -227,4 +234,4 @@ def sample_members(
         level_T = torch.full((shape[0],), plan.timesteps[-1], device=images.device, dtype=torch.long)
         pred = diffusion.p_mean_variance(model, member_images, out["sample"], level_T)["pred_xstart"]
         probs = to_probability(pred, mask_space)
-    return probs.reshape(batch, num_ensemble, height, width).float()
+    return probs.reshape(batch, num_ensemble, mask_channels, height, width).float()

@@ -153,8 +153,8 @@ def test_preseg_sampler_returns_the_preseg_probabilities():
         plan_sampler("preseg", num_timesteps=20), diffusion=d, model=None, images=images_for(2, 4),
         num_ensemble=5, mask_space="pm1", preseg_probs=probs,
     )
-    assert out.shape == (2, 1, 4, 4)
-    assert torch.equal(out, probs)
+    assert out.shape == (2, 1, 1, 4, 4)
+    assert torch.equal(out[:, 0], probs)
 
 
 # ---------------------------------------------------------------- ADDPM with an oracle
@@ -179,8 +179,8 @@ def test_addpm_with_oracle_returns_label_and_hands_denoiser_level_T(mask_space, 
         preseg_probs=label, denoise_fn=denoiser, generator=torch.Generator().manual_seed(3),
     )
 
-    assert probs.shape == (2, members, 2, 2)
-    assert torch.equal(probs, label.expand(2, members, 2, 2))
+    assert probs.shape == (2, members, 1, 2, 2)
+    assert torch.equal(probs, label.unsqueeze(1).expand(2, members, 1, 2, 2))
     assert model.levels == list(range(pre_t, T, -1))
     assert torch.equal(denoiser.images, images.repeat_interleave(members, dim=0))
     assert torch.equal(model.images, denoiser.images)
@@ -212,7 +212,7 @@ def test_addpm_spaced_and_x0_final_step_with_oracle(mask_space, step_method, eta
     )
     assert len(model.levels) == plan.unet_evaluations == 11
     assert model.levels == list(plan.timesteps[:-1]) + [250]
-    torch.testing.assert_close(probs, label.expand(2, members, 8, 8), atol=1e-5, rtol=0)
+    torch.testing.assert_close(probs, label.unsqueeze(1).expand(2, members, 1, 8, 8), atol=1e-5, rtol=0)
 
 
 def test_addpm_thresholds_soft_preseg_probabilities():
@@ -258,7 +258,7 @@ def test_ddpm_and_ddim_recover_label_from_pure_noise(mask_space, sampler, kwargs
     )
     assert len(model.levels) == plan.unet_evaluations == evaluations
     assert model.levels[0] == plan.timesteps[0] and model.levels[-1] == 0
-    torch.testing.assert_close(probs, label.expand(2, members, 8, 8), atol=1e-4, rtol=0)
+    torch.testing.assert_close(probs, label.unsqueeze(1).expand(2, members, 1, 8, 8), atol=1e-4, rtol=0)
 
 
 # ---------------------------------------------------------------- ensembles with a real UNet
@@ -314,7 +314,7 @@ def test_ensemble_members_differ_and_a_seed_reproduces_bit_for_bit(sampler, kwar
     first = run_ensemble(sampler, kwargs, 11, images, preseg, model=model)
     again = run_ensemble(sampler, kwargs, 11, images, preseg, model=model)
     other = run_ensemble(sampler, kwargs, 12, images, preseg, model=model)
-    assert first.shape == (2, 4, 16, 16) and first.dtype == torch.float32
+    assert first.shape == (2, 4, 1, 16, 16) and first.dtype == torch.float32
     assert float(first.min()) >= 0.0 and float(first.max()) <= 1.0
     assert torch.equal(first, again)
     assert not torch.equal(first, other)
