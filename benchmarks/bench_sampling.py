@@ -3,9 +3,9 @@
     python -m benchmarks.bench_sampling [--config small medium default | both | all] [--device auto]
         [--precision fp32[,bf16,fp16]] [--repeats 3] [--seed 0] [--threads 2] [--clock wall|process]
         [--samplers all|none|NAME,...] [--compile False] [--memory_batches 0] [--peak_tflops X]
-        [--ddpm_steps_measured N] [--max_evals_measured N]
+        [--ddpm_steps_measured N] [--max_evals_measured N] [--mask_channels 1[,3]]
 
-Configurations (4 image channels, one mask channel, random weights with the UNet's zero-initialised
+Configurations (4 image channels, one mask channel unless ``--mask_channels`` asks for more, random weights with the UNet's zero-initialised
 output conv re-initialised to small values, a random image and a random pre-segmentation):
 
 - small:   64x64, 32 base channels, otherwise the original ADDPM model;
@@ -37,6 +37,10 @@ row's networks (the row's own peak by ``torch.cuda.max_memory_allocated`` plus t
 precision) and compares the memory in use after image 10 with that after image N: a sampler that
 keeps references grows. On a CPU shared with other jobs, ``--threads 1 --clock process`` times
 the process's own CPU time, which other jobs barely disturb.
+
+``--mask_channels 1,3`` runs every configuration once per number K of mask channels (one per
+class or region: the UNet's input and output, the pre-segmentation and the denoising net follow
+K) and closes with a table of each sampler's s/image at K = 3 against K = 1, side by side.
 """
 
 import argparse
@@ -168,14 +172,17 @@ def count_flops(fn) -> int:
 class Bench:
     """The model variants, diffusion, denoiser and input of one configuration."""
 
-    def __init__(self, name: str, device: torch.device, args):
+    def __init__(self, name: str, device: torch.device, args, mask_channels: int = 1):
         spec = CONFIGS[name]
         self.name, self.device, self.seed = name, device, args.seed
+        self.mask_channels = mask_channels
+        # Tables name a K-channel bench "small-K3"; one channel keeps the configuration's name.
+        self.label = name if mask_channels == 1 else f"{name}-K{mask_channels}"
         self.size = spec["image_size"]
         flags = {**unet_defaults(), **diffusion_defaults(), **spec["flags"]}
         torch.manual_seed(args.seed)
         model, self.diffusion = create_model_and_diffusion(
-            image_size=self.size, image_channels=IMAGE_CHANNELS, **flags
+            image_size=self.size, image_channels=IMAGE_CHANNELS, mask_channels=mask_channels, **flags
         )
         # The output conv starts at zero (improved-diffusion); small weights keep eps non-zero.
         torch.nn.init.normal_(model.out[-1].weight, std=0.02)
@@ -191,12 +198,13 @@ class Bench:
             self.variants[COMPILED] = apply_fast_path(model, device, compile=True)
         self.sampling_variant = COMPILED if args.compile else FAST
         self.model = self.variants[self.sampling_variant]
-        net = build_network("unet", in_channels=1, num_classes=2, base_channels=16, depth=3)
+        net = build_network("unet", in_channels=mask_channels, num_classes=mask_channels + 1, base_channels=16,
+                            depth=3)
         self.denoiser = net.to(device).eval()
         g = torch.Generator().manual_seed(args.seed)
         self.image = torch.randn(1, IMAGE_CHANNELS, self.size, self.size, generator=g).to(device)
-        self.preseg = (torch.rand(1, 1, self.size, self.size, generator=g) > 0.7).float().to(device)
-        x = torch.randn(1, 1, self.size, self.size, device=device)
+        self.preseg = (torch.rand(1, mask_channels, self.size, self.size, generator=g) > 0.7).float().to(device)
+        x = torch.randn(1, mask_channels, self.size, self.size, device=device)
         self.unet_flops = count_flops(lambda: self.variants[EXACT](*self.forward_input(1)))
         self.denoise_flops = count_flops(lambda: self.denoise(x, None))
 
@@ -205,7 +213,7 @@ class Bench:
 
     def forward_input(self, batch: int) -> tuple:
         image = self.image.expand(batch, -1, -1, -1)
-        x = torch.randn(batch, 1, self.size, self.size, device=self.device)
+        x = torch.randn(batch, self.mask_channels, self.size, self.size, device=self.device)
         t = torch.full((batch,), PRE_T, device=self.device, dtype=torch.long)
         return build_model_input(image, x), self.diffusion.scale_timesteps(t)
 
@@ -217,7 +225,7 @@ class Bench:
             out = sample_members(
                 sub, diffusion=self.diffusion, model=self.model, images=self.image if image is None else image,
                 num_ensemble=members, mask_space="pm1", preseg_probs=self.preseg,
-                denoise_fn=self.denoise, generator=generator,
+                denoise_fn=self.denoise, generator=generator, mask_channels=self.mask_channels,
             )
         return out
 
@@ -276,7 +284,7 @@ def sampler_row(bench: Bench, timer: Timer, spec: tuple, repeats: int) -> dict:
     bench.run_plan(plan, members=members, calls=calls, evaluations=1)
     fixed = 0.0
     if plan.final_step == "denoiser":
-        x_T = torch.randn(members, 1, bench.size, bench.size, device=bench.device)
+        x_T = torch.randn(members, bench.mask_channels, bench.size, bench.size, device=bench.device)
         bench.denoise(x_T, None)
         fixed = timer.median(lambda: bench.denoise(x_T, None), max(repeats, 5))[0] * calls
     seconds, peak = timer.median(lambda: bench.run_plan(plan, members=members, calls=calls, evaluations=n), repeats)
@@ -459,13 +467,32 @@ def memory_lines(results: dict, device: torch.device) -> list:
     return lines
 
 
+def print_channels_table(results: dict, benches: dict) -> None:
+    """Each sampler's s/image with K mask channels against one, where both ran."""
+    pairs = [(label, precision, bench) for (label, precision) in results
+             for bench in [benches[label]] if bench.mask_channels > 1 and (bench.name, precision) in results]
+    if not pairs:
+        return
+    header = f"{'config':<8} {'prec':<5} {'row':<28} {'K':>3} {'s/image K=1':>12} {'s/image':>10} {'vs K=1':>8}"
+    print("\nCost of K mask channels (one per class or region), each row against the same row with one channel")
+    print(header)
+    print("-" * len(header))
+    for label, precision, bench in pairs:
+        single = {r["key"]: r for r in results[(bench.name, precision)]["samplers"]}
+        for r in results[(label, precision)]["samplers"]:
+            if r["key"] in single:
+                one = single[r["key"]]["seconds"]
+                print(f"{bench.name:<8} {precision:<5} {r['row']:<28} {bench.mask_channels:>3} {one:>12.3f} "
+                      f"{r['seconds']:>10.3f} {r['seconds'] / one:>7.2f}x")
+
+
 def report(results: dict, benches: dict, device: torch.device, args) -> None:
     peak_tflops, source = gpu_peak(device, args.peak_tflops)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu, {torch.get_num_threads()} threads"
     print(f"device: {where}; torch {torch.__version__}; precision {', '.join(args.precision)}; one image, "
           f"{IMAGE_CHANNELS} channels; seed {args.seed}; repeats {args.repeats}; {args.clock} clock")
     for name, bench in benches.items():
-        print(f"  {name}: {bench.size}x{bench.size}, UNet {bench.params_m:.2f}M parameters, "
+        print(f"  {name}: {bench.size}x{bench.size}, {bench.mask_channels} mask channel(s), UNet {bench.params_m:.2f}M parameters, "
               f"{bench.unet_flops / 1e9:.1f} GFLOP per forward of one image")
     print(f"dense bf16 peak: {'-' if peak_tflops is None else f'{peak_tflops:.0f} TFLOP/s'} ({source})")
     print(f"\nUNet forward on the same weights, side by side (median of {2 * args.repeats} timings per row, "
@@ -474,6 +501,7 @@ def report(results: dict, benches: dict, device: torch.device, args) -> None:
     if any(result["samplers"] for result in results.values()):
         print(f"\nSamplers, on the UNet as in '{next(iter(benches.values())).sampling_variant}'")
         print_sampler_table(results, peak_tflops)
+        print_channels_table(results, benches)
     lines = []
     for (name, precision), result in results.items():
         lines += forward_targets(name, precision, result, device) + sampler_targets(name, precision, result, device)
@@ -521,6 +549,9 @@ def create_argparser() -> argparse.ArgumentParser:
     parser.add_argument("--ddpm_steps_measured", type=int, default=None,
                         help="time ddpm over N steps and extrapolate to 1000 (0 = all; default: all on GPU; "
                              "on CPU 200 at small, 50 at medium, 3 at default)")
+    parser.add_argument("--mask_channels", default="1",
+                        help="comma-separated numbers K of mask channels (classes or regions), e.g. 1,3: every "
+                             "configuration runs once per K, and a last table compares each K with K=1")
     parser.add_argument("--max_evals_measured", type=int, default=None,
                         help="time every other sampler over at most N loop evaluations and extrapolate "
                              "(0 = all; default: all, except 3 on CPU at the default config)")
@@ -543,6 +574,12 @@ def parse_args():
     args.samplers = special.get(args.samplers.strip()) if args.samplers.strip() in special \
         else parse_list(args.samplers, SAMPLERS, "samplers", parser)
     args.config = list(dict.fromkeys(n for c in args.config for n in CONFIG_GROUPS.get(c, (c,))))
+    try:
+        args.mask_channels = list(dict.fromkeys(int(k) for k in args.mask_channels.split(",") if k.strip()))
+    except ValueError:
+        parser.error(f"--mask_channels must be comma-separated positive integers like 1,3, got {args.mask_channels!r}")
+    if not args.mask_channels or min(args.mask_channels) < 1:
+        parser.error(f"--mask_channels must be comma-separated positive integers like 1,3, got {args.mask_channels}")
     return parser, args
 
 
@@ -559,9 +596,11 @@ def main() -> None:
     benches, results = {}, {}
     with torch.inference_mode():
         for name in args.config:
-            benches[name] = Bench(name, device, args)
-            for precision in args.precision:
-                results[(name, precision)] = run_precision(benches[name], timer, precision, args)
+            for mask_channels in args.mask_channels:
+                bench = Bench(name, device, args, mask_channels)
+                benches[bench.label] = bench
+                for precision in args.precision:
+                    results[(bench.label, precision)] = run_precision(bench, timer, precision, args)
     report(results, benches, device, args)
 
 

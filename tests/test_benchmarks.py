@@ -76,3 +76,14 @@ def test_bench_sampling_runs_on_cpu():
         assert row in out
     assert "UNet forward, fast path vs reference at batch 1" in out
     assert "bf16 vs fp32" in out and "resident set after image 2" in out
+
+
+def test_bench_sampling_mask_channels_flag(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["bench_sampling", "--mask_channels", "1,3"])
+    _, args = bench_sampling.parse_args()
+    assert args.mask_channels == [1, 3]
+    monkeypatch.setattr(sys, "argv", ["bench_sampling", "--mask_channels", "0"])
+    with pytest.raises(SystemExit) as exc:
+        bench_sampling.parse_args()
+    assert exc.value.code == 2
+    assert "--mask_channels must be comma-separated positive integers" in capsys.readouterr().err
