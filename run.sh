@@ -8,10 +8,14 @@
 #   bash run.sh --quick          # the same pipeline in about a minute (a smoke test)
 #   bash run.sh --data_dir DIR   # your data: DIR/training and DIR/testing (with labels)
 #   bash run.sh --update_docs    # the demo, then its table and pictures into docs/demo and README.md
+#   MODE=regions bash run.sh     # the same in BraTS-like regions (WT, TC, ET): one table per region
 #
 # Writes everything under $OUT (data, checkpoints, samples; --quick: $OUT/quick) and the table
 # to $RESULTS: table.md, table.json, overlay_example.png (an addpm case) and curves.png (the
-# three trainers' loss, learning rate and validation Dice). Each run starts afresh.
+# three trainers' loss, learning rate and validation Dice). Each run starts afresh. MODE=regions
+# makes demo data with three nested labels (python -m data.demo --classes 3), trains and samples
+# with --regions "WT:1,2,3;TC:1,3;ET:3" (BraTS 2023's values) under $OUT/regions, and writes one
+# table per region beside the table of their mean to $RESULTS/regions.
 # The Python is ${PYTHON:-python}: run it with the virtual environment on PATH
 # (PATH="$PWD/.venv/bin:$PATH" bash run.sh) or set PYTHON=.venv/bin/python.
 # On a machine shared with other jobs, OMP_NUM_THREADS=1 avoids thread oversubscription.
@@ -21,6 +25,8 @@ set -euo pipefail
 OUT=demo_run
 RESULTS=results
 DATA_DIR=""                 # holds training/ and testing/; empty: make demo data in $OUT/data
+MODE=${MODE:-binary}        # binary: one foreground; regions: BraTS-like WT/TC/ET on demo data
+REGIONS="WT:1,2,3;TC:1,3;ET:3"  # regions mode: each region and the label values it unites
 
 N_TRAIN=200                 # demo slices (4 per patient) for training ...
 N_TEST=16                   # ... and for testing
@@ -48,7 +54,7 @@ while (($#)); do
             [[ $# -ge 2 && -n "$2" ]] || { echo "error: --data_dir needs a folder" >&2; exit 2; }
             DATA_DIR=$2
             shift ;;
-        -h | --help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "error: unknown option $1 (usage: bash run.sh [--quick] [--data_dir DIR] [--update_docs])" >&2; exit 2 ;;
     esac
     shift
@@ -56,6 +62,21 @@ done
 
 if ((UPDATE_DOCS)) && { ((QUICK)) || [[ -n "$DATA_DIR" ]]; }; then
     echo "error: --update_docs documents the demo run itself; it does not go with --quick or --data_dir" >&2
+    exit 2
+fi
+DEMO_FLAGS=()
+LABEL_FLAGS=()
+case "$MODE" in
+    binary) ;;
+    regions)
+        OUT=$OUT/regions
+        RESULTS=$RESULTS/regions
+        DEMO_FLAGS=(--classes 3)
+        LABEL_FLAGS=(--regions "$REGIONS") ;;
+    *) echo "error: MODE=$MODE is unknown (binary or regions)" >&2; exit 2 ;;
+esac
+if ((UPDATE_DOCS)) && [[ "$MODE" != binary ]]; then
+    echo "error: --update_docs documents the binary demo; run MODE=regions without it" >&2
     exit 2
 fi
 if ((QUICK)); then
@@ -99,7 +120,8 @@ if [[ -z "$DATA_DIR" ]]; then
     DATA_DIR=$OUT/data
     phase "demo data: $N_TRAIN training and $N_TEST test slices of ${IMAGE_SIZE}x${IMAGE_SIZE} in $DATA_DIR"
     rm -rf "$DATA_DIR"
-    "$PY" -m data.demo --out "$DATA_DIR" --n_train "$N_TRAIN" --n_test "$N_TEST" --image_size "$IMAGE_SIZE" --seed 0
+    "$PY" -m data.demo --out "$DATA_DIR" --n_train "$N_TRAIN" --n_test "$N_TEST" --image_size "$IMAGE_SIZE" --seed 0 \
+        "${DEMO_FLAGS[@]}"
 fi
 for part in training testing; do
     [[ -d "$DATA_DIR/$part" ]] || { echo "error: --data_dir $DATA_DIR has no $part/ folder" >&2; exit 2; }
@@ -108,17 +130,17 @@ rm -rf "$RUNS" "$SAMPLES"
 
 phase "pre-segmentation net: $PRESEG_STEPS steps"
 # shellcheck disable=SC2086  # the flag strings are meant to split into words
-"$PY" train_preseg_network.py --data_dir "$DATA_DIR/training" $DATA_FLAGS $PRESEG_FLAGS \
+"$PY" train_preseg_network.py --data_dir "$DATA_DIR/training" $DATA_FLAGS "${LABEL_FLAGS[@]}" $PRESEG_FLAGS \
     --max_steps "$PRESEG_STEPS" --max_epoch 0 --out_dir "$RUNS/preseg"
 
 phase "denoising net (T = $T): $DENOISER_STEPS steps"
 # shellcheck disable=SC2086
-"$PY" train_denoising_network.py --data_dir "$DATA_DIR/training" $DATA_FLAGS $DENOISER_FLAGS \
+"$PY" train_denoising_network.py --data_dir "$DATA_DIR/training" $DATA_FLAGS "${LABEL_FLAGS[@]}" $DENOISER_FLAGS \
     --max_steps "$DENOISER_STEPS" --max_epoch 0 --out_dir "$RUNS/denoiser"
 
 phase "diffusion UNet: $DIFFUSION_TRAIN_STEPS steps"
 # shellcheck disable=SC2086
-"$PY" train_addpm.py --data_dir "$DATA_DIR/training" $DATA_FLAGS $MODEL_FLAGS $DIFFUSION_FLAGS $TRAIN_FLAGS \
+"$PY" train_addpm.py --data_dir "$DATA_DIR/training" $DATA_FLAGS "${LABEL_FLAGS[@]}" $MODEL_FLAGS $DIFFUSION_FLAGS $TRAIN_FLAGS \
     --max_steps "$DIFFUSION_TRAIN_STEPS" --out_dir "$RUNS/addpm"
 
 best_or_final() {
