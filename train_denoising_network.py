@@ -14,7 +14,8 @@ per class or region and the net outputs K + 1 softmax logits (classes) or K sigm
 with the pre-segmentation's losses and its validation Dice per class. Validation: Dice at level
 T with the same noise at every epoch. The other flags of train_addpm.py's ``$DIFFUSION_FLAGS``
 (``--rescale_learned_sigmas``, ``--rescale_timesteps``, ``--sigma_small``,
-``--timestep_respacing``, ``--predict_xstart``) are accepted, so one shell variable serves both trainers, and recorded in the checkpoint as ignored.
+``--timestep_respacing``, ``--predict_xstart``) are accepted, so one shell variable serves both
+trainers, and recorded in the checkpoint as ignored.
 Outputs under ``--out_dir`` (default ``runs/denoiser``) as ``train_preseg_network.py``'s
 (``denoiser_<step>.pt``, ``best.pt``, ``final.pt``, logs); ``sample.py`` reads
 ``runs/denoiser/best.pt`` by default and refuses it unless its ``--T`` and the diffusion
