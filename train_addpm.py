@@ -33,6 +33,12 @@ Beyond the paper (each off by default; see README "Training where ADDPM samples"
   patients with the truncated sampler every N steps, logs val Dice of addpm next to the
   pre-segmentation alone, and keeps ``best.pt`` by the addpm Dice.
 
+With ``--classes 1,2,4`` or ``--regions "WT:1,2,4;TC:1,4;ET:4"`` the mask has one channel per
+class or region (``mask_channels`` in the checkpoint; the UNet's input and output follow it) and
+the validation logs ``val_addpm_dice_<name>`` / ``val_preseg_dice_<name>`` per class or region,
+with their means as ``val_addpm_dice`` / ``val_preseg_dice`` (best.pt by the addpm mean). The
+pre-segmentation and denoising nets must have been trained in the same label mode.
+
 Several GPUs (or CPU processes, with gloo)::
 
     torchrun --standalone --nproc_per_node 4 train_addpm.py --data_dir DIR ...
@@ -137,12 +143,17 @@ def main(argv=None) -> None:
 
         # The train side of the split that every trainer shares (--val_fraction 0: every case).
         dataset = dataset_from_args(args, subset="train", require_labels=True)
-        preseg = preseg_source(args, dataset.preprocess, ctx.device)
-        validator = make_validator(args, diffusion, preseg, dataset.preprocess, ctx)
+        preprocess = dataset.preprocess
+        # One mask channel per class or region (1 for one foreground): the UNet's in/out channels.
+        mask_channels = preprocess.num_mask_channels
+        preseg = preseg_source(args, preprocess, ctx.device)
+        validator = make_validator(args, diffusion, preseg, preprocess, ctx)
         torch.manual_seed(args.seed)
-        model = create_model(image_size=args.image_size, image_channels=dataset.num_channels, **unet_flags)
+        model = create_model(image_size=args.image_size, image_channels=dataset.num_channels,
+                             mask_channels=mask_channels, **unet_flags)
         config = diffusion_checkpoint_config(
-            vars(args), image_channels=dataset.num_channels, preprocess=dataset.preprocess.to_dict()
+            vars(args), image_channels=dataset.num_channels, preprocess=preprocess.to_dict(),
+            mask_channels=mask_channels,
         )
         config["training"] = training
 
@@ -150,7 +161,8 @@ def main(argv=None) -> None:
         loop = TrainLoop(
             model=model, diffusion=diffusion, dataset=dataset, collate_fn=collate, config=config,
             out_dir=out_dir, ctx=ctx, precision=precision, t_range=training["t_range"],
-            preseg_fn=preseg if args.train_start == "preseg" else None, validator=validator,
+            preseg_fn=preseg if args.train_start == "preseg" else None, exclusive=preprocess.exclusive,
+            validator=validator,
             resume_checkpoint=resume or "", **args_to_dict(args, LOOP_FLAGS),
         )
         open_run_dir(out_dir, ctx)
@@ -174,12 +186,21 @@ def run_header(args, loop, dataset, training, validator, precision) -> str:
                   f"{args.noise_schedule} chain, mask space {args.mask_space}"),
         ("device", f"{loop.device}, {precision}, {run_report.processes(loop.ctx.world_size)}"),
         ("data", f"{args.data_dir}: {len(dataset)} examples with {dataset.num_channels} channel(s) "
-                 f"({dataset.layout})"),
+                 f"({dataset.layout}); {describe_mask(dataset.preprocess)}"),
         ("training", describe_training(training, validator, args)),
         ("steps", steps),
         ("out_dir", f"{loop.out_dir}: diffusion_<step>.pt every {args.save_interval} steps (newest "
                     f"{args.keep_checkpoints} kept), {best}final.pt, progress.csv, curves.png, log.txt"),
     ])
+
+
+def describe_mask(preprocess) -> str:
+    """``mask of 1 channel`` or ``mask of 3 channels (regions WT, TC, ET)``."""
+    k = preprocess.num_mask_channels
+    if k == 1:
+        return "mask of 1 channel"
+    kind = "classes" if preprocess.exclusive else "regions"
+    return f"mask of {k} channels ({kind} {', '.join(preprocess.class_names)})"
 
 
 def closing_line(loop, final_path: str, seconds: float) -> str:
@@ -250,6 +271,8 @@ def make_validator(args, diffusion, preseg, preprocess, ctx):
     val_set = dataset_from_args(args, subset="val", preprocess=preprocess, require_labels=True)
     return AddpmValidator(
         dataset=val_set, plan=plan, diffusion=diffusion, mask_space=args.mask_space, preseg=preseg,
+        mask_channels=preprocess.num_mask_channels, exclusive=preprocess.exclusive,
+        channel_names=preprocess.class_names,
         denoise_fn=denoise_fn, max_cases=args.val_max_cases, batch_size=args.val_batch_size, ctx=ctx,
         seed=args.seed, precision=dist_util.resolve_precision(args.precision, args.use_fp16),
         progress=args.progress,

@@ -9,10 +9,13 @@ Each batch noises its labels to level ``--T`` by the forward rule of the diffusi
 ``train_addpm.py``; the defaults are the original README's), with fresh noise every batch; the
 net (any ``--arch`` of the pre-segmentation registry) sees the noisy mask alone
 (``--denoiser_cond none``, as ADDPM) or with the image (``image``) and is trained with CE +
-soft Dice against the clean label. Validation: Dice at level T with the same noise at every
-epoch. The other flags of train_addpm.py's ``$DIFFUSION_FLAGS`` (``--rescale_learned_sigmas``,
-``--rescale_timesteps``, ``--sigma_small``, ``--timestep_respacing``, ``--predict_xstart``) are
-accepted, so one shell variable serves both trainers, and recorded in the checkpoint as ignored.
+soft Dice against the clean label. With ``--classes`` or ``--regions`` the mask has one channel
+per class or region and the net outputs K + 1 softmax logits (classes) or K sigmoids (regions),
+with the pre-segmentation's losses and its validation Dice per class. Validation: Dice at level
+T with the same noise at every epoch. The other flags of train_addpm.py's ``$DIFFUSION_FLAGS``
+(``--rescale_learned_sigmas``, ``--rescale_timesteps``, ``--sigma_small``,
+``--timestep_respacing``, ``--predict_xstart``) are accepted, so one shell variable serves both
+trainers, and recorded in the checkpoint as ignored.
 Outputs under ``--out_dir`` (default ``runs/denoiser``) as ``train_preseg_network.py``'s
 (``denoiser_<step>.pt``, ``best.pt``, ``final.pt``, logs); ``sample.py`` reads
 ``runs/denoiser/best.pt`` by default and refuses it unless its ``--T`` and the diffusion
@@ -54,7 +57,8 @@ def main(argv=None):
         return {**schedule, "image_channels": train_set.num_channels, "ignored_flags": ignored}
 
     train_from_flags(args, kind="denoiser", batch_to_input_target=NoisyMaskBatch(**schedule),
-                     in_channels=lambda channels: denoiser_in_channels(channels, args.denoiser_cond),
+                     in_channels=lambda channels, mask_channels: denoiser_in_channels(
+                         channels, args.denoiser_cond, mask_channels),
                      record=record)
 
 

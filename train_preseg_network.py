@@ -6,10 +6,15 @@ The original ADDPM README's command runs as it is (with ``--data_dir``)::
 
 Any architecture of the registry (``--arch unet | attention_unet | unetpp | fcn_resnet50 |
 deeplabv3_resnet50 | module:Class``). The patients of ``--data_dir`` are split into training
-and validation (``--val_fraction``, ``--split_seed``); the validation Dice (whole foreground,
-per image) is computed every epoch (or every ``--val_interval`` steps). Under ``--out_dir``
+and validation (``--val_fraction``, ``--split_seed``); the validation Dice (per image) is
+computed every epoch (or every ``--val_interval`` steps). Under ``--out_dir``
 (default ``runs/preseg``): ``preseg_<step>.pt`` (newest ``--keep_checkpoints``), ``best.pt``
 (best validation Dice), ``final.pt`` and the logs (progress.csv, progress.jsonl, log.txt).
+
+Several classes (``--classes 1,2,4``: K + 1 softmax outputs, CE + soft Dice over the classes) or
+overlapping regions (``--regions "WT:1,2,4;TC:1,4;ET:4"``: K sigmoids, BCE + soft Dice per
+region): the validation logs ``val_dice_<name>`` per class or region (``class2``, ``WT``) and
+their mean as ``val_dice``, by which ``best.pt`` is kept.
 ``--max_steps`` / ``--max_epoch`` (default 100 epochs) bound the run; ``--resume auto``
 continues it. Several GPUs::
 

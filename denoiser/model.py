@@ -5,8 +5,10 @@ ADDPM runs the diffusion UNet's reverse chain only from ``pre_t`` down to ``T`` 
 with the diffusion model's schedule (``--noise_schedule``, ``--diffusion_steps``) and mask
 space ``s`` (``guided_diffusion.mask_space``). The network itself comes from the
 pre-segmentation registry (``--arch`` as in ``train_preseg_network.py``); its input is built by
-``denoiser_input`` (the noisy mask alone, or with the image channels in front), its output is
-class logits ``[B, 2, H, W]``.
+``denoiser_input`` (the noisy mask's K channels alone, or with the image channels in front),
+its output is logits of the label mode's ``Preprocess.network_classes`` (``[B, 2, H, W]`` for one
+foreground, K + 1 for exclusive classes, K sigmoids for regions), trained with the
+pre-segmentation's losses.
 
 Checkpoint config (kind "denoiser"): the network keys of ``preseg.io.NETWORK_KEYS`` plus
 ``T``, ``diffusion_steps``, ``noise_schedule``, ``mask_space``, ``denoiser_cond``,
@@ -23,7 +25,7 @@ from guided_diffusion.gaussian_diffusion import (
     build_model_input,
     get_named_beta_schedule,
 )
-from guided_diffusion.mask_space import MASK_SPACES, to_diffusion_space
+from guided_diffusion.mask_space import MASK_SPACES, label_channels, to_diffusion_space
 from guided_diffusion.script_util import HELP, diffusion_defaults
 from preseg.io import load_network_checkpoint
 from preseg.networks import mask_probabilities
@@ -93,17 +95,17 @@ def check_denoiser_settings(*, T, diffusion_steps, noise_schedule, mask_space, d
         raise ConfigError(f"--T {T} must lie in [0, --diffusion_steps) = [0, {diffusion_steps})")
 
 
-def denoiser_in_channels(image_channels, denoiser_cond):
-    """Channels of the net's input: 1 (the noisy mask) plus the image's with ``image``."""
-    return 1 + (image_channels if denoiser_cond == "image" else 0)
+def denoiser_in_channels(image_channels, denoiser_cond, mask_channels=1):
+    """Channels of the net's input: the noisy mask's K plus the image's with ``image``."""
+    return mask_channels + (image_channels if denoiser_cond == "image" else 0)
 
 
 def denoiser_input(x_T, image, cond):
     """The denoising net's input; the one function used by its trainer and by sample.py.
 
-    :param x_T: [B, 1, H, W] noisy mask in diffusion space.
+    :param x_T: [B, K, H, W] noisy mask in diffusion space.
     :param image: [B, C, H, W] preprocessed image, or None when ``cond`` is "none".
-    :param cond: "none" -> ``x_T``; "image" -> ``[B, C+1, H, W]``, image channels first
+    :param cond: "none" -> ``x_T``; "image" -> ``[B, C+K, H, W]``, image channels first
         (``build_model_input``, the diffusion UNet's layout).
     """
     if cond == "none":
@@ -134,8 +136,8 @@ class NoisyMaskBatch:
         self.diffusion = GaussianDiffusion(betas=get_named_beta_schedule(noise_schedule, diffusion_steps))
 
     def noisy_mask(self, label, generator):
-        """``label`` [B, H, W] int64 -> x_T [B, 1, H, W] float32 in diffusion space."""
-        x_start = to_diffusion_space((label > 0).float().unsqueeze(1), self.mask_space)
+        """``label`` [B, H, W] or [B, K, H, W] int64 -> x_T [B, K, H, W] float32 in diffusion space."""
+        x_start = to_diffusion_space(label_channels(label), self.mask_space)
         t = torch.full((label.shape[0],), self.T, dtype=torch.long, device=label.device)
         return self.diffusion.q_sample(x_start, t, generator=generator)
 
@@ -148,7 +150,7 @@ def load_denoiser(path, device="cpu"):
     """Load a checkpoint written by ``train_denoising_network.py``.
 
     :return: ``(model, config)``: the net in eval mode on ``device``, mapping
-        ``denoiser_input(x_T, image, config["denoiser_cond"])`` to logits [B, 2, H, W], and
+        ``denoiser_input(x_T, image, config["denoiser_cond"])`` to logits [B, num_classes, H, W], and
         its config (network keys, T, diffusion_steps, noise_schedule, mask_space,
         denoiser_cond, image_channels, preprocess, args).
     :raises CheckpointError: missing, foreign or wrong-kind file, incomplete config, or
@@ -194,17 +196,17 @@ def load_final_step(path, *, preprocess, schedule, T=-1, device="cpu"):
     :param preprocess: the diffusion model's ``Preprocess``; the net must have seen the same inputs.
     :param schedule: the diffusion model's ``noise_schedule``, ``diffusion_steps`` and ``mask_space``.
     :param T: the level where the truncated process ends; -1 = the net's own T.
-    :return: ``(denoise, T)``: ``denoise(x_T [N,1,S,S], images [N,C,S,S]) -> foreground
-        probabilities [N,1,S,S]`` and the level it expects.
+    :return: ``(denoise, T)``: ``denoise(x_T [N,K,S,S], images [N,C,S,S]) -> per-channel
+        probabilities [N,K,S,S]`` (``mask_probabilities`` of the label mode) and the level it expects.
     :raises ConfigError: another preprocessing, T, schedule or mask space than the net's.
     """
     net, config = load_denoiser(path, device)
     preprocess.check_same_as(config["preprocess"], path)
     T = int(config["T"]) if T < 0 else int(T)
     check_denoiser_matches(config, T=T, source=path, **schedule)
-    cond = config["denoiser_cond"]
+    cond, exclusive = config["denoiser_cond"], preprocess.exclusive
 
     def denoise(x_T, images):
-        return mask_probabilities(net(denoiser_input(x_T, images, cond)))
+        return mask_probabilities(net(denoiser_input(x_T, images, cond)), exclusive)
 
     return denoise, T

@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 
 from guided_diffusion import checkpoint, dist_util, logger
 from guided_diffusion.errors import AddpmError, CheckpointError, ConfigError
-from guided_diffusion.mask_space import to_diffusion_space
+from guided_diffusion.mask_space import hard_channels, label_channels, to_diffusion_space
 from guided_diffusion.resample import create_named_schedule_sampler
 from guided_diffusion.run_dir import BEST_NAME, checkpoint_path, final_is_current, mix_seed, prune_checkpoints
 
@@ -144,8 +144,9 @@ class TrainLoop:
     Args (keyword-only):
         model: the conditional UNet (unwrapped; DDP wrapping happens here).
         diffusion: a ``GaussianDiffusion``.
-        dataset: items ``{"image": [C,S,S] float, "label": [S,S] long in {0,1}, ...}``.
-        collate_fn: turns a list of items into ``{"image": [B,C,S,S], "label": [B,S,S], ...}``.
+        dataset: items ``{"image": [C,S,S] float, "label": [S,S] or [K,S,S] long in {0,1}, ...}``
+            (one mask channel, or one per class or region: the model's mask channels).
+        collate_fn: turns a list of items into ``{"image": [B,C,S,S], "label": [B,(K,)S,S], ...}``.
         config: the checkpoint config (plain python types), saved with every checkpoint.
         out_dir: checkpoints and logs; rank 0 writes.
         ctx: the ``dist_util.DistContext`` of this process.
@@ -162,12 +163,14 @@ class TrainLoop:
         t_range: None (every level of the chain) or (lo, hi): train on the levels lo..hi only,
             where the truncated sampler walks (an extension beyond the paper).
         t_range_mix: with t_range, the fraction of every batch drawn from the whole chain.
-        preseg_fn: None, or ``f(batch) -> [B, 1, S, S]`` foreground probabilities of the
+        preseg_fn: None, or ``f(batch) -> [B, K, S, S]`` per-channel probabilities of the
             pre-segmentation of the batch's images (on this device). With it, a
             ``preseg_fraction`` share of every batch is noised from the pre-segmentation
             instead of the label, the label staying the target (pre-segmentation-aware
             training, an extension beyond the paper).
         preseg_fraction: that share, in [0, 1].
+        exclusive: the mask channels are exclusive classes (the pre-segmentation's most probable
+            class is noised) or overlapping regions (each channel thresholded), ``hard_channels``.
         validator: None, or ``f(model) -> dict`` of validation scores with the key
             ``"val_score"`` (higher is better); called every ``val_interval`` steps and at
             the end with the first EMA's weights in the model, in eval mode. The best score's
@@ -206,6 +209,7 @@ class TrainLoop:
         t_range_mix: float = 0.0,
         preseg_fn: Callable[[dict], torch.Tensor] | None = None,
         preseg_fraction: float = 0.0,
+        exclusive: bool = True,
         validator: Callable[[torch.nn.Module], dict] | None = None,
         val_interval: int = 0,
         log_interval: int = 10,
@@ -254,6 +258,7 @@ class TrainLoop:
         )
         self.preseg_fn = preseg_fn
         self.preseg_fraction = preseg_fraction if preseg_fn is not None else 0.0
+        self.exclusive = exclusive
         self.validator = validator
         self.val_interval = val_interval if validator is not None else 0
         self.best_val_score: float | None = None
@@ -381,7 +386,7 @@ class TrainLoop:
     def run_step(self, batch: dict) -> dict:
         """One optimisation step on this rank's batch; returns the logged scalars of the step."""
         image = batch["image"].to(self.device, non_blocking=True)
-        x_start = to_diffusion_space(batch["label"].to(self.device).float().unsqueeze(1), self.mask_space)
+        x_start = to_diffusion_space(label_channels(batch["label"].to(self.device)), self.mask_space)
         generator = torch.Generator(device=self.device)
         generator.manual_seed(mix_seed(self.seed, self.step, self.ctx.rank, 0))
         noised_start = self._noised_start(batch, x_start, generator) if self.preseg_fraction > 0 else None
@@ -449,9 +454,9 @@ class TrainLoop:
         noised = x_start.clone()
         if count:
             probs = self.preseg_fn({k: _take(v, chosen) for k, v in batch.items()})
-            preseg = (probs[:, :1].float() >= 0.5).float()
+            preseg = hard_channels(probs.float(), self.exclusive)
             noised[chosen] = to_diffusion_space(preseg, self.mask_space)
-            label = batch["label"].to(self.device)[chosen].unsqueeze(1).float()
+            label = label_channels(batch["label"].to(self.device)[chosen])
             # How good the pre-segmentation is on training images: if far better than on
             # validation images, the UNet sees fewer of its errors here than it must correct.
             logger.logkv_mean("train_preseg_dice", float(_dice(preseg, label)))

@@ -9,10 +9,13 @@ are read by ``data.precomputed``; ``preseg.source`` chooses between the two.)
 
 import json
 
+from data import Preprocess
 from guided_diffusion.checkpoint import load_checkpoint, load_weights
 from guided_diffusion.errors import CheckpointError, ConfigError
 from preseg.networks import build_network, registry_help
 
+# Outputs of a net for one foreground (background and foreground); with --classes or
+# --regions the trainers take Preprocess.network_classes instead.
 NUM_CLASSES = 2
 
 # Keys of a checkpoint config that describe the network (kind "preseg" and "denoiser").
@@ -96,6 +99,7 @@ def load_network_checkpoint(path, kind, device="cpu"):
     missing = [key for key in NETWORK_KEYS if key not in config]
     if missing:
         raise CheckpointError(f"{path}: {kind} checkpoint config lacks {', '.join(missing)}")
+    check_outputs_fit_labels(config, path)
     model = build_network_from_config(config)
     load_weights(model, ckpt["model"], source=str(path))
     model.to(device)
@@ -103,11 +107,27 @@ def load_network_checkpoint(path, kind, device="cpu"):
     return model, config
 
 
+def check_outputs_fit_labels(config, path):
+    """CheckpointError when a net's outputs do not fit the label mode its config records (a
+    config without a ``preprocess`` record is not checked)."""
+    record = config.get("preprocess")
+    if not record:
+        return
+    preprocess = Preprocess.from_dict(record)
+    if int(config["num_classes"]) != preprocess.network_classes:
+        raise CheckpointError(
+            f"{path}: the net has {config['num_classes']} outputs, its label mode "
+            f"{preprocess.label_mode} ({preprocess.describe_labels() or 'one foreground'}) needs "
+            f"{preprocess.network_classes}"
+        )
+
+
 def load_preseg(path, device="cpu"):
     """Load a pre-segmentation checkpoint written by ``train_preseg_network.py``.
 
     :return: ``(model, config)``: the network in eval mode on ``device`` (``forward(x
-        [B,C,H,W]) -> logits [B,2,H,W]``) and its config (network keys, ``preprocess``,
+        [B,C,H,W]) -> logits [B,num_classes,H,W]``: 2 for one foreground, K + 1 for classes,
+        K for regions) and its config (network keys, ``preprocess``,
         ``args``).
     :raises CheckpointError: missing, foreign or wrong-kind file, or weights that do not fit.
     """

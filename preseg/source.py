@@ -12,8 +12,9 @@ from preseg.networks import mask_probabilities
 
 
 class PresegSource:
-    """``source(batch)`` -> foreground probabilities [B, 1, S, S] on the network grid, on
-    ``device``: the net's softmax on ``batch["image"]``, or each case's precomputed file
+    """``source(batch)`` -> per-channel probabilities [B, K, S, S] on the network grid, on
+    ``device``: the net's ``mask_probabilities`` on ``batch["image"]`` (softmax without the
+    background for classes, sigmoids for regions), or each case's precomputed file
     (``data.precomputed``, label maps mapped by ``preprocess.map_label``) mapped through the
     case's own geometry onto the grid the networks see. ``preprocess`` is the run's
     ``Preprocess``.
@@ -50,5 +51,5 @@ class PresegSource:
 
     def __call__(self, batch):
         if self.net is not None:
-            return mask_probabilities(self.net(batch["image"].to(self.device)))
+            return mask_probabilities(self.net(batch["image"].to(self.device)), self.preprocess.exclusive)
         return self.masks(batch).to(self.device)

@@ -88,6 +88,8 @@ def save(run, path, *, training_state):
         "best_step": state.best_step,
         "validated_step": state.validated_step,
     }
+    if state.val_dice_by_channel is not None:
+        extra["val_dice_by_channel"] = dict(state.val_dice_by_channel)
     if training_state:
         extra.update(
             scheduler=run.scheduler.state_dict(),
@@ -158,5 +160,6 @@ def restore(run, path):
     state.best_val_dice = extra.get("best_val_dice")
     state.best_step = extra.get("best_step")
     state.validated_step = extra.get("validated_step")
+    state.val_dice_by_channel = extra.get("val_dice_by_channel")
     _restore_generators(run, path, extra.get("rng") or [])
     logger.log(f"resumed from {path} at step {state.step} (epoch {state.epoch})")

@@ -5,7 +5,7 @@ One short explicit loop (in the spirit of nanoGPT's ``train.py``)::
     for each epoch (a seeded shuffle of the training items, sharded across ranks):
         for each batch:
             input, target = batch_to_input_target(batch, generator)   # the only difference
-            loss = ce_weight * CE + dice_weight * (1 - soft Dice)      # logits vs target
+            loss = ce_weight * CE + dice_weight * (1 - soft Dice)      # BCE for regions
             AdamW step (autocast + GradScaler, gradient clipping), lr schedule
             validation Dice every epoch (or every --val_interval steps) -> best.pt
             <kind>_<step:07d>.pt every --save_interval steps (the newest --keep_checkpoints kept)
@@ -58,8 +58,9 @@ def train(*, kind, model, config, train_set, val_set, batch_to_input_target, opt
         preprocessing; stored in every checkpoint.
     :param train_set, val_set: datasets of items ``{"image", "label", "case_id", "meta"}``;
         ``val_set`` may be None or empty (no validation, no best.pt).
-    :param batch_to_input_target: ``f(batch, generator) -> (input [B,Cin,H,W] float, target
-        [B,H,W] int64)``, batch already on the device; random draws only from ``generator``.
+    :param batch_to_input_target: ``f(batch, generator) -> (input [B,Cin,H,W] float, target)``,
+        the target being the batch's label ([B,H,W] int64, or [B,K,H,W] {0,1} with several
+        classes or regions), batch already on the device; random draws only from ``generator``.
     :param options: ``TrainOptions``.
     :param ctx: ``DistContext`` from ``dist_util.setup_dist``; None = set up from
         ``options.device`` here.

@@ -14,12 +14,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from data import GroupedSampler, collate
+from data import GroupedSampler, Preprocess, collate
 from data.datasets import DEFAULT_CACHE_VOLUMES
 from guided_diffusion import run_dir
 from guided_diffusion.dist_util import make_grad_scaler
 from guided_diffusion.run_dir import mix_seed
-from preseg.losses import SegmentationLoss
+from preseg.losses import make_loss
 
 # Streams of the engine's generators (mixed with the seed and the rank).
 TRAIN_STREAM = 1
@@ -120,6 +120,8 @@ class RunState:
     best_val_dice: float | None = None
     best_step: int | None = None
     validated_step: int | None = None
+    # {class or region name: Dice} of the last validation, for K > 1 mask channels (else None).
+    val_dice_by_channel: dict | None = None
 
     def advance(self, steps_per_epoch):
         """Count one step; True when it ended an epoch."""
@@ -152,8 +154,9 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     scaler: Any
-    loss_fn: SegmentationLoss
+    loss_fn: torch.nn.Module
     generator: torch.Generator
+    preprocess: Preprocess = field(default_factory=Preprocess)
     state: RunState = field(default_factory=RunState)
     net: torch.nn.Module | None = None  # the model as trained (DDP-wrapped under torchrun)
 
@@ -194,6 +197,13 @@ def make_scheduler(optimizer, options, total_steps):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
 
 
+def run_preprocess(config):
+    """The run's ``Preprocess`` (label mode, class names) from its checkpoint config; a config
+    without one (a network built by hand) is binary."""
+    record = config.get("preprocess")
+    return Preprocess.from_dict(record) if record else Preprocess()
+
+
 def build_run(*, kind, model, config, train_set, val_set, batch_to_input_target, options, ctx, out_dir):
     """Move ``model`` to the device and build the batches, optimizer, schedule, scaler, loss and
     the training generator of a fresh run (``checkpointer.restore`` turns it into a resumed one)."""
@@ -212,12 +222,14 @@ def build_run(*, kind, model, config, train_set, val_set, batch_to_input_target,
     )
     total_steps = total_steps_of(options, steps_per_epoch)
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.lr, weight_decay=options.weight_decay)
+    preprocess = run_preprocess(config)
     return Run(
         kind=kind, model=model, config=config, options=options, ctx=ctx, out_dir=out_dir,
         train_set=train_set, val_set=val_set, batch_to_input_target=batch_to_input_target,
         sampler=sampler, loader=loader, steps_per_epoch=steps_per_epoch, total_steps=total_steps,
         optimizer=optimizer, scheduler=make_scheduler(optimizer, options, total_steps),
         scaler=make_grad_scaler(device, options.precision),
-        loss_fn=SegmentationLoss(ce_weight=options.ce_weight, dice_weight=options.dice_weight),
+        loss_fn=make_loss(preprocess, ce_weight=options.ce_weight, dice_weight=options.dice_weight),
         generator=make_generator(device, stream_seed(options.seed, TRAIN_STREAM, ctx.rank)),
+        preprocess=preprocess,
     )

@@ -9,10 +9,11 @@ from supervised.setup import to_device
 
 
 def train_step(run, batch):
-    """Forward, CE + soft Dice loss, backward, clipped update and the cosine schedule's step.
+    """Forward, the run's loss (CE or BCE + soft Dice), backward, clipped update and the cosine
+    schedule's step.
 
-    :return: dict of the step's ``loss``, ``ce``, ``dice_loss`` (floats), the ``lr`` it was taken
-        with and the number of ``samples`` of this rank's batch.
+    :return: dict of the step's ``loss`` and ``terms`` (``{"ce" or "bce": float, "dice_loss":
+        float}``), the ``lr`` it was taken with and the number of ``samples`` of this rank's batch.
     """
     options = run.options
     batch = to_device(batch, run.device)
@@ -20,7 +21,7 @@ def train_step(run, batch):
     with autocast_context(run.device, options.precision):
         logits = run.net(inputs)
     terms = run.loss_fn.components(logits, target)
-    loss = options.ce_weight * terms["ce"] + options.dice_weight * terms["dice_loss"]
+    loss = run.loss_fn.weighted(terms)
     if not torch.isfinite(loss):
         raise AddpmError(
             f"training diverged: the loss is {loss.item()} at step {run.state.step}; lower --lr "
@@ -36,14 +37,15 @@ def train_step(run, batch):
     lr = run.optimizer.param_groups[0]["lr"]
     if options.lr_schedule == "cosine":
         run.scheduler.step()
-    return {"loss": loss.item(), "ce": terms["ce"].item(), "dice_loss": terms["dice_loss"].item(),
+    return {"loss": loss.item(), "terms": {key: value.item() for key, value in terms.items()},
             "lr": lr, "samples": inputs.shape[0]}
 
 
 def log_step(stats):
-    """The step's loss terms, averaged into the next dump."""
-    for key in ("loss", "ce", "dice_loss"):
-        logger.logkv_mean(key, stats[key])
+    """The step's loss and its terms, averaged into the next dump."""
+    logger.logkv_mean("loss", stats["loss"])
+    for key, value in stats["terms"].items():
+        logger.logkv_mean(key, value)
 
 
 def dump_interval(run, lr, samples, seconds):

@@ -28,7 +28,8 @@ def train_from_flags(args, *, kind, batch_to_input_target, in_channels=None, rec
     """Check the flags and the out_dir, read the patient split, build the network, train it.
 
     :param kind: "preseg" or "denoiser".
-    :param in_channels: ``f(image channels) -> the network's input channels`` (None: the image's).
+    :param in_channels: ``f(image channels, mask channels K) -> the network's input channels``
+        (None: the image's).
     :param record: ``f(train_set) -> dict`` of what the checkpoint config records besides the
         network, the preprocessing and the flags (None: nothing).
     :return: the engine's ``TrainResult``.
@@ -42,10 +43,13 @@ def train_from_flags(args, *, kind, batch_to_input_target, in_channels=None, rec
         # --val_fraction 0: every patient trains, and nothing is validated (no best.pt).
         val_set = (dataset_from_args(args, subset="val", require_labels=True)
                    if args.val_fraction > 0 else None)
-        channels = train_set.num_channels
-        config = network_config(args, in_channels=in_channels(channels) if in_channels else channels)
+        channels, preprocess = train_set.num_channels, train_set.preprocess
+        if in_channels:
+            channels = in_channels(channels, preprocess.num_mask_channels)
+        # K + 1 softmax logits for classes (2 for one foreground), K sigmoids for regions.
+        config = network_config(args, in_channels=channels, num_classes=preprocess.network_classes)
         config.update(record(train_set) if record else {})
-        config.update(preprocess=train_set.preprocess.to_dict(), args=args_record(args))
+        config.update(preprocess=preprocess.to_dict(), args=args_record(args))
         seed_everything(args.seed)
         model = build_network_from_config(config)
         return train(kind=kind, model=model, config=config, train_set=train_set, val_set=val_set,
