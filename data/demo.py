@@ -14,6 +14,18 @@ enhancing tumour (4), each a blob with random radial harmonics, of varied size, 
 contrast (some barely visible), with soft edges; unlabelled small hyperintensities as
 distractors; a smooth multiplicative bias field and Rician noise. About a fifth of the slices
 have no tumour (a patient's tumour is a blob in 3D; slices outside it miss it).
+
+Nested sub-regions for several classes (BraTS 2023 values and layout)::
+
+    python -m data.demo --out DIR --classes 3
+
+writes each patient as one BraTS 2023 volume, ``DIR/training/DEMO-00001-000/DEMO-00001-000-
+{t1n,t1c,t2w,t2f,seg}.nii.gz`` (its ``--slices_per_patient`` slices stacked along the third
+axis; read by the brats3d loader), whose tumour is three nested regions, each with its own
+look in the sequences: oedema (label 2, bright on T2 and FLAIR) around a core (1, dark on T1,
+T1ce and FLAIR) around an enhancing part (3, bright on T1ce), always clearly visible. Train and
+score it with ``--regions "WT:1,2,3;TC:1,3;ET:3"`` (BraTS 2023's whole tumour, tumour core and
+enhancing tumour) or ``--classes 1,2,3``.
 """
 
 from __future__ import annotations
@@ -31,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from data.errors import DataConfigError
+from data.layouts import BRATS2023_MODALITIES
 from guided_diffusion.errors import AddpmError
 
 CHANNELS = ("t1", "t1ce", "t2", "flair")
@@ -43,8 +56,14 @@ TISSUE = {
     "necrosis": (0.35, 0.30, 0.90, 0.65),
     "enhancing": (0.62, 1.00, 0.70, 0.75),
     "distractor": (0.70, 0.70, 0.80, 0.85),
+    # The nested demo's tumour core: fluid-like, dark on T1, T1ce and (suppressed) FLAIR.
+    "core": (0.25, 0.20, 1.00, 0.40),
 }
 DEMO_FORMAT = 1
+# --classes 3: the nested labels, as BraTS 2023 numbers them, and the regions that fit them.
+NESTED_LABELS = {"oedema": 2, "core": 1, "enhancing": 3}
+NESTED_REGIONS = "WT:1,2,3;TC:1,3;ET:3"
+NESTED_CONTRAST = (0.6, 1.0)
 
 
 def _smooth_field(rng, size: int, coarse: int = 5) -> np.ndarray:
@@ -94,8 +113,12 @@ def _patient(seed: int, patient: int, slices: int) -> dict:
     }
 
 
-def generate_slice(seed: int, patient: int, z: int, size: int, slices_per_patient: int = 4):
-    """One demo slice: (image float32 [4, S, S] in t1, t1ce, t2, flair order, seg uint8 [S, S])."""
+def generate_slice(seed: int, patient: int, z: int, size: int, slices_per_patient: int = 4, nested: bool = False):
+    """One demo slice: (image float32 [4, S, S] in t1, t1ce, t2, flair order, seg uint8 [S, S]).
+
+    nested: the tumour is oedema (2) around a core (1) around an enhancing part (3), each
+    clearly visible (see the module docstring), instead of the BraTS 2021 mix of labels 1, 2, 4.
+    """
     p = _patient(seed, patient, slices_per_patient)
     rng = np.random.default_rng([seed, patient, z + 1])
     yy, xx = np.meshgrid(np.linspace(-0.5, 0.5, size), np.linspace(-0.5, 0.5, size), indexing="ij")
@@ -143,20 +166,29 @@ def generate_slice(seed: int, patient: int, z: int, size: int, slices_per_patien
         w_core = _soft(core_edge - tr, edge_width) * brain
         w_inner = _soft(core_edge * p["ring"] - tr, edge_width) * brain
         c = p["contrast"]
-        if p["kind"] == "ring":
-            core_look = tissue("enhancing") * (1 - w_inner) + tissue("necrosis") * w_inner
-        elif p["kind"] == "necrotic":
-            core_look = tissue("necrosis")
+        if nested:
+            # The same random stream as the default slice; its contrast (0.12..1, some barely
+            # visible) is mapped onto NESTED_CONTRAST so that every sub-region can be learnt.
+            c = NESTED_CONTRAST[0] + (NESTED_CONTRAST[1] - NESTED_CONTRAST[0]) * (c - 0.12) / (1.0 - 0.12)
+            for name, weight, look in (("oedema", w_oedema, "oedema"), ("core", w_core, "core"),
+                                       ("enhancing", w_inner, "enhancing")):
+                image = image + c * weight[None] * (tissue(look) - image)
+                seg[weight > 0.5] = NESTED_LABELS[name]
         else:
-            core_look = tissue("enhancing")
-        image = image + c * w_oedema[None] * (tissue("oedema") - image)
-        image = image + c * w_core[None] * (core_look - image)
-        seg[w_oedema > 0.5] = 2
-        if p["kind"] == "ring":
-            seg[w_core > 0.5] = 4
-            seg[w_inner > 0.5] = 1
-        else:
-            seg[w_core > 0.5] = 1 if p["kind"] == "necrotic" else 4
+            if p["kind"] == "ring":
+                core_look = tissue("enhancing") * (1 - w_inner) + tissue("necrosis") * w_inner
+            elif p["kind"] == "necrotic":
+                core_look = tissue("necrosis")
+            else:
+                core_look = tissue("enhancing")
+            image = image + c * w_oedema[None] * (tissue("oedema") - image)
+            image = image + c * w_core[None] * (core_look - image)
+            seg[w_oedema > 0.5] = 2
+            if p["kind"] == "ring":
+                seg[w_core > 0.5] = 4
+                seg[w_inner > 0.5] = 1
+            else:
+                seg[w_core > 0.5] = 1 if p["kind"] == "necrotic" else 4
         seg[~brain] = 0
 
     bias = np.exp(0.15 * _smooth_field(rng, size, 4))
@@ -169,18 +201,57 @@ def generate_slice(seed: int, patient: int, z: int, size: int, slices_per_patien
     return image, seg
 
 
+def _write_slices(folder: str, part: str, first_patient: int, count: int, seed: int, image_size: int,
+                  slices_per_patient: int) -> None:
+    """BraTS 2D slice folders ``<part>/<i:06d>/demo_<pid>_<channel>_<z>_w.nii.gz``."""
+    for i in range(count):
+        pid = first_patient + i // slices_per_patient
+        z = i % slices_per_patient
+        image, seg = generate_slice(seed, pid, z, image_size, slices_per_patient)
+        case = os.path.join(folder, part, f"{i + 1:06d}")
+        os.makedirs(case)
+        arrays = dict(zip(CHANNELS, image), seg=seg)
+        for name, array in arrays.items():
+            path = os.path.join(case, f"demo_{pid:03d}_{name}_{z:03d}_w.nii.gz")
+            nib.save(nib.Nifti1Image(array, np.eye(4)), path)
+
+
+def _write_nested_volumes(folder: str, part: str, first_patient: int, count: int, seed: int, image_size: int,
+                          slices_per_patient: int) -> None:
+    """BraTS 2023 volumes ``<part>/DEMO-<pid>-000/DEMO-<pid>-000-<t1n|t1c|t2w|t2f|seg>.nii.gz``, one per
+    patient: its slices (the same ones, in number and order, as the 2D demo has) stacked on axis 2."""
+    for start in range(0, count, slices_per_patient):
+        pid = first_patient + start // slices_per_patient
+        slices = [generate_slice(seed, pid, z, image_size, slices_per_patient, nested=True)
+                  for z in range(min(slices_per_patient, count - start))]
+        image = np.stack([s[0] for s in slices], axis=-1)  # [4, S, S, Z]
+        seg = np.stack([s[1] for s in slices], axis=-1)
+        case_id = f"DEMO-{pid:05d}-000"
+        case = os.path.join(folder, part, case_id)
+        os.makedirs(case)
+        for name, array in (*zip(BRATS2023_MODALITIES, image), ("seg", seg)):
+            nib.save(nib.Nifti1Image(array, np.eye(4)), os.path.join(case, f"{case_id}-{name}.nii.gz"))
+
+
 def write_demo_dataset(out: str, *, n_train: int = 64, n_test: int = 16, image_size: int = 64, seed: int = 0,
-                       slices_per_patient: int = 4) -> dict:
+                       slices_per_patient: int = 4, classes: int | None = None) -> dict:
     """Write the demo set to ``out`` (created atomically); returns its description (demo.json).
 
-    An ``out`` that already holds the same demo is left as it is.
+    classes: None for the BraTS 2021-style slices (labels 1, 2, 4); 3 for the nested sub-regions
+    in BraTS 2023 volumes (labels 1, 2, 3; see the module docstring). An ``out`` that already
+    holds the same demo is left as it is.
     """
     for name, value, low in (("--n_train", n_train, 1), ("--n_test", n_test, 0), ("--image_size", image_size, 16),
                              ("--slices_per_patient", slices_per_patient, 1)):
         if int(value) < low:
             raise DataConfigError(f"{name} must be at least {low}, got {value}")
+    if classes is not None and int(classes) != len(NESTED_LABELS):
+        raise DataConfigError(f"--classes {classes}: the demo has {len(NESTED_LABELS)} nested classes "
+                              f"(--classes {len(NESTED_LABELS)}), or leave --classes out for the default demo")
     description = {"format": DEMO_FORMAT, "n_train": int(n_train), "n_test": int(n_test),
                    "image_size": int(image_size), "seed": int(seed), "slices_per_patient": int(slices_per_patient)}
+    if classes is not None:
+        description.update(classes=int(classes), regions=NESTED_REGIONS)
     out = os.path.abspath(os.path.expanduser(out))
     if os.path.isdir(out) and os.listdir(out):
         try:
@@ -196,19 +267,10 @@ def write_demo_dataset(out: str, *, n_train: int = 64, n_test: int = 16, image_s
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".demo-", dir=parent)
     try:
+        write = _write_slices if classes is None else _write_nested_volumes
         patient = 1
         for part, count in (("training", n_train), ("testing", n_test)):
-            for i in range(count):
-                pid = patient + i // slices_per_patient
-                z = i % slices_per_patient
-                image, seg = generate_slice(seed, pid, z, image_size, slices_per_patient)
-                folder = os.path.join(tmp, part, f"{i + 1:06d}")
-                os.makedirs(folder)
-                affine = np.eye(4)
-                arrays = dict(zip(CHANNELS, image), seg=seg)
-                for name, array in arrays.items():
-                    path = os.path.join(folder, f"demo_{pid:03d}_{name}_{z:03d}_w.nii.gz")
-                    nib.save(nib.Nifti1Image(array, affine), path)
+            write(tmp, part, patient, count, seed, image_size, slices_per_patient)
             patient += -(-count // slices_per_patient)
         with open(os.path.join(tmp, "demo.json"), "w") as fh:
             json.dump(description, fh, indent=1)
@@ -229,11 +291,18 @@ def main(argv=None) -> None:
     parser.add_argument("--image_size", type=int, default=64, help="side of the square slices, in pixels")
     parser.add_argument("--seed", type=int, default=0, help="seed; the same seed writes the same files")
     parser.add_argument("--slices_per_patient", type=int, default=4, help="neighbouring slices per demo patient")
+    parser.add_argument("--classes", type=int, default=None,
+                        help=f"{len(NESTED_LABELS)}: nested sub-regions in BraTS 2023 volumes (brats3d layout, one "
+                        f"volume per patient), oedema 2 around a core 1 around an enhancing part 3; train and "
+                        f"score with --regions \"{NESTED_REGIONS}\" or --classes 1,2,3 (default: the BraTS 2D "
+                        f"slices with labels 1, 2, 4)")
     args = parser.parse_args(argv)
     d = write_demo_dataset(args.out, n_train=args.n_train, n_test=args.n_test, image_size=args.image_size,
-                           seed=args.seed, slices_per_patient=args.slices_per_patient)
+                           seed=args.seed, slices_per_patient=args.slices_per_patient, classes=args.classes)
+    what = "" if args.classes is None else (f" with {args.classes} nested classes (BraTS 2023 volumes; "
+                                            f"--regions \"{NESTED_REGIONS}\")")
     print(f"demo data in {os.path.abspath(args.out)}: {d['n_train']} training and {d['n_test']} test slices "
-          f"of {d['image_size']}x{d['image_size']}")
+          f"of {d['image_size']}x{d['image_size']}{what}")
 
 
 def run(argv=None) -> int:

@@ -1,7 +1,8 @@
 """Evaluate a folder of predicted masks against a folder of labels.
 
     python -m evaluation --pred_dir OUT/masks --label_dir DATA/labels [--out FILE.csv] [--dataset files|brats2d|...]
-        [--pred_suffix ""] [--label_suffix _seg] [--classes 1,2,4] [--foreground_labels 1,4]
+        [--pred_suffix ""] [--label_suffix _seg] [--classes 1,2,4 | --regions "WT:1,2,4;TC:1,4;ET:4"]
+        [--foreground_labels 1,4]
 
 Like nnU-Net's evaluate-folder: predictions and labels are paired by case id (file name
 without extension and suffix, see ``evaluation.files``), every pair is scored with
@@ -22,6 +23,16 @@ The table goes to ``--out FILE.csv`` and the summary (means, standard deviations
 holds masks only. ``--out_dir D`` writes ``D/metrics.csv`` and ``D/summary.json`` instead.
 Labels without a prediction and predictions without a label are listed in the summary and
 not scored. Nothing is written if any pair fails.
+
+Several classes or regions (``--classes 1,2,4``, or ``--regions "WT:1,2,4;TC:1,4;ET:4"`` as
+nnU-Net's evaluate-folder scores BraTS): every row (case, patient, volume) gets the columns
+``<name>_<metric>``, ``<name>_pred_voxels`` and ``<name>_label_voxels`` of each class
+(``class<v>``) or region (its name), the summary their means per row kind and, under
+``per_class``, the headline kind's mean of each; with two or more, the un-prefixed columns hold
+the mean over them (``evaluation.classwise``), with one they score the whole foreground as
+without the flag. With two or more, a label value that no class or region covers is an error
+naming the file (it would silently count as background); with one, the main columns score
+every label value, as without the flag.
 """
 
 import argparse
@@ -32,9 +43,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from evaluation.classwise import check_covered, class_sets, classwise_metrics, mean_over_sets, prefixed
 from evaluation.errors import EvaluationError
 from evaluation.files import MASK_EXTENSIONS, find_cases, read_mask, slice_axis
-from evaluation.metrics import METRIC_NAMES, segmentation_metrics
+from evaluation.metrics import COUNT_NAMES, METRIC_NAMES, segmentation_metrics
 from evaluation.report import (
     GroupAccumulator,
     has_patient_groups,
@@ -44,14 +56,14 @@ from evaluation.report import (
     write_metrics_csv,
     write_summary_json,
 )
+from data.errors import DataConfigError
 from data.layouts import DATASET_CHOICES, scan
+from data.preprocess import format_regions, parse_regions
 from guided_diffusion import run_report
 from guided_diffusion.atomic import check_writable_dir, remove_stale_temp_files
 from guided_diffusion.errors import ConfigError
 
 DATASETS = ("files",) + tuple(d for d in DATASET_CHOICES if d != "auto")
-# Per-class columns carry their voxel counts too, so that both-empty classes leave the means.
-VOXEL_COUNTS = ("pred_voxels", "label_voxels")
 
 
 def create_argparser() -> argparse.ArgumentParser:
@@ -89,8 +101,16 @@ def create_argparser() -> argparse.ArgumentParser:
         "--classes",
         default="",
         help="comma-separated label values to score one by one as well (columns "
-        "class<k>_<metric>); the main columns always score the whole foreground "
-        "(any nonzero value)",
+        "class<k>_<metric>); with two or more the main columns hold their mean, with one the "
+        "whole foreground (any nonzero value); with two or more every label value must be one of them",
+    )
+    parser.add_argument(
+        "--regions",
+        default="",
+        help="instead of --classes: overlapping regions NAME:values separated by ';', each scored "
+        "on the union of its label values (columns <name>_<metric>), e.g. BraTS "
+        "\"WT:1,2,4;TC:1,4;ET:4\" (2023: \"WT:1,2,3;TC:1,3;ET:3\"); with two or more the main "
+        "columns hold their mean",
     )
     parser.add_argument(
         "--dataset",
@@ -136,12 +156,16 @@ def evaluate_folders(
     pred_suffix: str = "",
     label_suffix: str = "",
     classes: tuple[int, ...] = (),
+    regions: tuple = (),
     dataset: str = "files",
     mask_suffix: str = "_mask",
     foreground_labels: tuple[int, ...] = (),
     progress: bool = False,
 ) -> tuple[list[dict], dict]:
     """Score every prediction that has a label (rows as the module docstring says).
+
+    classes: label values scored one by one; regions: ((name, values), ...) scored on the
+    union of their values (``data.preprocess.parse_regions``); one or the other.
 
     Returns:
         (rows for metrics.csv: case rows, then the patient or volume rows, dict with pred_dir,
@@ -171,13 +195,15 @@ def evaluate_folders(
             f"no case ids match between --pred_dir {pred_dir} (e.g. {min(preds)!r}) and "
             f"--label_dir {label_dir} (e.g. {min(labels)!r}); check --pred_suffix/--label_suffix"
         )
-    scorer = _Scorer(classes, foreground_labels)
+    scorer = _Scorer(class_sets(classes, regions), foreground_labels)
     patients = [slices[c][0] for c in matched if c in slices]
-    groups = GroupAccumulator(kind="patient") if has_patient_groups(patients) else None
+    groups = _PatientGroups(scorer) if has_patient_groups(patients) else None
     rows, volume_rows = [], []
     # disable=None: the bar shows on a terminal and stays out of redirected logs.
     for case_id in tqdm(matched, desc="evaluate", unit="case", disable=None if progress else True):
         pred, label, spacing = _read_pair(preds[case_id], labels[case_id])
+        if scorer.mean_headline:
+            check_covered(label, scorer.sets, labels[case_id])
         if pred.ndim == 3:
             axis = axes[case_id] if case_id in axes else slice_axis(labels[case_id])
             rows.extend(scorer.slice_rows(case_id, pred, label, spacing, axis))
@@ -186,8 +212,7 @@ def evaluate_folders(
         patient = slices[case_id][0] if groups is not None else ""
         rows.append(scorer.row(case_id, pred, label, spacing, group_id=patient))
         if groups is not None:
-            groups.add(patient, pred != 0, scorer.foreground(label), slice_index=slices[case_id][1],
-                       spacing=spacing)
+            groups.add(patient, pred, label, slice_index=slices[case_id][1], spacing=spacing)
     rows.extend(volume_rows)
     if groups is not None:
         rows.extend(groups.rows())
@@ -201,22 +226,24 @@ def evaluate_folders(
 
 
 class _Scorer:
-    """metrics.csv rows of a prediction against its label: the whole foreground, and each of
-    ``classes`` as ``class<k>_`` columns."""
+    """metrics.csv rows of a prediction against its label: the whole foreground (or, for two or
+    more classes or regions, their mean), and each class or region as ``<name>_`` columns."""
 
-    def __init__(self, classes, foreground_labels):
-        self.classes = tuple(classes)
+    def __init__(self, sets, foreground_labels):
+        self.sets = tuple(sets)
         self.foreground_labels = tuple(foreground_labels)
+        # One class or region keeps the whole foreground in the main columns, as before.
+        self.mean_headline = len(self.sets) > 1
+        if self.mean_headline and self.foreground_labels:
+            raise ConfigError("--foreground_labels sets the main columns' foreground; with two or more "
+                              "--classes/--regions they hold the mean over those instead: give one or the other")
 
     def foreground(self, label: np.ndarray) -> np.ndarray:
         return np.isin(label, self.foreground_labels) if self.foreground_labels else label != 0
 
     def row(self, case_id, pred, label, spacing, *, group_id: str = "", kind: str = "case") -> dict:
-        extra = {}
-        for value in self.classes:
-            per_class = segmentation_metrics(pred == value, label == value, spacing)
-            extra.update({f"class{value}_{m}": per_class[m] for m in (*METRIC_NAMES, *VOXEL_COUNTS)})
-        metrics = segmentation_metrics(pred != 0, self.foreground(label), spacing)
+        mean, extra = classwise_metrics(pred, label, self.sets, spacing) if self.sets else (None, {})
+        metrics = mean if self.mean_headline else segmentation_metrics(pred != 0, self.foreground(label), spacing)
         return metrics_row(case_id, metrics, group_id=group_id, kind=kind, extra=extra)
 
     def slice_rows(self, volume_id, pred, label, spacing, axis: int) -> list:
@@ -225,6 +252,57 @@ class _Scorer:
         return [self.row(f"{volume_id}_{k:03d}", np.take(pred, k, axis=axis), np.take(label, k, axis=axis),
                          plane, group_id=volume_id)
                 for k in range(pred.shape[axis])]
+
+
+class _PatientGroups:
+    """Patient rows of 2D cases: their slices stacked, for the whole foreground and per class or region."""
+
+    def __init__(self, scorer: _Scorer):
+        self.scorer = scorer
+        self.whole = GroupAccumulator(kind="patient")
+        self.per_set = {name: GroupAccumulator(kind="patient") for name, _ in scorer.sets}
+
+    def add(self, patient: str, pred, label, *, slice_index: int, spacing) -> None:
+        self.whole.add(patient, pred != 0, self.scorer.foreground(label), slice_index=slice_index, spacing=spacing)
+        for name, values in self.scorer.sets:
+            self.per_set[name].add(patient, np.isin(pred, values), np.isin(label, values),
+                                   slice_index=slice_index, spacing=spacing)
+
+    def rows(self) -> list:
+        rows = []
+        for patient in self.whole.group_ids:
+            per_set = {name: _metrics_of(acc.compute(patient)) for name, acc in self.per_set.items()}
+            extra = {}
+            for name, metrics in per_set.items():
+                extra.update(prefixed(name, metrics))
+            metrics = (mean_over_sets(list(per_set.values())) if self.scorer.mean_headline
+                       else _metrics_of(self.whole.compute(patient)))
+            rows.append(metrics_row(patient, metrics, group_id=patient, kind="patient", extra=extra))
+        return rows
+
+
+def _metrics_of(row: dict) -> dict:
+    return {name: row[name] for name in (*METRIC_NAMES, *COUNT_NAMES)}
+
+
+def per_class_means(summary: dict, sets) -> dict:
+    """{"kind": the headline kind, "classes": {name: {"label_values", metric: mean, ...}}}:
+    each class's or region's means where the headline is (nnU-Net's per-region means)."""
+    kind = summary.get("headline", {}).get("kind", "case")
+    metrics = summary["kinds"].get(kind, {}).get("metrics", {})
+    classes = {}
+    for name, values in sets:
+        entry = {"label_values": list(values)}
+        entry.update({m: metrics.get(f"{name}_{m}", {}).get("mean") for m in METRIC_NAMES})
+        classes[name] = entry
+    return {"kind": kind, "classes": classes}
+
+
+def per_class_text(per_class: dict) -> str:
+    """``dice per patient: WT 0.9012, TC 0.8123, ET 0.7001``."""
+    parts = [f"{name} {'undefined' if e['dice'] is None else format(e['dice'], '.4f')}"
+             for name, e in per_class["classes"].items()]
+    return f"dice per {per_class['kind']}: {', '.join(parts)}"
 
 
 def _read_pair(pred_path, label_path):
@@ -276,6 +354,12 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     classes = _parse_classes(args.classes, "--classes")
     foreground_labels = _parse_classes(args.foreground_labels, "--foreground_labels")
+    try:
+        regions = parse_regions(args.regions)
+    except DataConfigError as err:
+        raise ConfigError(str(err)) from err
+    if classes and regions:
+        raise ConfigError("give --classes or --regions, not both")
     table, summary_path = output_paths(args)
     check_writable_dir(table.parent, "--out_dir" if args.out_dir else "--out")
     rows, info = evaluate_folders(
@@ -284,6 +368,7 @@ def main(argv=None) -> None:
         pred_suffix=args.pred_suffix,
         label_suffix=args.label_suffix,
         classes=classes,
+        regions=regions,
         dataset=args.dataset,
         mask_suffix=args.mask_suffix,
         foreground_labels=foreground_labels,
@@ -291,7 +376,14 @@ def main(argv=None) -> None:
     )
     summary = summarize(rows)
     summary.update(info, dataset=args.dataset, classes=list(classes), foreground_labels=list(foreground_labels))
-    summary["results"] = results_text(summary)
+    results = [results_text(summary)]
+    sets = class_sets(classes, regions)
+    if regions:
+        summary["regions"] = format_regions(regions)
+    if sets:
+        summary["per_class"] = per_class_means(summary, sets)
+        results.append(per_class_text(summary["per_class"]))
+    summary["results"] = "; ".join(results)
     try:
         table.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(table.parent, depth=0)

@@ -11,6 +11,11 @@ Masks are tinted and outlined over the chosen image channel, the label's outline
 on the pre-segmentation and result panels. The uncertainty maps are drawn on fixed scales,
 0 to their largest possible value (variance of a probability: 0.25; binary entropy: ln 2), so
 that pictures of different cases compare and a nearly certain case stays dark.
+
+Several classes (``classes=((value, name), ...)``): label, pre-segmentation and result are
+integer label maps in the dataset's values; each class is tinted and outlined in its own colour
+(``CLASS_PALETTE``, in the order given, one legend entry per class name), and the label's
+foreground outline is drawn in white on the pre-segmentation and result panels.
 """
 
 from pathlib import Path
@@ -37,6 +42,12 @@ LABEL_RGB = (0, 220, 0)
 PRESEG_RGB = (255, 200, 0)
 RESULT_RGB = (255, 40, 40)
 MASK_COLOURS = {"label": LABEL_RGB, "pre-seg": PRESEG_RGB, "result": RESULT_RGB}
+# One colour per class, in the order the classes are given (repeated past the eighth): hues
+# far apart from one another and from grey (Trubetskoy's "distinct colours").
+CLASS_PALETTE = ((60, 180, 75), (230, 25, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+                 (70, 240, 240), (240, 50, 230))
+LABEL_EDGE_RGB = (255, 255, 255)
+LABEL_EDGE_NAME = "label edge"
 # The fixed scale of each uncertainty map: its largest possible value and how the bar names it.
 UNCERTAINTY_SCALES = {"variance": (MAX_VARIANCE, "0.25"), "entropy": (MAX_ENTROPY, "ln 2")}
 # The channel shown by default wherever the data names one so (BraTS, nnU-Net channel_names).
@@ -120,6 +131,60 @@ def _upscale(arr: np.ndarray, scale: int) -> np.ndarray:
     return arr if scale == 1 else np.repeat(np.repeat(arr, scale, axis=0), scale, axis=1)
 
 
+def _class_colours(classes) -> dict:
+    """{value: (name, RGB)} from ``((value, name), ...)``, checked."""
+    colours = {}
+    for i, entry in enumerate(classes):
+        try:
+            value, name = entry
+            value = int(value)
+        except (TypeError, ValueError):
+            raise EvaluationError(f"overlay classes must be (value, name) pairs, got {entry!r}") from None
+        if value == 0 or value in colours:
+            raise EvaluationError(f"overlay class value {value} is the background or given twice")
+        colours[value] = (str(name), CLASS_PALETTE[i % len(CLASS_PALETTE)])
+    if not colours:
+        raise EvaluationError("overlay classes is empty; pass None for a single foreground")
+    return colours
+
+
+def _checked_label_maps(shape, label, preseg, result, colours: dict) -> dict:
+    maps = {}
+    for name, values in (("label", label), ("pre-seg", preseg), ("result", result)):
+        if values is None:
+            continue
+        values = to_numpy(values)
+        if values.shape != shape:
+            raise EvaluationError(f"overlay {name} shape {values.shape} does not match image {shape}")
+        if values.dtype.kind not in "biu" and not np.array_equal(values, np.round(values)):
+            raise EvaluationError(f"overlay {name} is not an integer label map")
+        values = values.astype(np.int64)
+        unknown = sorted(set(np.unique(values).tolist()) - set(colours) - {0})
+        if unknown:
+            raise EvaluationError(f"overlay {name} has label value {unknown[0]}, which no class covers "
+                                  f"(classes: {', '.join(str(v) for v in colours)})")
+        maps[name] = values
+    if "result" not in maps:
+        raise EvaluationError("overlay needs a result map")
+    return maps
+
+
+def _class_panels(gray, maps: dict, colours: dict, scale: int) -> list:
+    """[(name, RGB float panel)] of the label-map panels: every class tinted and outlined in its colour."""
+    maps = {k: _upscale(m, scale) for k, m in maps.items()}
+    panels = []
+    for name in ("label", "pre-seg", "result"):
+        if name not in maps:
+            continue
+        panel = gray
+        for value, (_, rgb) in colours.items():
+            panel = _tint(panel, maps[name] == value, rgb)
+        if name != "label" and "label" in maps:
+            panel = _tint(panel, maps["label"] != 0, LABEL_EDGE_RGB, fill=False)
+        panels.append((name, panel))
+    return panels
+
+
 def _checked_masks(shape, label, preseg, result) -> dict:
     masks = {}
     for name, mask in (("label", label), ("pre-seg", preseg), ("result", result)):
@@ -133,10 +198,13 @@ def _checked_masks(shape, label, preseg, result) -> dict:
     return masks
 
 
-def _panels(gray, masks: dict, maps: dict, scale: int, channel_name: str) -> list:
+def _panels(gray, masks: dict, maps: dict, scale: int, channel_name: str, colours: dict | None) -> list:
     """[(name, RGB float panel)] in display order."""
-    masks = {k: _upscale(m, scale) for k, m in masks.items()}
     panels = [(channel_name, gray)]
+    if colours is not None:
+        panels += _class_panels(gray, masks, colours, scale)
+        masks = {}
+    masks = {k: _upscale(m, scale) for k, m in masks.items()}
     if "label" in masks:
         panels.append(("label", _tint(gray, masks["label"], LABEL_RGB)))
     for name in ("pre-seg", "result"):
@@ -151,9 +219,10 @@ def _panels(gray, masks: dict, maps: dict, scale: int, channel_name: str) -> lis
     return panels
 
 
-def _draw_legend(draw: ImageDraw.ImageDraw, x: int, y: int, names) -> None:
-    for name in names:
-        draw.rectangle([x, y, x + LEGEND_SWATCH - 1, y + LEGEND_SWATCH - 1], fill=MASK_COLOURS[name])
+def _draw_legend(draw: ImageDraw.ImageDraw, x: int, y: int, entries) -> None:
+    """entries: (name, RGB) pairs, drawn as swatches left to right."""
+    for name, rgb in entries:
+        draw.rectangle([x, y, x + LEGEND_SWATCH - 1, y + LEGEND_SWATCH - 1], fill=rgb)
         draw.text((x + LEGEND_SWATCH + 3, y - 1), name, fill=_TEXT)
         x += LEGEND_SWATCH + 3 + int(draw.textlength(name)) + 10
 
@@ -166,19 +235,23 @@ def _colourbar_ticks(draw: ImageDraw.ImageDraw, x: int, y: int, width: int, top_
 
 def save_overlay(path, image_channels, label, preseg, result, *, variance=None, entropy=None,
                  title: str = "", channel: int = 0, channel_name: str = "image",
-                 scale: int | None = None) -> tuple[int, int]:
+                 scale: int | None = None, classes=None) -> tuple[int, int]:
     """Write the overlay PNG of one case (see the module docstring).
 
     Args:
         path: output .png path (folders are created).
         image_channels: [C, H, W] (or [H, W]) float image.
         label, preseg, result: masks [H, W] or None (result is required); a panel and a legend
-            entry for each one given.
+            entry for each one given. With ``classes``: integer label maps [H, W] in the
+            dataset's values (0 background); EvaluationError for a value no class covers.
         variance, entropy: [H, W] uncertainty maps or None, drawn on 0..0.25 and 0..ln 2.
         title: a line of text above the panels ("" for none; see ``overlay_title``).
         channel: the image channel shown (1st-99th percentile window), named ``channel_name``.
         scale: integer upsampling of every panel; None picks the smallest one that makes a
             panel at least ``OVERLAY_MIN_SIZE`` pixels on its longer side.
+        classes: None for one foreground (the colours of label, pre-seg and result), or
+            ``((value, name), ...)``: one colour per class (``CLASS_PALETTE`` in this order) and a
+            legend entry per class name, plus the label's edge when a label is given.
 
     Returns:
         (width, height) of the PNG: width = n_panels * W * scale + (n_panels - 1) *
@@ -192,7 +265,15 @@ def save_overlay(path, image_channels, label, preseg, result, *, variance=None, 
     if not 0 <= channel < image.shape[0]:
         raise EvaluationError(f"overlay channel {channel} is out of range for {image.shape[0]} channels")
     height, width = image.shape[1:]
-    masks = _checked_masks((height, width), label, preseg, result)
+    colours = None if classes is None else _class_colours(classes)
+    if colours is None:
+        masks = _checked_masks((height, width), label, preseg, result)
+        legend = [(name, MASK_COLOURS[name]) for name in masks]
+    else:
+        masks = _checked_label_maps((height, width), label, preseg, result, colours)
+        legend = list(colours.values())
+        if "label" in masks and len(masks) > 1:
+            legend.append((LABEL_EDGE_NAME, LABEL_EDGE_RGB))
     maps = {}
     for name, values in (("variance", variance), ("entropy", entropy)):
         if values is not None:
@@ -204,7 +285,7 @@ def save_overlay(path, image_channels, label, preseg, result, *, variance=None, 
     if scale < 1:
         raise EvaluationError(f"overlay scale must be >= 1, got {scale}")
 
-    panels = _panels(_upscale(_gray(image[channel]), scale), masks, maps, scale, channel_name)
+    panels = _panels(_upscale(_gray(image[channel]), scale), masks, maps, scale, channel_name, colours)
     header = OVERLAY_LINE_HEIGHT * (2 if title else 1)
     ph, pw = height * scale, width * scale
     footer = header + ph + _FOOTER_TOP
@@ -223,7 +304,7 @@ def save_overlay(path, image_channels, label, preseg, result, *, variance=None, 
         draw.text((x + 2, header - OVERLAY_LINE_HEIGHT + 1), name, fill=_TEXT)
         if name in maps:
             _colourbar_ticks(draw, x, footer + COLOURBAR_HEIGHT, pw, UNCERTAINTY_SCALES[name][1])
-    _draw_legend(draw, 2, footer, list(masks))
+    _draw_legend(draw, 2, footer, legend)
     if title:
         draw.text((2, 1), title, fill=_TEXT)
     path = Path(path)

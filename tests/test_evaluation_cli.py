@@ -17,6 +17,7 @@ from evaluation.cli import evaluate_folders, main
 from evaluation.errors import EvaluationError
 from evaluation.report import read_metrics_csv
 from guided_diffusion.errors import ConfigError
+from guided_diffusion.script_util import run_cli
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -268,3 +269,105 @@ def test_out_and_out_dir_exclude_each_other(folders, tmp_path):
                       "--out_dir", tmp_path / "b")
     assert proc.returncode == 2 and proc.stderr.strip() == "error: give --out FILE or --out_dir DIR, not both"
     assert not (tmp_path / "a.csv").exists() and not (tmp_path / "b").exists()
+
+
+REGIONS = "WT:1,2,4;TC:1,4;ET:4"
+
+
+def brats_predictions_without_enhancing(training: Path, pred_dir: Path) -> list:
+    """Predictions named by case id: the labels with enhancing tumour (4) called necrosis (1),
+    so WT and TC are exact and ET is missed wherever the label has some."""
+    pred_dir.mkdir()
+    records = scan(str(training), "brats2d").records
+    for rec in records:
+        img = nib.load(rec.label_file)
+        label = np.asarray(img.dataobj)
+        nib.save(nib.Nifti1Image(np.where(label == 4, 1, label).astype(np.uint8), img.affine, img.header),
+                 str(pred_dir / f"{rec.case_id}.nii.gz"))
+    return records
+
+
+def test_regions_give_columns_per_region_on_case_and_patient_rows(brats2d_mini, tmp_path):
+    training = brats2d_mini / "training"
+    records = brats_predictions_without_enhancing(training, tmp_path / "pred")
+    out = tmp_path / "out"
+    main(["--pred_dir", str(tmp_path / "pred"), "--label_dir", str(training), "--dataset", "brats2d",
+          "--regions", REGIONS, "--out_dir", str(out)])
+    rows = read_metrics_csv(out / "metrics.csv")
+    cases = [r for r in rows if r["kind"] == "case"]
+    (patient,) = [r for r in rows if r["kind"] == "patient"]
+    assert len(cases) == len(records)
+    for row in [*cases, patient]:
+        assert row["WT_dice"] == 1.0 and row["TC_dice"] == 1.0 and row["WT_hd95"] == 0.0
+        assert row["ET_pred_voxels"] == 0
+        if row["kind"] == "case":
+            labels = np.asarray(nib.load(next(r.label_file for r in records if r.case_id == row["case_id"])).dataobj)
+            assert row["WT_label_voxels"] == int((labels > 0).sum())
+            assert row["ET_label_voxels"] == int((labels == 4).sum())
+        if row["ET_label_voxels"]:
+            # The main columns hold the mean over the three regions: ET's miss counts.
+            assert row["ET_dice"] == 0.0 and math.isnan(row["ET_hd95"])
+            assert row["dice"] == pytest.approx(2 / 3) and row["hd95"] == 0.0
+        else:
+            # ET empty in both leaves the mean: WT and TC alone.
+            assert row["dice"] == 1.0
+        assert row["label_voxels"] == row["WT_label_voxels"] + row["TC_label_voxels"] + row["ET_label_voxels"]
+    assert patient["ET_label_voxels"] == sum(r["ET_label_voxels"] for r in cases) > 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["regions"] == REGIONS
+    per_class = summary["per_class"]
+    assert per_class["kind"] == "patient" and list(per_class["classes"]) == ["WT", "TC", "ET"]
+    assert per_class["classes"]["ET"]["label_values"] == [4] and per_class["classes"]["WT"]["label_values"] == [1, 2, 4]
+    assert per_class["classes"]["WT"]["dice"] == 1.0 and per_class["classes"]["ET"]["dice"] == 0.0
+    assert summary["kinds"]["case"]["metrics"]["ET_dice"]["n_both_empty"] == sum(
+        1 for r in cases if r["ET_label_voxels"] == 0)
+    assert "dice per patient: WT 1.0000, TC 1.0000, ET 0.0000" in summary["results"]
+
+
+def test_classes_on_volumes_and_one_class_keeps_the_whole_foreground(tmp_path):
+    shape = (10, 12, 6)
+    label = cube(shape, (2, 2, 1), size=4).astype(np.uint8) * 2
+    label[3:5, 3:5, 2:4] = 1
+    pred = label.copy()
+    pred[pred == 1] = 2  # class 1 missed, called class 2
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "lab").mkdir()
+    save_volume(tmp_path / "pred" / "v.nii.gz", pred)
+    save_volume(tmp_path / "lab" / "v.nii.gz", label)
+    whole, _ = evaluate_folders(tmp_path / "pred", tmp_path / "lab")
+    one, _ = evaluate_folders(tmp_path / "pred", tmp_path / "lab", classes=(2,), foreground_labels=(1, 2))
+    two, _ = evaluate_folders(tmp_path / "pred", tmp_path / "lab", classes=(1, 2))
+    (volume,) = [r for r in two if r["kind"] == "volume"]
+    assert volume["class1_dice"] == 0.0 and volume["class2_dice"] == pytest.approx(2 * 56 / (64 + 56))
+    assert volume["dice"] == pytest.approx((0.0 + volume["class2_dice"]) / 2)
+    assert volume["pred_voxels"] == 64 and volume["label_voxels"] == 64
+    # No flag, or a single class: the main columns score the whole foreground, as before.
+    for rows in (whole, one):
+        assert all(r["dice"] == 1.0 for r in rows)
+    assert not any(c.startswith("class") for r in whole for c in r)
+    assert all(r["class2_dice"] is not None for r in one)
+    with pytest.raises(ConfigError, match="--foreground_labels"):
+        evaluate_folders(tmp_path / "pred", tmp_path / "lab", classes=(1, 2), foreground_labels=(1,))
+
+
+def test_a_label_value_no_class_or_region_covers_is_one_error_line(tmp_path, capsys):
+    label = np.zeros((8, 8), dtype=np.uint8)
+    label[1:3, 1:3] = 1
+    label[5:7, 5:7] = 3
+    (tmp_path / "pred").mkdir()
+    (tmp_path / "lab").mkdir()
+    nib.save(nib.Nifti1Image((label > 0).astype(np.uint8), np.eye(4)), str(tmp_path / "pred" / "c1.nii.gz"))
+    nib.save(nib.Nifti1Image(label, np.eye(4)), str(tmp_path / "lab" / "c1.nii.gz"))
+    for flag, value in (("--classes", "1,2"), ("--regions", "WT:1,2;TC:1")):
+        out = tmp_path / f"out{flag}"
+        argv = ["--pred_dir", str(tmp_path / "pred"), "--label_dir", str(tmp_path / "lab"), flag, value,
+                "--out_dir", str(out)]
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(lambda: main(argv))
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(tmp_path / "lab" / "c1.nii.gz") in err[0] and "has value 3" in err[0]
+        assert not out.exists()
+    with pytest.raises(ConfigError, match="not both"):
+        main(["--pred_dir", str(tmp_path / "pred"), "--label_dir", str(tmp_path / "lab"), "--classes", "1,3",
+              "--regions", "WT:1,3"])

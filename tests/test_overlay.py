@@ -1,5 +1,6 @@
 """Overlay PNGs: panels, legend, colour bars on fixed scales, the channel shown, the title."""
 
+import hashlib
 import math
 
 import numpy as np
@@ -8,7 +9,9 @@ from PIL import Image
 
 from evaluation.errors import EvaluationError
 from evaluation.overlay import (
+    CLASS_PALETTE,
     COLOURBAR_HEIGHT,
+    LABEL_EDGE_RGB,
     LABEL_RGB,
     LEGEND_SWATCH,
     OVERLAY_FOOTER_HEIGHT,
@@ -158,4 +161,73 @@ def test_bad_shapes_are_refused(case, tmp_path):
         save_overlay(tmp_path / "bad.png", case["image"], None, None, np.zeros((5, 5)))
     with pytest.raises(EvaluationError, match="variance shape"):
         save_overlay(tmp_path / "bad.png", case["image"], None, None, case["result"], variance=np.zeros((5, 5)))
+    assert not (tmp_path / "bad.png").exists()
+
+
+# SHA-256 of the RGB pixels that the one-foreground overlays below gave before ``classes``
+# existed (the code at bf4277a): classes=None must keep drawing exactly these.
+BINARY_PIXELS = {
+    "full": ((102, 452, 3), "cd42cf89f04a45b5daa16028e07400e2e2613f63ef799334214e4696696c4e28"),
+    "plain": ((136, 588, 3), "28f6c443a490cd5e1e8616f96bc5c3c4dac74f903e847e9b69f574406a9bded1"),
+}
+
+
+def test_one_foreground_overlays_are_pixel_identical_to_before(case, tmp_path):
+    variance = np.linspace(0, 0.25, H * W).reshape(H, W)
+    entropy = np.linspace(0, 0.69, H * W).reshape(H, W)[::-1]
+    runs = {"full": dict(variance=variance, entropy=entropy, title="case 7  addpm  K=2  Dice 0.500", scale=3),
+            "plain": dict(scale=None)}
+    for name, kw in runs.items():
+        path = tmp_path / f"{name}.png"
+        save_overlay(path, case["image"], square(4, 4).astype(np.uint8), square(5, 3), square(5, 5, 7),
+                     classes=None, **kw)
+        picture = pixels(path)
+        assert (picture.shape, hashlib.sha256(picture.tobytes()).hexdigest()) == BINARY_PIXELS[name], name
+
+
+def nested_maps():
+    """Label maps in BraTS 2023 values: oedema 2 around a core 1 around enhancing tumour 3."""
+    label = np.zeros((H, W), dtype=np.uint8)
+    label[2:14, 2:14] = 2
+    label[4:12, 4:12] = 1
+    label[6:10, 6:10] = 3
+    result = label.copy()
+    result[6:10, 6:10] = 1  # the enhancing part missed
+    return label, result
+
+
+def test_each_class_gets_its_own_colour_and_legend_entry(case, tmp_path):
+    label, result = nested_maps()
+    classes = ((2, "oedema"), (1, "core"), (3, "enhancing"))
+    path = tmp_path / "classes.png"
+    size = save_overlay(path, case["image"], label, None, result, classes=classes, scale=4)
+    picture = pixels(path)
+    assert size == (3 * W * 4 + 2 * OVERLAY_GAP, OVERLAY_LINE_HEIGHT + 4 * H + OVERLAY_FOOTER_HEIGHT)
+    colours = dict(zip((2, 1, 3), CLASS_PALETTE))
+    assert len(set(CLASS_PALETTE)) == len(CLASS_PALETTE)
+    label_panel = panel(picture, 1, OVERLAY_LINE_HEIGHT, scale=4)
+    result_panel = panel(picture, 2, OVERLAY_LINE_HEIGHT, scale=4)
+    # Each class's outline is drawn in its colour (upscaled by 4: the outer pixel ring of each square).
+    assert label_panel[2 * 4, 8 * 4].tolist() == list(colours[2])
+    assert label_panel[4 * 4, 8 * 4].tolist() == list(colours[1])
+    assert label_panel[6 * 4, 8 * 4].tolist() == list(colours[3])
+    # The result misses the enhancing part: its centre is tinted as core, not as enhancing tumour.
+    inside = result_panel[8 * 4, 8 * 4].astype(float)
+    assert np.argmax(inside) == np.argmax(colours[1])  # core's colour is mostly red
+    # The label's foreground edge (white) is drawn on the result panel.
+    assert result_panel[2 * 4, 8 * 4].tolist() == list(LABEL_EDGE_RGB)
+    # The legend: one swatch per class, in the order given, then the label's edge.
+    footer = picture[OVERLAY_LINE_HEIGHT + 4 * H + FOOTER_TOP + LEGEND_SWATCH // 2]
+    row = [tuple(c) for c in footer]
+    starts = [row.index(rgb) for rgb in (*colours.values(), LABEL_EDGE_RGB)]
+    assert starts == sorted(starts)
+    assert all(row.count(rgb) >= LEGEND_SWATCH for rgb in colours.values())
+
+
+def test_a_label_value_no_class_covers_is_refused(case, tmp_path):
+    label, result = nested_maps()
+    with pytest.raises(EvaluationError, match="overlay label has label value 3, which no class covers"):
+        save_overlay(tmp_path / "bad.png", case["image"], label, None, result, classes=((1, "core"), (2, "oedema")))
+    with pytest.raises(EvaluationError, match="is not an integer label map"):
+        save_overlay(tmp_path / "bad.png", case["image"], None, None, result * 0.5, classes=((1, "core"),))
     assert not (tmp_path / "bad.png").exists()
