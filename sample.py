@@ -170,6 +170,11 @@ def main():
         args.data_dir, dataset=args.dataset, preprocess=preprocess, subset="all",
         mask_suffix=args.mask_suffix, keep_original_label=True,
     )
+    if args.preseg_dir and preseg is not None:
+        # Label-map files are read with the dataset's classes (filled in from its labels).
+        preseg = PresegSource.from_flags(preseg_dir=args.preseg_dir, preprocess=dataset.preprocess,
+                                         device=ctx.device)
+    mask_channels, exclusive = check_mask_channels(bundle, dataset.preprocess, args.model_path)
     selected = select_cases(dataset, args.file_list)
     checkpoints = checkpoint_hashes(bundle, plan, preseg_path=args.preseg_path, preseg_dir=args.preseg_dir,
                                     denoiser_path=args.denoiser_path)
@@ -206,11 +211,12 @@ def main():
                     plan, diffusion=diffusion, model=model, images=images,
                     num_ensemble=num_members, mask_space=mask_space, preseg_probs=preseg_probs,
                     denoise_fn=denoise_fn, generator=generator, progress=args.progress_steps and ctx.is_main,
+                    mask_channels=mask_channels, exclusive=exclusive,
                 )
-            members = members[:, :, 0].float().cpu()
+            members = members.float().cpu()
             seconds = (time.perf_counter() - start) / len(batch["case_id"])
             for i in range(len(batch["case_id"])):
-                preseg_prob = None if preseg_probs is None else preseg_probs[i, 0].float().cpu()
+                preseg_prob = None if preseg_probs is None else preseg_probs[i].float().cpu()
                 writer.write_case(batch, i, members[i], preseg_prob, seconds)
     dist_util.barrier()
     if ctx.is_main:
@@ -234,6 +240,16 @@ def check_flags(args):
         raise ConfigError(f"--model_path is required for --sampler {args.sampler} (a diffusion checkpoint "
                           "from train_addpm.py); only --sampler preseg runs without one")
     check_writable_dir(args.out_dir, "--out_dir")
+
+
+def check_mask_channels(bundle, preprocess, model_path):
+    """(K, exclusive) of the run's label mode; a diffusion model of another K is refused."""
+    channels = preprocess.num_mask_channels
+    recorded = int(bundle.config.get("mask_channels", 1)) if bundle else channels
+    if recorded != channels:
+        raise ConfigError(f"{model_path} has {recorded} mask channels, but its preprocessing "
+                          f"({preprocess.label_mode} {preprocess.describe_labels()}) gives {channels}")
+    return channels, preprocess.exclusive
 
 
 def output_options(args):
