@@ -354,8 +354,8 @@ def class_means(summary: dict, names) -> dict:
 
 def classes_text(summary: dict) -> str:
     """``dice per volume by class: WT 0.8123, TC 0.7012, ET undefined``: the per-class line of a
-    K-class run (summary["classes"] from ``class_means``); "" for one class."""
-    classes = summary.get("classes") or {}
+    K-class run (summary["per_class"] from ``class_means``); "" for one class."""
+    classes = summary.get("per_class") or {}
     if not classes:
         return ""
     shown = ", ".join(f"{name} {'undefined' if m['dice'] is None else format(m['dice'], '.4f')}"

@@ -158,6 +158,13 @@ def channel_statistics(member_probs, exclusive: bool = True) -> dict:
     return stats
 
 
+def _hard(probs: torch.Tensor, exclusive: bool, channel_axis: int) -> torch.Tensor:
+    """``hard_channels`` of channels on ``channel_axis`` followed by any number of axes."""
+    shape = probs.shape
+    flat = probs.reshape(*shape[:channel_axis + 1], -1, 1)
+    return hard_channels(flat, exclusive).reshape(shape)
+
+
 def fused_channels_mask(fused, fusion: str = "mean", exclusive: bool = True):
     """The decision on fused per-channel probabilities [K, ...] -> bool [K, ...].
 
@@ -172,8 +179,8 @@ def fused_channels_mask(fused, fusion: str = "mean", exclusive: bool = True):
     if fusion == "vote":
         return fused > 0.5
     if isinstance(fused, torch.Tensor):
-        return hard_channels(fused, exclusive) > 0
-    return hard_channels(torch.from_numpy(np.asarray(fused)), exclusive).numpy() > 0
+        return _hard(fused, exclusive, 0) > 0
+    return _hard(torch.from_numpy(np.asarray(fused)), exclusive, 0).numpy() > 0
 
 
 def fuse_channels(member_probs, fusion: str = "mean", exclusive: bool = True):
@@ -195,7 +202,7 @@ def fuse_channels(member_probs, fusion: str = "mean", exclusive: bool = True):
         return fused, fused_channels_mask(fused, "mean", exclusive)
     is_torch = isinstance(member_probs, torch.Tensor)
     probs = member_probs if is_torch else torch.from_numpy(member_probs)
-    votes = hard_channels(probs.float(), exclusive)
+    votes = _hard(probs.float(), exclusive, 1)
     fused = votes.mean(dim=0).to(probs.dtype if probs.is_floating_point() else torch.float32)
     mask = 2 * votes.sum(dim=0) > probs.shape[0]
     return (fused, mask) if is_torch else (fused.numpy(), mask.numpy())
