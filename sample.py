@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from data import DATA_HELP, Preprocess, collate, create_dataset, data_defaults, preprocess_from_args
-from data.precomputed import precomputed_preseg_path
+from data.precomputed import check_label_map_file, precomputed_preseg_path
+from data.preprocess import SINGLE_CHANNEL_MODES
 from denoiser import load_final_step
 from evaluation.outputs import (
     CaseWriter,
@@ -67,7 +68,7 @@ DEFAULT_PRESEG_PATH = "runs/preseg/best.pt"
 DEFAULT_DENOISER_PATH = "runs/denoiser/best.pt"
 # The data flags sampling reads; the preprocessing ones matter only for a raw state dict.
 SAMPLE_DATA_FLAGS = ("data_dir", "dataset", "mask_suffix", "num_workers", "image_size", "resize_mode",
-                     "label_mode", "foreground_labels")
+                     "label_mode", "foreground_labels", "classes", "regions")
 
 SAMPLE_HELP = {
     "model_path": "diffusion checkpoint from train_addpm.py (or a raw improved-diffusion state dict)",
@@ -133,7 +134,7 @@ def create_argparser():
         description=__doc__.split("\n")[0],
         epilog="The UNet and diffusion flags (MODEL_FLAGS, DIFFUSION_FLAGS) and --image_size, "
         "--resize_mode, --label_mode, --foreground_labels are read only when --model_path is a raw "
-        "state dict (the preprocessing flags also for --sampler preseg --preseg_dir without "
+        "state dict (the preprocessing flags, --classes and --regions included, also for --sampler preseg --preseg_dir without "
         "--model_path); a checkpoint of train_addpm.py records its own.",
     )
     data_flags = {k: v for k, v in data_defaults().items() if k in SAMPLE_DATA_FLAGS}
@@ -307,17 +308,22 @@ def final_step(args, bundle, preprocess, device):
 
 
 def check_preseg_dir(args, plan, dataset, todo):
-    """Fail before any sampling when --preseg_dir lacks a case: one line, nothing written."""
+    """Fail before any sampling when --preseg_dir lacks a case, or (classes, regions) holds a
+    label value they do not cover: one line, nothing written."""
     if not args.preseg_dir or not plan.needs_preseg:
         return
     if not os.path.isdir(args.preseg_dir):
         raise ConfigError(f"--preseg_dir {args.preseg_dir}: no such folder")
     # The input's format and the case (or volume) id decide the file name; no item needs loading.
     case_ids, groups = dataset.case_ids, dataset.group_ids
+    paths = {}
     for index in todo:
         volume_id = dataset.records[groups[index]].volume_id if groups else None
         meta = {"format": dataset.item_format, "volume_id": volume_id}
-        precomputed_preseg_path(args.preseg_dir, case_ids[index], meta)
+        paths[precomputed_preseg_path(args.preseg_dir, case_ids[index], meta)] = None
+    if dataset.preprocess.label_mode not in SINGLE_CHANNEL_MODES:
+        for path in paths:
+            check_label_map_file(path, dataset.preprocess)
 
 
 if __name__ == "__main__":

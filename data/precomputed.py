@@ -119,6 +119,20 @@ def _read_volume(path):
     return array
 
 
+def check_label_map_file(path, preprocess):
+    """DataError naming ``path`` unless it holds integer labels that the run's classes or
+    regions cover: the check ``sample.py`` makes of every file before it samples a case."""
+    array = read_image(path, as_mask=True) if path.endswith(".png") else _read_volume(path)
+    _check_label_map(np.asarray(array), path, preprocess)
+
+
+def _check_label_map(array, path, preprocess):
+    values = label_values(array, path)
+    if values.size and values.min() < 0:
+        raise DataError(f"{path}: negative value {values.min()} in a label map")
+    preprocess.check_covered(values, path)
+
+
 def read_precomputed_label_channels(preseg_dir, case_id, meta, preprocess):
     """The precomputed pre-segmentation of one case as the run's channels: float32 {0, 1}
     [K, H, W] at the input's own size, from an integer label map in the dataset's values
@@ -128,10 +142,7 @@ def read_precomputed_label_channels(preseg_dir, case_id, meta, preprocess):
         that no class or region covers.
     """
     path, array = _read_case_array(preseg_dir, case_id, meta)
-    values = label_values(array, path)
-    if values.size and values.min() < 0:
-        raise DataError(f"{path}: negative value {values.min()} in a label map")
-    preprocess.check_covered(values, path)
+    _check_label_map(array, path, preprocess)
     return preprocess.map_label(np.rint(array).astype(np.int64)).astype(np.float32)
 
 
