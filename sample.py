@@ -133,9 +133,9 @@ def create_argparser():
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
         epilog="The UNet and diffusion flags (MODEL_FLAGS, DIFFUSION_FLAGS) and --image_size, "
-        "--resize_mode, --label_mode, --foreground_labels are read only when --model_path is a raw "
-        "state dict (the preprocessing flags, --classes and --regions included, also for --sampler preseg --preseg_dir without "
-        "--model_path); a checkpoint of train_addpm.py records its own.",
+        "--resize_mode, --label_mode, --foreground_labels, --classes, --regions are read only when "
+        "--model_path is a raw state dict (the preprocessing flags also for --sampler preseg "
+        "--preseg_dir without --model_path); a checkpoint of train_addpm.py records its own.",
     )
     data_flags = {k: v for k, v in data_defaults().items() if k in SAMPLE_DATA_FLAGS}
     add_dict_to_argparser(parser, data_flags, DATA_HELP)

@@ -17,12 +17,12 @@ import pytest
 import torch
 
 from data import Preprocess, create_dataset
-from denoiser.model import denoiser_in_channels
 from evaluation.metrics import METRIC_NAMES
 from evaluation.outputs import load_record
 from guided_diffusion.checkpoint import save_checkpoint
 from guided_diffusion.script_util import create_model, diffusion_checkpoint_config, diffusion_defaults, unet_defaults
 from preseg.io import build_network_from_config, network_config, network_defaults
+from tests.conftest import BRATS2D_MINI
 from tests.test_sample import load_nifti, read_metrics, sample_main
 
 SIZE = 32
@@ -65,8 +65,6 @@ def save_network(path, kind, preprocess, in_channels, **record) -> Path:
 def brats_nets(tmp_path_factory):
     """Multiclass (2, 4) diffusion, pre-segmentation and denoising checkpoints, and a regions
     diffusion checkpoint, for the BraTS fixture's four channels."""
-    from tests.conftest import BRATS2D_MINI
-
     if not BRATS2D_MINI.is_dir():
         pytest.skip(f"fixture folder {BRATS2D_MINI} is missing (../shared beside the repo)")
     root = tmp_path_factory.mktemp("class_nets")
@@ -77,8 +75,8 @@ def brats_nets(tmp_path_factory):
         "data": data,
         "multiclass": save_diffusion(root / "multiclass.pt", multiclass, 4),
         "preseg": save_network(root / "preseg.pt", "preseg", multiclass, 4),
-        "denoiser": save_network(root / "denoiser.pt", "denoiser", multiclass,
-                                 denoiser_in_channels(4, "none") - 1 + multiclass.num_mask_channels,
+        # Not conditioned on the image: the net reads x_T alone, one channel per class.
+        "denoiser": save_network(root / "denoiser.pt", "denoiser", multiclass, multiclass.num_mask_channels,
                                  **schedule, denoiser_cond="none", image_channels=4),
         "regions": save_diffusion(root / "regions.pt", regions, 4),
     }
