@@ -6,6 +6,11 @@ Layout under ``--out_dir``::
     uncertainty/<case_id>_variance.*     per-pixel variance of the members' probabilities
     uncertainty/<case_id>_entropy.*      binary entropy of their mean (nats)
     preseg/<case_id>.*                   the pre-segmentation (--save_preseg True)
+    overlays/<case_id>.png               image, label, pre-segmentation, result, uncertainty
+    cases/<case_id>.npz                  the case's record: written last, marks it finished;
+                                         it carries the settings and checkpoint hashes that made it
+    cases/settings.json                  the settings of the records in cases/ (run_settings)
+    metrics.csv, summary.json            merged over every selected case (rank 0)
 
 With several classes or regions (``--label_mode multiclass`` / ``regions``) the mask and the
 pre-segmentation are one integer label map in the dataset's own label values
@@ -18,11 +23,6 @@ pre-segmentation are one integer label map in the dataset's own label values
 (``name`` from ``Preprocess.class_names``: ``class2``, ``WT``), and metrics.csv holds per-class
 columns beside the mean over classes (``evaluation.report``). The label maps are scored per
 class or region as they are written (nnU-Net's and the BraTS evaluation's convention).
-    overlays/<case_id>.png               image, label, pre-segmentation, result, uncertainty
-    cases/<case_id>.npz                  the case's record: written last, marks it finished;
-                                         it carries the settings and checkpoint hashes that made it
-    cases/settings.json                  the settings of the records in cases/ (run_settings)
-    metrics.csv, summary.json            merged over every selected case (rank 0)
 
 A rerun into the same folder reuses the records made with its own settings and refuses (one
 line naming the differing settings) a folder that holds results of other settings, unless
@@ -534,9 +534,9 @@ def _group_rows(index: RecordIndex, group_id: str, out_dir: str, save_preseg: bo
         if accumulator is not None and "label" in record:
             meta = record["meta"]
             preseg = record.get("preseg")
-            accumulator.add(group_id, label_map_of(preprocess, record["mask"]), label_map_of(preprocess, record["label"]),
-                            slice_index=meta.get("slice_index"), spacing=meta["spacing"],
-                            slice_thickness=_slice_thickness(meta),
+            accumulator.add(group_id, label_map_of(preprocess, record["mask"]),
+                            label_map_of(preprocess, record["label"]), slice_index=meta.get("slice_index"),
+                            spacing=meta["spacing"], slice_thickness=_slice_thickness(meta),
                             preseg=None if preseg is None else label_map_of(preprocess, preseg))
         if volume:
             records.append(record)
