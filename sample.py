@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from data import DATA_HELP, Preprocess, collate, create_dataset, data_defaults, preprocess_from_args
-from data.precomputed import precomputed_preseg_path
+from data.precomputed import check_label_map_file, precomputed_preseg_path
+from data.preprocess import SINGLE_CHANNEL_MODES
 from denoiser import load_final_step
 from evaluation.outputs import (
     CaseWriter,
@@ -67,7 +68,7 @@ DEFAULT_PRESEG_PATH = "runs/preseg/best.pt"
 DEFAULT_DENOISER_PATH = "runs/denoiser/best.pt"
 # The data flags sampling reads; the preprocessing ones matter only for a raw state dict.
 SAMPLE_DATA_FLAGS = ("data_dir", "dataset", "mask_suffix", "num_workers", "image_size", "resize_mode",
-                     "label_mode", "foreground_labels")
+                     "label_mode", "foreground_labels", "classes", "regions")
 
 SAMPLE_HELP = {
     "model_path": "diffusion checkpoint from train_addpm.py (or a raw improved-diffusion state dict)",
@@ -132,9 +133,9 @@ def create_argparser():
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n")[0],
         epilog="The UNet and diffusion flags (MODEL_FLAGS, DIFFUSION_FLAGS) and --image_size, "
-        "--resize_mode, --label_mode, --foreground_labels are read only when --model_path is a raw "
-        "state dict (the preprocessing flags also for --sampler preseg --preseg_dir without "
-        "--model_path); a checkpoint of train_addpm.py records its own.",
+        "--resize_mode, --label_mode, --foreground_labels, --classes, --regions are read only when "
+        "--model_path is a raw state dict (the preprocessing flags also for --sampler preseg "
+        "--preseg_dir without --model_path); a checkpoint of train_addpm.py records its own.",
     )
     data_flags = {k: v for k, v in data_defaults().items() if k in SAMPLE_DATA_FLAGS}
     add_dict_to_argparser(parser, data_flags, DATA_HELP)
@@ -170,6 +171,11 @@ def main():
         args.data_dir, dataset=args.dataset, preprocess=preprocess, subset="all",
         mask_suffix=args.mask_suffix, keep_original_label=True,
     )
+    if args.preseg_dir and preseg is not None:
+        # Label-map files are read with the dataset's classes (filled in from its labels).
+        preseg = PresegSource.from_flags(preseg_dir=args.preseg_dir, preprocess=dataset.preprocess,
+                                         device=ctx.device)
+    mask_channels, exclusive = check_mask_channels(bundle, dataset.preprocess, args.model_path)
     selected = select_cases(dataset, args.file_list)
     checkpoints = checkpoint_hashes(bundle, plan, preseg_path=args.preseg_path, preseg_dir=args.preseg_dir,
                                     denoiser_path=args.denoiser_path)
@@ -206,11 +212,12 @@ def main():
                     plan, diffusion=diffusion, model=model, images=images,
                     num_ensemble=num_members, mask_space=mask_space, preseg_probs=preseg_probs,
                     denoise_fn=denoise_fn, generator=generator, progress=args.progress_steps and ctx.is_main,
+                    mask_channels=mask_channels, exclusive=exclusive,
                 )
-            members = members[:, :, 0].float().cpu()
+            members = members.float().cpu()
             seconds = (time.perf_counter() - start) / len(batch["case_id"])
             for i in range(len(batch["case_id"])):
-                preseg_prob = None if preseg_probs is None else preseg_probs[i, 0].float().cpu()
+                preseg_prob = None if preseg_probs is None else preseg_probs[i].float().cpu()
                 writer.write_case(batch, i, members[i], preseg_prob, seconds)
     dist_util.barrier()
     if ctx.is_main:
@@ -234,6 +241,16 @@ def check_flags(args):
         raise ConfigError(f"--model_path is required for --sampler {args.sampler} (a diffusion checkpoint "
                           "from train_addpm.py); only --sampler preseg runs without one")
     check_writable_dir(args.out_dir, "--out_dir")
+
+
+def check_mask_channels(bundle, preprocess, model_path):
+    """(K, exclusive) of the run's label mode; a diffusion model of another K is refused."""
+    channels = preprocess.num_mask_channels
+    recorded = int(bundle.config.get("mask_channels", 1)) if bundle else channels
+    if recorded != channels:
+        raise ConfigError(f"{model_path} has {recorded} mask channels, but its preprocessing "
+                          f"({preprocess.label_mode} {preprocess.describe_labels()}) gives {channels}")
+    return channels, preprocess.exclusive
 
 
 def output_options(args):
@@ -291,17 +308,22 @@ def final_step(args, bundle, preprocess, device):
 
 
 def check_preseg_dir(args, plan, dataset, todo):
-    """Fail before any sampling when --preseg_dir lacks a case: one line, nothing written."""
+    """Fail before any sampling when --preseg_dir lacks a case, or (classes, regions) holds a
+    label value they do not cover: one line, nothing written."""
     if not args.preseg_dir or not plan.needs_preseg:
         return
     if not os.path.isdir(args.preseg_dir):
         raise ConfigError(f"--preseg_dir {args.preseg_dir}: no such folder")
     # The input's format and the case (or volume) id decide the file name; no item needs loading.
     case_ids, groups = dataset.case_ids, dataset.group_ids
+    paths = {}
     for index in todo:
         volume_id = dataset.records[groups[index]].volume_id if groups else None
         meta = {"format": dataset.item_format, "volume_id": volume_id}
-        precomputed_preseg_path(args.preseg_dir, case_ids[index], meta)
+        paths[precomputed_preseg_path(args.preseg_dir, case_ids[index], meta)] = None
+    if dataset.preprocess.label_mode not in SINGLE_CHANNEL_MODES:
+        for path in paths:
+            check_label_map_file(path, dataset.preprocess)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,11 @@ a binary mask in {0, 1} or {0, 255}; probabilities in [0, 1] (a float NIfTI, or 
 PNG scaled by 255 / 65535); or, for NIfTI only, an integer label map (e.g. an nnU-Net
 output), mapped to the foreground by the model's own label mapping (``Preprocess.map_label``:
 every non-zero label, or only ``--foreground_labels``).
+
+With several classes or regions (``--label_mode multiclass`` / ``regions``) the file is an
+integer label map in the dataset's own values (NIfTI or PNG, e.g. BraTS 0, 1, 2, 4), mapped by
+``Preprocess.map_label`` to one channel per class or region; a value that no class or region
+covers is an error naming the file.
 """
 
 import functools
@@ -26,16 +31,17 @@ import torch
 from data.errors import DataError
 from data.formats import NIFTI_FORMATS, NIFTI_VOLUME_SLICE
 from data.io import read_image, read_nifti
-from data.preprocess import apply_geometry, binary_mask_labels
+from data.preprocess import SINGLE_CHANNEL_MODES, apply_geometry, binary_mask_labels, label_values
 
 
 class PrecomputedMasks:
-    """``masks(batch)`` -> the batch's precomputed pre-segmentations as foreground probabilities
-    [B, 1, S, S] (CPU float32), each case's file mapped through the case's own geometry
-    (``meta["geometry"]``, augmentation included) onto the grid the networks see.
+    """``masks(batch)`` -> the batch's precomputed pre-segmentations as per-channel
+    probabilities [B, K, S, S] (CPU float32; K = 1 for binary and subset), each case's file
+    mapped through the case's own geometry (``meta["geometry"]``, augmentation included) onto
+    the grid the networks see.
 
-    ``preprocess`` (the run's ``Preprocess``) maps label-map files; None counts every non-zero
-    label as foreground.
+    ``preprocess`` (the run's ``Preprocess``, its classes filled in) maps label-map files; None
+    counts every non-zero label as foreground.
     """
 
     def __init__(self, preseg_dir, preprocess=None):
@@ -43,13 +49,17 @@ class PrecomputedMasks:
         self.preprocess = preprocess
 
     def __call__(self, batch):
-        map_label = self.preprocess.map_label if self.preprocess is not None else None
+        by_channel = self.preprocess is not None and self.preprocess.label_mode not in SINGLE_CHANNEL_MODES
         masks = []
         for case_id, meta in zip(batch["case_id"], batch["meta"]):
-            mask = read_precomputed_preseg(self.preseg_dir, case_id, meta, map_label=map_label)
+            if by_channel:
+                mask = read_precomputed_label_channels(self.preseg_dir, case_id, meta, self.preprocess)
+            else:
+                map_label = self.preprocess.map_label if self.preprocess is not None else None
+                mask = read_precomputed_preseg(self.preseg_dir, case_id, meta, map_label=map_label)[None]
             # The file is at the input's own size; the networks see the preprocessed grid.
             masks.append(torch.from_numpy(apply_geometry(mask, meta["geometry"], order=1)))
-        return torch.stack(masks).unsqueeze(1)
+        return torch.stack(masks)
 
 
 def _to_probability(array, path, *, png_scale, map_label=None):
@@ -109,6 +119,33 @@ def _read_volume(path):
     return array
 
 
+def check_label_map_file(path, preprocess):
+    """DataError naming ``path`` unless it holds integer labels that the run's classes or
+    regions cover: the check ``sample.py`` makes of every file before it samples a case."""
+    array = read_image(path, as_mask=True) if path.endswith(".png") else _read_volume(path)
+    _check_label_map(np.asarray(array), path, preprocess)
+
+
+def _check_label_map(array, path, preprocess):
+    values = label_values(array, path)
+    if values.size and values.min() < 0:
+        raise DataError(f"{path}: negative value {values.min()} in a label map")
+    preprocess.check_covered(values, path)
+
+
+def read_precomputed_label_channels(preseg_dir, case_id, meta, preprocess):
+    """The precomputed pre-segmentation of one case as the run's channels: float32 {0, 1}
+    [K, H, W] at the input's own size, from an integer label map in the dataset's values
+    (``preprocess.map_label``, multiclass or regions mode).
+
+    :raises DataError: what ``read_precomputed_preseg`` raises, non-integer values, or a value
+        that no class or region covers.
+    """
+    path, array = _read_case_array(preseg_dir, case_id, meta)
+    _check_label_map(array, path, preprocess)
+    return preprocess.map_label(np.rint(array).astype(np.int64)).astype(np.float32)
+
+
 def read_precomputed_preseg(preseg_dir, case_id, meta, map_label=None):
     """Read the precomputed pre-segmentation of one case (layout in the module docstring).
 
@@ -122,11 +159,20 @@ def read_precomputed_preseg(preseg_dir, case_id, meta, map_label=None):
     :raises DataError: a missing or unreadable file, values that are not a mask or
         probabilities, or a shape that differs from the input's.
     """
+    path, array = _read_case_array(preseg_dir, case_id, meta)
+    if path.endswith(".png"):
+        # 8-bit PNGs read as uint8; 16-bit ones as float32 holding 0..65535.
+        png_scale = 255.0 if array.dtype == np.uint8 else 65535.0
+    else:
+        png_scale = None
+    return _to_probability(array, path, png_scale=png_scale, map_label=map_label)
+
+
+def _read_case_array(preseg_dir, case_id, meta):
+    """(path, the case's array [H, W] as stored) of one case's file, its shape checked."""
     path = precomputed_preseg_path(preseg_dir, case_id, meta)
     if path.endswith(".png"):
         array = read_image(path, as_mask=True)
-        # 8-bit PNGs read as uint8; 16-bit ones as float32 holding 0..65535.
-        png_scale = 255.0 if array.dtype == np.uint8 else 65535.0
     elif meta.get("format") == NIFTI_VOLUME_SLICE:
         volume = _read_volume(path)
         if tuple(volume.shape) != tuple(meta["volume_shape"]):
@@ -134,10 +180,8 @@ def read_precomputed_preseg(preseg_dir, case_id, meta, map_label=None):
                 f"{path}: shape {tuple(volume.shape)} differs from the input volume's {tuple(meta['volume_shape'])}"
             )
         array = np.take(volume, int(meta["slice_index"]), axis=int(meta["slice_axis"]))
-        png_scale = None
     else:
         array, _ = read_nifti(path)
-        png_scale = None
         # A 2D mask saved as a one-slice volume (H, W, 1) is common for NIfTI slices.
         if array.ndim == 3 and array.shape[-1] == 1:
             array = array[..., 0]
@@ -146,4 +190,4 @@ def read_precomputed_preseg(preseg_dir, case_id, meta, map_label=None):
         raise DataError(
             f"{path}: shape {tuple(array.shape)} differs from the input image's {expected}"
         )
-    return _to_probability(np.asarray(array), path, png_scale=png_scale, map_label=map_label)
+    return path, np.asarray(array)

@@ -3,7 +3,8 @@
 A case read from NIfTI is written as NIfTI with the source file's affine and header (same
 array shape as the source slice); slices of a 3D volume are reassembled into a volume with the
 volume's affine and header; a case read from an image file is written as PNG: masks as 8-bit
-0/255, float maps in [0, 1] as 16-bit (0..65535). Every file is written to a temporary name
+0/255, label maps of several classes with their own values (8-bit, 16-bit above 255), float
+maps in [0, 1] as 16-bit (0..65535). Every file is written to a temporary name
 in its folder and then renamed, so an interrupted run never leaves half a file.
 """
 
@@ -35,21 +36,24 @@ def _nifti_like(array: np.ndarray, reference, path: str) -> str:
     return atomic_write(path, lambda tmp: nib.save(image, tmp))
 
 
-def write_slice(path_stem: str, array: np.ndarray, meta: dict) -> str:
+def write_slice(path_stem: str, array: np.ndarray, meta: dict, *, label_map: bool = False) -> str:
     """Write one 2D map [H, W] (at the input's geometry) beside ``path_stem`` + extension.
 
     Boolean / integer arrays are masks; float arrays are maps with values in [0, 1].
-    Returns the path written.
+    ``label_map``: an integer map in the dataset's label values (several classes), written
+    with those values (NIfTI in the array's own integer type). Returns the path written.
     """
     path = path_stem + output_extension(meta)
     array = np.asarray(array)
     is_mask = array.dtype == bool or np.issubdtype(array.dtype, np.integer)
     if meta["format"] in NIFTI_FORMATS:
         reference = _load_reference(meta["reference_file"])
-        data = array.astype(np.uint8 if is_mask else np.float32)
+        data = array if label_map else array.astype(np.uint8 if is_mask else np.float32)
         data = data.reshape(reference.shape) if int(np.prod(reference.shape)) == data.size else data
         return _nifti_like(data, reference, path)
-    if is_mask:
+    if label_map:
+        image = Image.fromarray(array.astype(np.uint8 if array.max(initial=0) < 256 else np.uint16))
+    elif is_mask:
         image = Image.fromarray((array > 0).astype(np.uint8) * 255)
     else:
         image = Image.fromarray(np.round(np.clip(array, 0.0, 1.0) * 65535).astype(np.uint16))

@@ -7,6 +7,7 @@ from evaluation.errors import EvaluationError
 from evaluation.metrics import (
     COUNT_NAMES,
     METRIC_NAMES,
+    label_map_metrics,
     multiclass_metrics,
     segmentation_metrics,
     surface_distances,
@@ -22,15 +23,18 @@ from evaluation.report import (
     write_metrics_csv,
     write_summary_json,
 )
-from evaluation.uncertainty import ensemble_statistics, fuse
+from evaluation.uncertainty import channel_statistics, ensemble_statistics, fuse, fuse_channels
 
 __all__ = [
     "COUNT_NAMES",
     "METRIC_NAMES",
     "EvaluationError",
     "GroupAccumulator",
+    "channel_statistics",
     "ensemble_statistics",
     "fuse",
+    "fuse_channels",
+    "label_map_metrics",
     "metrics_row",
     "multiclass_metrics",
     "read_metrics_csv",

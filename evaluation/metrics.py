@@ -60,6 +60,9 @@ METRIC_NAMES = ("dice", "iou", "hd95", "hd95_penalized", "assd", "sensitivity", 
                 "precision")
 COUNT_NAMES = ("tp", "fp", "fn", "tn", "pred_voxels", "label_voxels")
 HD_PERCENTILE = 95.0
+# Per-class columns carry their voxel counts too, so that a class empty in both masks leaves the
+# means (``evaluation.report.is_both_empty``).
+CLASS_COUNT_NAMES = ("pred_voxels", "label_voxels")
 
 
 def _ratio(num: int, den: int) -> float:
@@ -217,3 +220,41 @@ def multiclass_metrics(pred_labels, label_labels, classes, spacing=None) -> dict
             np.isin(pred_labels, values), np.isin(label_labels, values), spacing
         )
     return out
+
+
+def mean_over_classes(per_class: Mapping) -> dict:
+    """The metrics of a K-class result as one: the un-prefixed columns of its metrics.csv row.
+
+    Each metric is the mean over the classes that are not empty in both masks (those are left
+    out, as from every mean of ``evaluation.report``), nan values left out; nan when no class
+    has a value. When every class is empty in both masks, the both-empty values
+    (dice 1, hd95 0, ...). The voxel counts are summed over the classes, so the row counts as
+    both empty exactly when every class is.
+    """
+    entries = list(per_class.values())
+    if not entries:
+        raise EvaluationError("mean over classes of no classes")
+    scored = [m for m in entries if m["pred_voxels"] or m["label_voxels"]] or entries
+    out = {}
+    for name in METRIC_NAMES:
+        values = [float(m[name]) for m in scored if not math.isnan(float(m[name]))]
+        out[name] = sum(values) / len(values) if values else math.nan
+    for name in COUNT_NAMES:
+        out[name] = int(sum(int(m[name]) for m in entries))
+    return out
+
+
+def class_columns(per_class: Mapping) -> dict:
+    """Per-class metrics -> one flat row: ``{name}_{metric}`` and ``{name}_pred_voxels`` /
+    ``{name}_label_voxels`` per class, and the un-prefixed mean over classes
+    (``mean_over_classes``)."""
+    row = mean_over_classes(per_class)
+    for key, metrics in per_class.items():
+        row.update({f"{key}_{m}": metrics[m] for m in (*METRIC_NAMES, *CLASS_COUNT_NAMES)})
+    return row
+
+
+def label_map_metrics(pred_labels, label_labels, classes: Mapping, spacing=None) -> dict:
+    """``class_columns`` of two integer label maps: ``multiclass_metrics`` per class (a mapping
+    from a name to its label value or values) and their mean."""
+    return class_columns(multiclass_metrics(pred_labels, label_labels, classes, spacing))

@@ -12,13 +12,26 @@ Layout under ``--out_dir``::
     cases/settings.json                  the settings of the records in cases/ (run_settings)
     metrics.csv, summary.json            merged over every selected case (rank 0)
 
+With several classes or regions (``--label_mode multiclass`` / ``regions``) the mask and the
+pre-segmentation are one integer label map in the dataset's own label values
+(``Preprocess.label_map``), and the uncertainty maps are per class or region::
+
+    uncertainty/<case_id>_variance_<name>.*  variance of each channel's probabilities
+    uncertainty/<case_id>_entropy.*          classes: entropy over background and classes
+    uncertainty/<case_id>_entropy_<name>.*   regions: binary entropy of each region
+
+(``name`` from ``Preprocess.class_names``: ``class2``, ``WT``), and metrics.csv holds per-class
+columns beside the mean over classes (``evaluation.report``). The label maps are scored per
+class or region as they are written (nnU-Net's and the BraTS evaluation's convention).
+
 A rerun into the same folder reuses the records made with its own settings and refuses (one
 line naming the differing settings) a folder that holds results of other settings, unless
 ``--overwrite True``. The merge streams: one volume's or patient's arrays at a time.
 
 Slices of a 3D volume are written as whole volumes (``masks/<volume_id>.nii.gz``, ...) when
 the run ends, from the case records, so that ranks of a torchrun job can share a volume.
-16-bit PNG maps store variance / 0.25 and entropy / ln 2 (both maxima) in 0..65535.
+16-bit PNG maps store variance / 0.25 and entropy / ln 2 (ln(K + 1) for the entropy over K
+classes; all maxima) in 0..65535.
 """
 
 import glob
@@ -34,11 +47,14 @@ import torch
 
 from data import restore_geometry
 from data.formats import NIFTI_FORMATS, NIFTI_VOLUME_SLICE
+from data.preprocess import SINGLE_CHANNEL_MODES, Preprocess
 from data.writers import write_slice, write_volume
-from evaluation.metrics import segmentation_metrics
+from evaluation.metrics import label_map_metrics, segmentation_metrics
 from evaluation.report import (
     GroupAccumulator,
     SummaryAccumulator,
+    class_column_names,
+    class_means,
     has_patient_groups,
     metrics_columns,
     metrics_row,
@@ -47,7 +63,14 @@ from evaluation.report import (
     write_summary_json,
 )
 from evaluation.overlay import overlay_title, save_overlay
-from evaluation.uncertainty import MAX_ENTROPY, MAX_VARIANCE, ensemble_statistics, fuse
+from evaluation.uncertainty import (
+    MAX_ENTROPY,
+    MAX_VARIANCE,
+    channel_statistics,
+    fuse_channels,
+    fused_channels_mask,
+    max_entropy,
+)
 from guided_diffusion.atomic import atomic_write, atomic_write_text, remove_stale_temp_files
 from guided_diffusion.checkpoint import file_sha256
 from guided_diffusion.errors import ConfigError
@@ -178,6 +201,60 @@ def read_record_header(path: str) -> dict | None:
         return None
 
 
+# ------------------------------------------------------------------ classes and regions
+
+
+def has_classes(preprocess) -> bool:
+    """True for the label modes with one channel per class or region (multiclass, regions):
+    their outputs are label maps and their tables per class; binary and subset runs write
+    exactly what they wrote before classes existed."""
+    return preprocess.label_mode not in SINGLE_CHANNEL_MODES
+
+
+def class_values(preprocess) -> dict:
+    """{name: label value(s)} of each channel, as the label maps are scored
+    (``evaluation.metrics.label_map_metrics``): a class's value, a region's set of values."""
+    if preprocess.label_mode == "multiclass":
+        return dict(zip(preprocess.class_names, preprocess.classes))
+    return {name: tuple(values) for name, values in preprocess.regions}
+
+
+def overlay_classes(preprocess) -> tuple:
+    """((value, name), ...): the colours an overlay gives the label map's values."""
+    names = preprocess.class_names
+    return tuple((value, names[k]) for k, value in preprocess.paint_order())
+
+
+def label_map_of(preprocess, channels: np.ndarray) -> np.ndarray:
+    """A case's written map from its hard channels: the one-channel mask [H, W] as it is
+    (binary, subset), else ``Preprocess.label_map`` of the channels [K, H, W]."""
+    return preprocess.label_map(channels) if has_classes(preprocess) else channels
+
+
+def uncertainty_maps(preprocess, variance: np.ndarray, entropy: np.ndarray) -> list:
+    """[(file-name suffix, map [H, W], the map's largest value)] of one case or slice.
+
+    variance: [K, H, W] (binary, subset: [H, W]); entropy: [H, W] for classes (over the
+    background and the classes), [K, H, W] per region."""
+    if not has_classes(preprocess):
+        return [("_variance", variance, MAX_VARIANCE), ("_entropy", entropy, MAX_ENTROPY)]
+    names = preprocess.class_names
+    maps = [(f"_variance_{name}", variance[k], MAX_VARIANCE) for k, name in enumerate(names)]
+    if preprocess.exclusive:
+        maps.append(("_entropy", entropy, max_entropy(len(names) + 1)))
+    else:
+        maps += [(f"_entropy_{name}", entropy[k], MAX_ENTROPY) for k, name in enumerate(names)]
+    return maps
+
+
+def score(preprocess, pred_map: np.ndarray, label_map: np.ndarray, spacing) -> dict:
+    """A case's metrics: the foreground's (binary, subset), or per class or region with
+    their mean (``label_map_metrics``)."""
+    if not has_classes(preprocess):
+        return segmentation_metrics(pred_map > 0, label_map > 0, spacing)
+    return label_map_metrics(pred_map, label_map, class_values(preprocess), spacing)
+
+
 class CaseWriter:
     """Turns the members of one case into its files, metrics and record.
 
@@ -264,39 +341,47 @@ class CaseWriter:
     def _stem(self, folder: str, name: str) -> str:
         return os.path.join(self.out_dir, folder, name)
 
-    def write_case(self, batch, i, members: torch.Tensor, preseg_prob, seconds: float) -> None:
-        """members: [K, S, S] foreground probabilities; preseg_prob: [S, S] or None."""
+    def write_case(self, batch, i, members: torch.Tensor, preseg_probs, seconds: float) -> None:
+        """members: [M, K, S, S] per-channel probabilities of the M members; preseg_probs:
+        [K, S, S] or None (K = 1 for binary and subset)."""
         case_id, meta = batch["case_id"][i], batch["meta"][i]
-        stats = ensemble_statistics(members)
-        fused_prob, _ = fuse(members, self.options.fusion)
-        # Resample the fused probability and threshold on the input's grid, so that a resized
+        preprocess, fusion = self.preprocess, self.options.fusion
+        exclusive, classes = preprocess.exclusive, has_classes(preprocess)
+        stats = channel_statistics(members, exclusive)
+        fused_probs, _ = fuse_channels(members, fusion, exclusive)
+        # Resample the fused probabilities and decide on the input's grid, so that a resized
         # case gets smooth borders rather than blown-up network pixels (crop_pad: the same).
-        fused_prob = restore_geometry(fused_prob.numpy().astype(np.float32), meta, order=1)
-        # fuse's rules: mean >= 0.5, or a strict majority of the votes.
-        mask = (fused_prob > 0.5 if self.options.fusion == "vote" else fused_prob >= 0.5).astype(np.uint8)
+        fused_probs = restore_geometry(fused_probs.numpy().astype(np.float32), meta, order=1)
+        channels = fused_channels_mask(fused_probs, fusion, exclusive).astype(np.uint8)
         variance = restore_geometry(stats["variance"].numpy().astype(np.float32), meta, order=1)
         entropy = restore_geometry(stats["entropy"].numpy().astype(np.float32), meta, order=1)
-        preseg = None
-        if preseg_prob is not None:
-            preseg_prob = restore_geometry(preseg_prob.numpy().astype(np.float32), meta, order=1)
-            preseg = (preseg_prob >= 0.5).astype(np.uint8)
-        label = None
-        if "original_label" in batch:
-            label = batch["original_label"][i]
-            label = None if label is None else np.asarray(label, dtype=np.uint8)
+        preseg_channels = None
+        if preseg_probs is not None:
+            preseg_probs = restore_geometry(preseg_probs.numpy().astype(np.float32), meta, order=1)
+            preseg_channels = fused_channels_mask(preseg_probs, "mean", exclusive).astype(np.uint8)
+        label_channels = None
+        if "original_label" in batch and batch["original_label"][i] is not None:
+            label_channels = np.asarray(batch["original_label"][i], dtype=np.uint8)
+        if not classes:
+            # One channel: the maps and masks are [H, W], as they always were.
+            channels, variance = channels[0], variance[0]
+            preseg_channels = None if preseg_channels is None else preseg_channels[0]
+        mask = label_map_of(preprocess, channels)
+        preseg = None if preseg_channels is None else label_map_of(preprocess, preseg_channels)
+        label = None if label_channels is None else label_map_of(preprocess, label_channels)
 
         if meta["format"] != NIFTI_VOLUME_SLICE:
-            write_slice(self._stem("masks", case_id), mask, meta)
-            write_slice(self._stem("uncertainty", case_id + "_variance"), self._png_scaled(variance, MAX_VARIANCE, meta), meta)
-            write_slice(self._stem("uncertainty", case_id + "_entropy"), self._png_scaled(entropy, MAX_ENTROPY, meta), meta)
+            write_slice(self._stem("masks", case_id), mask, meta, label_map=classes)
+            for suffix, values, maximum in uncertainty_maps(preprocess, variance, entropy):
+                write_slice(self._stem("uncertainty", case_id + suffix), self._png_scaled(values, maximum, meta), meta)
             if preseg is not None and self.options.save_preseg:
-                write_slice(self._stem("preseg", case_id), preseg, meta)
+                write_slice(self._stem("preseg", case_id), preseg, meta, label_map=classes)
         spacing = tuple(float(s) for s in meta["spacing"])
         metrics = preseg_metrics = None
         if label is not None:
-            metrics = segmentation_metrics(mask > 0, label > 0, spacing)
+            metrics = score(preprocess, mask, label, spacing)
             if preseg is not None:
-                preseg_metrics = segmentation_metrics(preseg > 0, label > 0, spacing)
+                preseg_metrics = score(preprocess, preseg, label, spacing)
         if self.options.save_overlays:
             self._write_overlay(batch, i, label, preseg, mask, variance, entropy, metrics, preseg_metrics)
         record = {
@@ -306,23 +391,34 @@ class CaseWriter:
             "device": str(self.ctx.device), "world_size": self.ctx.world_size,
             "batch_size": self.options.batch_size,
         }
-        arrays = {"mask": np.packbits(mask > 0), "variance": variance.astype(np.float16),
+        if classes:
+            record["mask_channels"] = preprocess.num_mask_channels
+        # The hard channels, not the label maps: the merge paints them (label maps of
+        # overlapping regions need not give the regions back).
+        arrays = {"mask": np.packbits(channels > 0), "variance": variance.astype(np.float16),
                   "entropy": entropy.astype(np.float16)}
-        if preseg is not None:
-            arrays["preseg"] = np.packbits(preseg > 0)
-        if label is not None:
-            arrays["label"] = np.packbits(label > 0)
+        if preseg_channels is not None:
+            arrays["preseg"] = np.packbits(preseg_channels > 0)
+        if label_channels is not None:
+            arrays["label"] = np.packbits(label_channels > 0)
         write_record(self.record_path(case_id), record, **arrays)
 
     def _write_overlay(self, batch, i, label, preseg, mask, variance, entropy, metrics, preseg_metrics) -> None:
         case_id, meta = batch["case_id"][i], batch["meta"][i]
         image = restore_geometry(batch["image"][i].numpy(), meta, order=1)
+        classes = {}
+        if has_classes(self.preprocess):
+            # One panel each: the spread over the channels, the uncertainty over the classes.
+            variance = variance.mean(axis=0)
+            entropy = entropy if entropy.ndim == 2 else entropy.sum(axis=0)
+            classes = {"classes": overlay_classes(self.preprocess)}
         # One member has no spread: its variance panel would be black whatever the case.
         save_overlay(
             os.path.join(self.out_dir, "overlays", case_id + ".png"), image, label, preseg, mask,
             variance=variance if self.num_members > 1 else None, entropy=entropy, channel=self.overlay_channel,
             channel_name=self.dataset.channel_names[self.overlay_channel],
             title=overlay_title(case_id, self.plan.sampler, self.num_members, metrics, preseg_metrics),
+            **classes,
         )
 
     @staticmethod
@@ -336,10 +432,13 @@ MAP_ARRAYS = ("variance", "entropy")
 
 
 def load_record(path: str, arrays=MASK_ARRAYS + MAP_ARRAYS) -> dict:
-    """A case record with the named arrays decoded (masks uint8 [H, W], maps float32)."""
+    """A case record with the named arrays decoded (masks uint8 [H, W], or the hard channels
+    [K, H, W] of a run with classes or regions; maps float32)."""
     with np.load(path) as data:
         record = json.loads(bytes(data["record"]).decode())
         shape = tuple(record["meta"]["original_shape"])
+        if "mask_channels" in record:
+            shape = (int(record["mask_channels"]), *shape)
         size = int(np.prod(shape))
         for name in arrays:
             if name not in data:
@@ -358,15 +457,20 @@ def _slice_thickness(meta: dict) -> float | None:
     return float(np.linalg.norm(np.asarray(meta["affine"], dtype=float)[:3, int(meta["slice_axis"])]))
 
 
-def _write_volume_outputs(out_dir: str, volume_id: str, records: list, save_preseg: bool) -> None:
-    """Stack a volume's slice records into masks/, uncertainty/ (and preseg/) volumes."""
+def _write_volume_outputs(out_dir: str, volume_id: str, records: list, save_preseg: bool, preprocess) -> None:
+    """Stack a volume's slice records into masks/, uncertainty/ (and preseg/) volumes: the
+    names and maps of ``uncertainty_maps``, label maps in the dataset's values."""
     meta = records[0]["meta"]
-    outputs = [("masks", volume_id, "mask", np.uint8), ("uncertainty", volume_id + "_variance", "variance", np.float32),
-               ("uncertainty", volume_id + "_entropy", "entropy", np.float32)]
-    if save_preseg and "preseg" in records[0]:
-        outputs.append(("preseg", volume_id, "preseg", np.uint8))
-    for folder, name, key, dtype in outputs:
-        slices = {int(r["meta"]["slice_index"]): r[key] for r in records}
+    outputs = {}  # (folder, name) -> {slice index: [H, W]}
+    for r in records:
+        index = int(r["meta"]["slice_index"])
+        outputs.setdefault(("masks", volume_id), {})[index] = label_map_of(preprocess, r["mask"])
+        for suffix, values, _ in uncertainty_maps(preprocess, r["variance"], r["entropy"]):
+            outputs.setdefault(("uncertainty", volume_id + suffix), {})[index] = values
+        if save_preseg and "preseg" in records[0]:
+            outputs.setdefault(("preseg", volume_id), {})[index] = label_map_of(preprocess, r["preseg"])
+    for (folder, name), slices in outputs.items():
+        dtype = np.float32 if folder == "uncertainty" else next(iter(slices.values())).dtype
         write_volume(os.path.join(out_dir, folder, name + ".nii.gz"), slices, meta, dtype)
 
 
@@ -412,12 +516,13 @@ def index_records(paths, digest: str | None = None) -> RecordIndex:
     return RecordIndex(kind, groups, labelled, preseg, len(entries), n_unlabelled)
 
 
-def _group_rows(index: RecordIndex, group_id: str, out_dir: str, save_preseg: bool, seconds: dict):
+def _group_rows(index: RecordIndex, group_id: str, out_dir: str, save_preseg: bool, seconds: dict, preprocess):
     """The case rows of one group, then its group row; its volume outputs written on the way.
     Only this group's arrays are in memory."""
     volume = index.kind == "volume"
     arrays = MASK_ARRAYS + MAP_ARRAYS if volume else MASK_ARRAYS if index.kind else ()
-    accumulator = GroupAccumulator(kind=index.kind) if index.kind and index.labelled else None
+    classes = class_values(preprocess) if has_classes(preprocess) else None
+    accumulator = GroupAccumulator(kind=index.kind, classes=classes) if index.kind and index.labelled else None
     records = []
     for path in index.groups[group_id]:
         record = load_record(path, arrays)
@@ -428,30 +533,35 @@ def _group_rows(index: RecordIndex, group_id: str, out_dir: str, save_preseg: bo
                               preseg_metrics=record["preseg_metrics"])
         if accumulator is not None and "label" in record:
             meta = record["meta"]
-            accumulator.add(group_id, record["mask"], record["label"], slice_index=meta.get("slice_index"),
+            preseg = record.get("preseg")
+            accumulator.add(group_id, label_map_of(preprocess, record["mask"]),
+                            label_map_of(preprocess, record["label"]), slice_index=meta.get("slice_index"),
                             spacing=meta["spacing"], slice_thickness=_slice_thickness(meta),
-                            preseg=record.get("preseg"))
+                            preseg=None if preseg is None else label_map_of(preprocess, preseg))
         if volume:
             records.append(record)
     if volume:
-        _write_volume_outputs(out_dir, group_id, records, save_preseg)
+        _write_volume_outputs(out_dir, group_id, records, save_preseg, preprocess)
     if accumulator is not None and accumulator.group_ids:
         yield from accumulator.rows()
 
 
-def merge_records(paths, out_dir: str, *, save_preseg: bool = False, digest: str | None = None) -> dict:
+def merge_records(paths, out_dir: str, *, save_preseg: bool = False, digest: str | None = None,
+                  preprocess: Preprocess | None = None) -> dict:
     """Merge case records into ``out_dir``'s metrics.csv (when labelled) and volume outputs, in
     two streaming passes: memory holds one group's arrays and the running sums, whatever the
-    number of cases. ``digest``: merge only the records of these settings.
+    number of cases. ``digest``: merge only the records of these settings. ``preprocess``: the
+    run's, whose classes or regions the records hold (None: one foreground).
     Returns ``summarize``'s dict plus n_cases_written, n_unlabelled (cases without a label,
     hence without metrics) and seconds_per_image.
     """
+    preprocess = preprocess or Preprocess()
     index = index_records(paths, digest)
     summary, seconds, group_rows = SummaryAccumulator(), {"sum": 0.0, "n": 0}, []
 
     def rows():
         for group_id in index.groups:
-            for row in _group_rows(index, group_id, out_dir, save_preseg, seconds):
+            for row in _group_rows(index, group_id, out_dir, save_preseg, seconds, preprocess):
                 if row["kind"] == "case":
                     summary.add(row)
                     yield row
@@ -463,12 +573,16 @@ def merge_records(paths, out_dir: str, *, save_preseg: bool = False, digest: str
             yield row
 
     if index.labelled:
+        names = preprocess.class_names if has_classes(preprocess) else ()
         write_metrics_csv(rows(), os.path.join(out_dir, "metrics.csv"),
-                          columns=metrics_columns(preseg=index.preseg))
+                          columns=metrics_columns(preseg=index.preseg,
+                                                  extra=class_column_names(names, preseg=index.preseg)))
     else:
         for _ in rows():
             pass
     result = summary.result()
+    if has_classes(preprocess):
+        result["per_class"] = class_means(result, preprocess.class_names)
     result["n_cases_written"] = index.n
     result["n_unlabelled"] = index.n_unlabelled
     result["seconds_per_image"] = seconds["sum"] / seconds["n"] if seconds["n"] else None
@@ -481,7 +595,8 @@ def finish_run(writer: CaseWriter, selected: list) -> dict:
     paths = [writer.record_path(writer.case_ids[i]) for i in selected]
     options, plan = writer.options, writer.plan
     addpm = plan.sampler == "addpm"
-    summary = merge_records(paths, writer.out_dir, save_preseg=options.save_preseg, digest=writer.digest)
+    summary = merge_records(paths, writer.out_dir, save_preseg=options.save_preseg, digest=writer.digest,
+                            preprocess=writer.preprocess)
     summary.update({
         "n_cases_selected": len(selected),
         "sampler": plan.sampler,

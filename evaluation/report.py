@@ -10,7 +10,10 @@ metrics.csv has one row per evaluated unit and these columns, in this order:
   precision`` and
   the counts ``tp fp fn tn pred_voxels label_voxels`` (``evaluation.metrics``);
 - the same with a ``preseg_`` prefix for the pre-segmentation, when any row has them;
-- any further columns (e.g. per-class ``class1_dice``) in the order first seen.
+- per class or region (K > 1): ``{name}_{metric}`` for every metric and ``{name}_pred_voxels``,
+  ``{name}_label_voxels``, with the un-prefixed columns holding the mean over the classes
+  (``evaluation.metrics.mean_over_classes``), ``preseg_{name}_...`` likewise;
+- any further columns in the order first seen.
 
 Numbers are written at full precision; ``nan`` is written as ``nan``, a missing value as "".
 Files are written atomically (a temporary file in the same folder, then a rename), so a
@@ -27,7 +30,14 @@ from PIL import Image
 
 from evaluation.arrays import to_bool_mask, to_numpy
 from evaluation.errors import EvaluationError
-from evaluation.metrics import COUNT_NAMES, METRIC_NAMES, overlap_metrics, segmentation_metrics
+from evaluation.metrics import (
+    CLASS_COUNT_NAMES,
+    COUNT_NAMES,
+    METRIC_NAMES,
+    class_columns,
+    overlap_metrics,
+    segmentation_metrics,
+)
 from guided_diffusion.atomic import atomic_path, atomic_write, atomic_write_text
 
 ID_COLUMNS = ("case_id", "group_id", "kind")
@@ -85,6 +95,13 @@ def metrics_columns(*, preseg: bool, extra=()) -> list[str]:
     if preseg:
         columns += [PRESEG_PREFIX + c for c in RESULT_COLUMNS]
     return columns + [c for c in extra if c not in columns]
+
+
+def class_column_names(names, *, preseg: bool = False) -> list[str]:
+    """The per-class columns of a K-class table (``evaluation.metrics.class_columns``), for
+    ``metrics_columns(extra=...)``; with ``preseg`` the pre-segmentation's too."""
+    columns = [f"{name}_{m}" for name in names for m in (*METRIC_NAMES, *CLASS_COUNT_NAMES)]
+    return columns + ([PRESEG_PREFIX + c for c in columns] if preseg else [])
 
 
 def write_metrics_csv(rows, path, columns: list[str] | None = None) -> None:
@@ -325,12 +342,36 @@ def headline_text(summary: dict) -> str:
     return f"mean dice per {kind} {mean(kind)} ({n} {kind}{'s' if n != 1 else ''}); per case {per_case}"
 
 
+def class_means(summary: dict, names) -> dict:
+    """{name: {"dice", "hd95", "hd95_penalized": mean}} per class or region, at the summary's
+    headline kind (volume, patient or case); {} without scored rows."""
+    kind = summary.get("headline", {}).get("kind")
+    if kind is None:
+        return {}
+    metrics = summary["kinds"][kind]["metrics"]
+    return {name: {m: metrics.get(f"{name}_{m}", {}).get("mean") for m in HEADLINE_METRICS} for name in names}
+
+
+def classes_text(summary: dict) -> str:
+    """``dice per volume by class: WT 0.8123, TC 0.7012, ET undefined``: the per-class line of a
+    K-class run (summary["per_class"] from ``class_means``); "" for one class."""
+    classes = summary.get("per_class") or {}
+    if not classes:
+        return ""
+    shown = ", ".join(f"{name} {'undefined' if m['dice'] is None else format(m['dice'], '.4f')}"
+                      for name, m in classes.items())
+    return f"dice per {summary['headline']['kind']} by class: {shown}"
+
+
 def results_text(summary: dict) -> str:
-    """What a run's cases gave, in words: ``headline_text`` over the scored cases, and
-    ``unlabelled: N cases`` for those without a label (segmented, not scored)."""
+    """What a run's cases gave, in words: ``headline_text`` over the scored cases (and
+    ``classes_text`` for several classes), and ``unlabelled: N cases`` for those without a
+    label (segmented, not scored)."""
     parts = []
     if summary.get("n_cases"):
         parts.append(headline_text(summary))
+        if classes_text(summary):
+            parts.append(classes_text(summary))
     n_unlabelled = summary.get("n_unlabelled") or 0
     if n_unlabelled or not parts:
         parts.append(f"unlabelled: {n_unlabelled} case{'s' if n_unlabelled != 1 else ''} (no metrics)")
@@ -377,6 +418,10 @@ class GroupAccumulator:
     counts (tn, specificity) include only the slices given. An unknown slice thickness is
     taken as 1.0.
 
+    ``classes`` (K > 1): a mapping from a class or region name to its label value(s); the
+    slices are then integer label maps, and each group is scored per class
+    (``evaluation.metrics.class_columns``: per-class columns and their mean).
+
     Example::
 
         acc = GroupAccumulator(kind="patient")
@@ -386,11 +431,16 @@ class GroupAccumulator:
         rows += acc.rows()
     """
 
-    def __init__(self, kind: str = "volume"):
+    def __init__(self, kind: str = "volume", classes=None):
         if kind not in ("volume", "patient"):
             raise EvaluationError(f"group kind {kind!r} is unknown; choose volume or patient")
         self.kind = kind
+        self.classes = None if classes is None else dict(classes)
         self._groups: dict[str, dict] = {}
+
+    def _slice(self, mask) -> np.ndarray:
+        # Label maps keep their values; a one-class mask is its foreground.
+        return to_bool_mask(mask) if self.classes is None else to_numpy(mask).astype(np.int32)
 
     def add(
         self,
@@ -414,7 +464,7 @@ class GroupAccumulator:
             preseg: pre-segmentation mask [H, W], or None. Give it for every slice of a
                 group or for none.
         """
-        result, label = to_bool_mask(result), to_bool_mask(label)
+        result, label = self._slice(result), self._slice(label)
         if result.ndim != 2 or result.shape != label.shape:
             raise EvaluationError(
                 f"group {group_id}: slices must be 2D masks of one shape, got result "
@@ -441,7 +491,7 @@ class GroupAccumulator:
         index = len(group["slices"]) if slice_index is None else int(slice_index)
         if index in group["slices"]:
             raise EvaluationError(f"group {group_id}: slice {index} was added twice")
-        pre = None if preseg is None else to_bool_mask(preseg)
+        pre = None if preseg is None else self._slice(preseg)
         if pre is not None and pre.shape != result.shape:
             raise EvaluationError(
                 f"group {group_id}: pre-segmentation shape {pre.shape} differs from "
@@ -458,21 +508,31 @@ class GroupAccumulator:
         first = indices[0]
         depth = indices[-1] - first + 1
         height, width = group["shape"]
-        pred = np.zeros((depth, height, width), dtype=bool)
-        label = np.zeros((depth, height, width), dtype=bool)
+        dtype = bool if self.classes is None else np.int32
+        pred = np.zeros((depth, height, width), dtype=dtype)
+        label = np.zeros((depth, height, width), dtype=dtype)
         for i in indices:
             pred[i - first] = group["slices"][i][which]
             label[i - first] = group["slices"][i][1]
         sy, sx = group["spacing"] if group["spacing"] is not None else (1.0, 1.0)
         thickness = group["thickness"] if group["thickness"] is not None else 1.0
-        metrics = segmentation_metrics(pred, label, (thickness, sy, sx))
-        # Gap slices were never evaluated: count true negatives on the given slices only.
         given = len(indices) * height * width
-        metrics["tn"] = given - metrics["tp"] - metrics["fp"] - metrics["fn"]
-        metrics["specificity"] = overlap_metrics(
-            metrics["tp"], metrics["fp"], metrics["fn"], metrics["tn"]
-        )["specificity"]
-        return metrics
+
+        def score(pred_mask, label_mask):
+            metrics = segmentation_metrics(pred_mask, label_mask, (thickness, sy, sx))
+            # Gap slices were never evaluated: count true negatives on the given slices only.
+            metrics["tn"] = given - metrics["tp"] - metrics["fp"] - metrics["fn"]
+            metrics["specificity"] = overlap_metrics(
+                metrics["tp"], metrics["fp"], metrics["fn"], metrics["tn"]
+            )["specificity"]
+            return metrics
+
+        if self.classes is None:
+            return score(pred, label)
+        return class_columns({
+            name: score(np.isin(pred, values), np.isin(label, values))
+            for name, values in self.classes.items()
+        })
 
     def compute(self, group_id: str) -> dict:
         """The metrics.csv row of one group (``kind`` = this accumulator's kind)."""

@@ -9,11 +9,21 @@ import torch
 from evaluation.errors import EvaluationError
 from evaluation.metrics import (
     METRIC_NAMES,
+    label_map_metrics,
+    mean_over_classes,
     multiclass_metrics,
     segmentation_metrics,
     surface_distances,
 )
-from evaluation.uncertainty import MAX_ENTROPY, ensemble_statistics, fuse
+from evaluation.uncertainty import (
+    MAX_ENTROPY,
+    channel_statistics,
+    class_entropy,
+    ensemble_statistics,
+    fuse,
+    fuse_channels,
+    fused_channels_mask,
+)
 from guided_diffusion.errors import ConfigError
 
 
@@ -246,3 +256,76 @@ def test_vote_and_mean_fusion_differ():
     assert prob.item() == 0.5 and not mask.item()
     with pytest.raises(ConfigError, match="fusion"):
         fuse(tie, "median")
+
+
+def test_mean_over_classes_leaves_both_empty_classes_out_and_sums_the_counts():
+    label = np.array([[1, 1, 2, 0], [0, 0, 0, 0]])
+    pred = np.array([[1, 0, 2, 2], [0, 0, 0, 0]])
+    row = label_map_metrics(pred, label, {"class1": 1, "class2": 2, "class4": 4})
+    # class1: tp 1, fn 1 -> dice 2/3; class2: tp 1, fp 1 -> 2/3; class4 empty in both: left out.
+    assert row["class1_dice"] == pytest.approx(2 / 3) and row["class2_dice"] == pytest.approx(2 / 3)
+    assert row["class4_dice"] == 1.0 and row["class4_pred_voxels"] == row["class4_label_voxels"] == 0
+    assert row["dice"] == pytest.approx(2 / 3)
+    assert (row["pred_voxels"], row["label_voxels"], row["tp"]) == (3, 3, 2)
+    assert set(METRIC_NAMES) <= set(row) and "class1_tp" not in row
+    # A one-sided miss has no hd95: the mean is over the classes that have one.
+    missed = label_map_metrics(np.array([[1, 0], [0, 0]]), np.array([[1, 2], [0, 0]]), {"a": 1, "b": 2})
+    assert math.isnan(missed["b_hd95"]) and missed["hd95"] == missed["a_hd95"] == 0.0
+    everything_empty = mean_over_classes(multiclass_metrics(np.zeros((2, 2)), np.zeros((2, 2)), [1, 2]))
+    assert everything_empty["dice"] == 1.0 and everything_empty["pred_voxels"] == 0
+    regions = label_map_metrics(np.array([[2, 1, 4]]), np.array([[2, 4, 4]]), {"WT": (1, 2, 4), "ET": 4})
+    assert regions["WT_dice"] == 1.0 and regions["ET_dice"] == pytest.approx(2 / 3)
+
+
+def test_class_entropy_over_background_and_classes():
+    probs = np.array([[0.5, 1.0, 0.0, 1 / 3], [0.5, 0.0, 0.0, 1 / 3]])
+    entropy = class_entropy(probs, exclusive=True)
+    np.testing.assert_allclose(entropy, [math.log(2), 0.0, 0.0, math.log(3)], atol=1e-12)
+    t_entropy = class_entropy(torch.tensor(probs, dtype=torch.float32), exclusive=True)
+    np.testing.assert_allclose(t_entropy.numpy(), entropy, atol=1e-6)
+    # Regions: one binary entropy each.
+    np.testing.assert_allclose(class_entropy(probs, exclusive=False)[0], [math.log(2), 0, 0,
+                               -(1 / 3 * math.log(1 / 3) + 2 / 3 * math.log(2 / 3))], atol=1e-12)
+    # One class: the binary entropy, as before classes existed.
+    np.testing.assert_allclose(class_entropy(probs[:1]), ensemble_statistics(probs[:1])["entropy"])
+
+
+def test_channel_statistics_with_one_channel_are_the_ensemble_statistics():
+    members = torch.rand(4, 1, 5, 5, generator=torch.Generator().manual_seed(0))
+    stats, old = channel_statistics(members), ensemble_statistics(members[:, 0])
+    assert torch.equal(stats["mean"][0], old["mean"]) and torch.equal(stats["variance"][0], old["variance"])
+    assert torch.equal(stats["entropy"], old["entropy"])
+    for fusion in ("mean", "vote"):
+        (fused, mask), (old_fused, old_mask) = fuse_channels(members, fusion), fuse(members[:, 0], fusion)
+        assert torch.equal(fused[0], old_fused) and torch.equal(mask[0], old_mask)
+
+
+def test_channel_statistics_and_fusion_per_class_and_region():
+    # Two members, two classes, three pixels: [class1 sure, split class1/class2, split bg/class2].
+    members = np.array([
+        [[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]],
+        [[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]],
+    ])
+    stats = channel_statistics(members, exclusive=True)
+    np.testing.assert_allclose(stats["mean"], [[1.0, 0.5, 0.0], [0.0, 0.5, 0.5]])
+    np.testing.assert_allclose(stats["variance"], [[0.0, 0.25, 0.0], [0.0, 0.25, 0.25]])
+    np.testing.assert_allclose(stats["entropy"], [0.0, math.log(2), math.log(2)], atol=1e-12)
+    fused, mask = fuse_channels(members, "mean", exclusive=True)
+    # Pixel 1: class1 and class2 tie (argmax takes the first); pixel 2: background ties class2.
+    assert mask.tolist() == [[True, True, False], [False, False, False]]
+    fused, mask = fuse_channels(members, "vote", exclusive=True)
+    np.testing.assert_allclose(fused, stats["mean"])
+    assert mask.tolist() == [[True, False, False], [False, False, False]]
+    # Regions: each channel on its own (mean >= 0.5), the entropy per region.
+    stats = channel_statistics(members, exclusive=False)
+    assert stats["entropy"].shape == (2, 3)
+    _, mask = fuse_channels(members, "mean", exclusive=False)
+    assert mask.tolist() == [[True, True, False], [False, True, True]]
+    # Three members with soft probabilities: each member votes its own argmax.
+    soft = torch.tensor([[[0.6], [0.3]], [[0.2], [0.7]], [[0.45], [0.4]]])
+    fused, mask = fuse_channels(soft, "vote", exclusive=True)
+    np.testing.assert_allclose(fused.numpy().ravel(), [2 / 3, 1 / 3])
+    assert mask.ravel().tolist() == [True, False]
+    assert fused_channels_mask(np.array([[0.3], [0.3]]), "mean").ravel().tolist() == [False, False]
+    with pytest.raises(ConfigError, match="fusion"):
+        fuse_channels(soft, "median")

@@ -65,6 +65,20 @@ def test_group_uses_slice_thickness_and_keeps_gaps():
     assert row["preseg_dice"] == pytest.approx(2 / 3)
 
 
+def test_group_of_label_maps_is_scored_per_class_in_3d():
+    acc = GroupAccumulator(kind="volume", classes={"WT": (1, 2, 4), "ET": 4})
+    pred = np.array([[2, 2, 4, 0]])
+    label = np.array([[2, 2, 4, 4]])
+    acc.add("v", pred, label, slice_index=0, preseg=label)
+    acc.add("v", np.zeros((1, 4), dtype=int), label, slice_index=1, preseg=label)
+    row = acc.compute("v")
+    # WT: tp 3 of 8 label voxels -> dice 6/11; ET: tp 1 of 4 -> 2/5.
+    assert row["WT_dice"] == pytest.approx(6 / 11) and row["ET_dice"] == pytest.approx(2 / 5)
+    assert row["dice"] == pytest.approx((6 / 11 + 2 / 5) / 2)
+    assert row["WT_label_voxels"] == 8 and row["label_voxels"] == 12 and row["tn"] == 4  # WT 0 + ET 4
+    assert row["preseg_WT_dice"] == row["preseg_ET_dice"] == row["preseg_dice"] == 1.0
+
+
 def test_group_errors():
     acc = GroupAccumulator()
     acc.add("v", np.zeros((4, 4)), np.zeros((4, 4)), slice_index=0)

@@ -8,7 +8,8 @@ import torch
 
 from guided_diffusion.errors import ConfigError
 from guided_diffusion.gaussian_diffusion import GaussianDiffusion, get_named_beta_schedule
-from guided_diffusion.mask_space import MASK_SPACES, to_diffusion_space, to_probability
+from evaluation.uncertainty import fuse_channels
+from guided_diffusion.mask_space import MASK_SPACES, hard_channels, to_diffusion_space, to_probability
 from guided_diffusion.script_util import create_model
 from guided_diffusion.seg_sampling import plan_sampler, sample_members
 
@@ -31,8 +32,9 @@ class OracleEps(torch.nn.Module):
         self.images = None
 
     def forward(self, inp, ts):
-        x_t = inp[:, -1:]
-        self.images = inp[:, :-1]
+        channels = self.x0.shape[1]
+        x_t = inp[:, -channels:]
+        self.images = inp[:, :-channels]
         if self.diffusion.rescale_timesteps:
             t = torch.round(ts * self.diffusion.num_timesteps / 1000.0).long()
         else:
@@ -346,3 +348,82 @@ def test_timestep_respacing_strings_plan_the_noise_samplers():
         plan_sampler("addpm", num_timesteps=1000, timestep_respacing="250")
     with pytest.raises(ConfigError, match="not both"):
         plan_sampler("ddpm", num_timesteps=1000, sampling_steps=100, timestep_respacing="250")
+
+
+# ---------------------------------------------------------------- K mask channels with an oracle
+
+
+def three_channel_labels(size, exclusive):
+    """Two labels [2, 3, size, size] {0,1}: three exclusive classes (with background), or three
+    nested regions (BraTS WT > TC > ET); every channel is on somewhere and off somewhere."""
+    g = torch.Generator().manual_seed(7)
+    values = torch.randint(0, 4, (2, size, size), generator=g)
+    values[:, 0, :4] = torch.arange(4)
+    if exclusive:
+        channels = [values == k for k in (1, 2, 3)]
+    else:
+        channels = [values >= 1, values >= 2, values == 3]
+    return torch.stack(channels, dim=1).float()
+
+
+def oracle_channels_run(sampler, kwargs, exclusive, mask_space, num_timesteps, members=2, preseg=None):
+    d = cosine_diffusion(num_timesteps, rescale_timesteps=True)
+    label = three_channel_labels(8, exclusive)
+    label_members = label.repeat_interleave(members, dim=0)
+    model = OracleEps(d, to_diffusion_space(label_members, mask_space))
+    plan = plan_sampler(sampler, num_timesteps=num_timesteps, **kwargs)
+    probs = sample_members(
+        plan, diffusion=d, model=model, images=images_for(2, 8), num_ensemble=members,
+        mask_space=mask_space, preseg_probs=label if preseg is None else preseg(label),
+        denoise_fn=RecordingDenoiser(label_members), generator=torch.Generator().manual_seed(8),
+        mask_channels=3, exclusive=exclusive,
+    )
+    return label, probs, model
+
+
+CHANNEL_SAMPLERS = [
+    ("ddpm", dict(), 50),
+    ("ddim", dict(sampling_steps=10), 50),
+    ("addpm", dict(pre_t=30, T=20), 50),
+    ("addpm", dict(pre_t=30, T=20, sampling_steps=5, step_method="ddim", final_step="x0"), 50),
+    ("preseg", dict(), 50),
+]
+
+
+@pytest.mark.parametrize("exclusive", [True, False], ids=["classes", "regions"])
+@pytest.mark.parametrize("mask_space", MASK_SPACES)
+@pytest.mark.parametrize("sampler,kwargs,steps", CHANNEL_SAMPLERS)
+def test_every_sampler_recovers_each_of_three_channels(sampler, kwargs, steps, mask_space, exclusive):
+    label, probs, _ = oracle_channels_run(sampler, kwargs, exclusive, mask_space, steps)
+    members = 1 if sampler == "preseg" else 2
+    want = label.unsqueeze(1).expand(2, members, 3, 8, 8)
+    assert probs.shape == want.shape
+    torch.testing.assert_close(probs, want, atol=1e-4, rtol=0)
+    for b in range(2):
+        for fusion in ("mean", "vote"):
+            _, mask = fuse_channels(probs[b], fusion, exclusive)
+            assert torch.equal(mask.float(), label[b]), (fusion, b)
+
+
+@pytest.mark.parametrize("exclusive", [True, False], ids=["classes", "regions"])
+def test_truncated_start_takes_the_hard_channels_of_a_soft_preseg(exclusive):
+    # Soft probabilities whose decision (argmax with background, or >= 0.5) is the label.
+    def soft(label):
+        return label * 0.55 + (1 - label) * 0.1 if not exclusive else label * 0.5 + (1 - label) * 0.1
+
+    runs = []
+    for preseg in (None, soft):
+        label, probs, model = oracle_channels_run("addpm", dict(pre_t=30, T=20), exclusive, "pm1", 50,
+                                                  preseg=preseg)
+        if preseg is not None:
+            assert torch.equal(hard_channels(preseg(label), exclusive), label)
+        runs.append(probs)
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_a_preseg_of_other_channels_is_refused():
+    d = cosine_diffusion(20)
+    with pytest.raises(ConfigError, match="channels"):
+        sample_members(plan_sampler("preseg", num_timesteps=20), diffusion=d, model=None,
+                       images=images_for(1, 4), num_ensemble=1, mask_space="pm1",
+                       preseg_probs=torch.rand(1, 1, 4, 4), mask_channels=3)
