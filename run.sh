@@ -170,7 +170,9 @@ sample "$ADDPM_NAME" --sampler addpm --pre_t "$PRE_T" --T "$T"
 
 phase "comparison"
 mkdir -p "$RESULTS"
-"$PY" -m evaluation.compare "${ROWS[@]}" --out "$RESULTS/table.md"
+COMPARE_FLAGS=()
+if [[ "$MODE" == regions ]]; then COMPARE_FLAGS=(--per_class True); fi
+"$PY" -m evaluation.compare "${ROWS[@]}" "${COMPARE_FLAGS[@]}" --out "$RESULTS/table.md"
 
 # The overlay of the addpm case whose Dice is the median of the cases with a tumour (not the best).
 OVERLAY=$("$PY" -c '

@@ -32,6 +32,11 @@ counted, and "HD95, miss = diagonal" pairs every other unit. A paired interval a
 this run improve on the baseline on the same patients", which two overlapping intervals of the
 means cannot.
 
+With ``--per_class True`` runs with several classes or regions (``<name>_dice`` columns in
+metrics.csv, see ``evaluation.report``) get one more table per class or region after the first,
+whose figures are then the mean over the classes: the same columns, read from that class's own
+metrics (and paired on them with ``--baseline``).
+
 With ``--out FILE.md`` the table is written there and the rows, with every number, to
 ``FILE.json`` beside it.
 """
@@ -49,7 +54,7 @@ from scipy import stats
 from evaluation.errors import EvaluationError
 from evaluation.report import CONVENTIONS, is_both_empty, metric_values, read_metrics_csv, write_summary_json
 from guided_diffusion.errors import ConfigError
-from guided_diffusion.script_util import run_cli
+from guided_diffusion.script_util import run_cli, str2bool
 
 METRICS = ("dice", "hd95", "hd95_penalized")
 GROUP_KINDS = ("patient", "volume")
@@ -111,11 +116,19 @@ def load_run(run_dir) -> tuple[list[dict], dict]:
     return rows, summary
 
 
-def _level(rows: list[dict], confidence: float) -> dict:
-    level = {"n": len(rows), "n_both_empty": metric_values(rows, "dice")[1]}
+def _level(rows: list[dict], confidence: float, prefix: str = "") -> dict:
+    level = {"n": len(rows), "n_both_empty": metric_values(rows, prefix + "dice")[1]}
     for metric in METRICS:
-        level[metric] = mean_ci(metric_values(rows, metric)[0], confidence)
+        level[metric] = mean_ci(metric_values(rows, prefix + metric)[0], confidence)
     return level
+
+
+def class_names(rows: list[dict]) -> list[str]:
+    """The classes or regions of a run's metrics.csv rows: the ``<name>`` of its ``<name>_dice``
+    columns (not the pre-segmentation's ``preseg_*``), in column order."""
+    columns = rows[0].keys() if rows else ()
+    return [c[: -len("_dice")] for c in columns
+            if c.endswith("_dice") and c != "dice" and not c.startswith("preseg_")]
 
 
 def _cases_digest(case_ids) -> str:
@@ -132,7 +145,7 @@ def _units(rows: list[dict]) -> tuple[str, dict]:
 
 
 def paired_difference(rows: list[dict], baseline_rows: list[dict], *,
-                      confidence: float = DEFAULT_CONFIDENCE) -> dict:
+                      confidence: float = DEFAULT_CONFIDENCE, prefix: str = "") -> dict:
     """Paired differences ``run - baseline`` per unit (see the module docstring).
 
     Returns:
@@ -147,24 +160,26 @@ def paired_difference(rows: list[dict], baseline_rows: list[dict], *,
     common = sorted(set(mine) & set(theirs))
     # The convention of the means: a unit both empty (in either run) is in neither run's mean
     # (or only in one), so it enters no difference.
-    scored = [u for u in common if not (is_both_empty(mine[u]) or is_both_empty(theirs[u]))]
+    scored = [u for u in common if not (is_both_empty(mine[u], prefix) or is_both_empty(theirs[u], prefix))]
     out = {"kind": kind, "n_pairs": len(scored), "n_both_empty": len(common) - len(scored)}
     for metric in METRICS:
         diffs = []
         for unit in scored:
-            a, b = mine[unit].get(metric), theirs[unit].get(metric)
+            a, b = mine[unit].get(prefix + metric), theirs[unit].get(prefix + metric)
             diffs.append(None if a is None or b is None else float(a) - float(b))
         out[metric] = mean_ci(diffs, confidence)
     return out
 
 
 def compare_runs(run_dirs: Mapping, *, confidence: float = DEFAULT_CONFIDENCE,
-                 baseline: str | None = None) -> list[dict]:
+                 baseline: str | None = None, class_name: str = "") -> list[dict]:
     """One row per run, in the order given.
 
     Args:
         run_dirs: {name: sample.py --out_dir}.
         confidence: coverage of the intervals of the mean.
+        class_name: "" for the un-prefixed columns, or a class or region of the runs
+            (``class_names``), whose ``<name>_`` columns the row then reads.
 
     Returns:
         rows: {"name", "run_dir", "sampler", "num_ensemble", "unet_evaluations_per_image",
@@ -180,6 +195,11 @@ def compare_runs(run_dirs: Mapping, *, confidence: float = DEFAULT_CONFIDENCE,
     if baseline is not None and baseline not in run_dirs:
         raise ConfigError(f"--baseline {baseline!r} is not one of the runs ({', '.join(run_dirs)})")
     loaded = {name: load_run(run_dir) for name, run_dir in run_dirs.items()}
+    prefix = f"{class_name}_" if class_name else ""
+    for name, (rows, _) in loaded.items():
+        if class_name and class_name not in class_names(rows):
+            raise EvaluationError(f"{Path(run_dirs[name]) / 'metrics.csv'} has no class or region {class_name!r} "
+                                  f"(it has: {', '.join(class_names(rows)) or 'none'})")
     out = []
     for name, run_dir in run_dirs.items():
         rows, summary = loaded[name]
@@ -190,7 +210,7 @@ def compare_runs(run_dirs: Mapping, *, confidence: float = DEFAULT_CONFIDENCE,
         for kind in GROUP_KINDS:
             group_rows = [r for r in rows if r.get("kind") == kind]
             if group_rows:
-                group = {"kind": kind, **_level(group_rows, confidence)}
+                group = {"kind": kind, **_level(group_rows, confidence, prefix)}
                 break
         out.append({
             "name": str(name),
@@ -202,10 +222,10 @@ def compare_runs(run_dirs: Mapping, *, confidence: float = DEFAULT_CONFIDENCE,
             "seconds_per_image": summary.get("seconds_per_image"),
             "device": summary.get("device"),
             "cases": _cases_digest(r["case_id"] for r in cases),
-            "case": _level(cases, confidence),
+            "case": _level(cases, confidence, prefix),
             "group": group,
             "paired": (None if baseline is None or name == baseline
-                       else paired_difference(rows, loaded[baseline][0], confidence=confidence)),
+                       else paired_difference(rows, loaded[baseline][0], confidence=confidence, prefix=prefix)),
         })
     return out
 
@@ -251,8 +271,9 @@ def _evaluations(row: dict) -> str:
 
 
 def format_table(rows: list[dict], *, confidence: float = DEFAULT_CONFIDENCE,
-                 baseline: str | None = None) -> str:
-    """Markdown table of ``compare_runs`` rows, with the notes that say how to read it."""
+                 baseline: str | None = None, with_notes: bool = True) -> str:
+    """Markdown table of ``compare_runs`` rows, with the notes that say how to read it (unless
+    ``with_notes`` is False: the tables per class follow one that has them)."""
     kinds = sorted({r["group"]["kind"] for r in rows if r["group"] is not None})
     group_word = kinds[0] if len(kinds) == 1 else "group"
     paired = [r["paired"] for r in rows if r.get("paired")]
@@ -279,6 +300,8 @@ def format_table(rows: list[dict], *, confidence: float = DEFAULT_CONFIDENCE,
                       _cell(p and p["hd95_penalized"], 2, signed=True)]
         cells += [_evaluations(r), _seconds(r["seconds_per_image"])]
         lines.append("| " + " | ".join(cells) + " |")
+    if not with_notes:
+        return "\n".join(lines) + "\n"
     percent = f"{100 * confidence:g}%"
     notes = [
         f"Mean [{percent} confidence interval of the mean, t-distribution: mean +- "
@@ -338,17 +361,17 @@ def parse_runs(specs) -> dict:
     return runs
 
 
-def write_outputs(rows: list[dict], table: str, out_path, *, confidence: float) -> Path:
-    """Write the markdown table to ``out_path`` and the rows to the .json beside it; returns
-    the JSON path."""
+def write_outputs(rows: list[dict], table: str, out_path, *, confidence: float, per_class=None) -> Path:
+    """Write the markdown table to ``out_path`` and the rows (and ``per_class``: {class: rows},
+    when given) to the .json beside it; returns the JSON path."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(table, encoding="utf-8")
     json_path = out_path.with_suffix(".json")
-    write_summary_json(
-        {"confidence": confidence, "ci_method": "t-distribution", "conventions": CONVENTIONS,
-         "runs": rows}, json_path
-    )
+    record = {"confidence": confidence, "ci_method": "t-distribution", "conventions": CONVENTIONS, "runs": rows}
+    if per_class:
+        record["per_class"] = per_class
+    write_summary_json(record, json_path)
     return json_path
 
 
@@ -365,6 +388,9 @@ def create_argparser() -> argparse.ArgumentParser:
                         "it (empty: print only)")
     parser.add_argument("--confidence", type=float, default=DEFAULT_CONFIDENCE,
                         help="coverage of the confidence intervals of the mean (default: 0.95)")
+    parser.add_argument("--per_class", type=str2bool, default=False,
+                        help="runs with several classes or regions: one more table per class or region "
+                        "after the first (which holds their mean)")
     parser.add_argument("--baseline", default="",
                         help="NAME of the run that the others are compared with, paired per patient "
                         "(or volume, or case); empty: no paired columns")
@@ -374,11 +400,23 @@ def create_argparser() -> argparse.ArgumentParser:
 def main(argv=None) -> list[dict]:
     args = create_argparser().parse_args(argv)
     baseline = args.baseline or None
-    rows = compare_runs(parse_runs(args.runs), confidence=args.confidence, baseline=baseline)
+    runs = parse_runs(args.runs)
+    rows = compare_runs(runs, confidence=args.confidence, baseline=baseline)
     table = format_table(rows, confidence=args.confidence, baseline=baseline)
+    per_class = {}
+    if args.per_class:
+        names = class_names(load_run(next(iter(runs.values())))[0])
+        if not names:
+            raise EvaluationError("--per_class True: the runs have no classes or regions (no <name>_dice columns)")
+        sections = [f"### Mean over {', '.join(names)}\n\n{table}"]
+        for name in names:
+            per_class[name] = compare_runs(runs, confidence=args.confidence, baseline=baseline, class_name=name)
+            sections.append(f"### {name}\n\n" + format_table(per_class[name], confidence=args.confidence,
+                                                             baseline=baseline, with_notes=False))
+        table = "\n".join(sections)
     print(table, end="")
     if args.out:
-        json_path = write_outputs(rows, table, args.out, confidence=args.confidence)
+        json_path = write_outputs(rows, table, args.out, confidence=args.confidence, per_class=per_class)
         print(f"wrote {args.out} and {json_path}")
     return rows
 

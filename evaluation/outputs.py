@@ -408,10 +408,15 @@ class CaseWriter:
         image = restore_geometry(batch["image"][i].numpy(), meta, order=1)
         classes = {}
         if has_classes(self.preprocess):
-            # One panel each: the spread over the channels, the uncertainty over the classes.
+            # One panel each, on its own full scale: the spread over the channels, and the
+            # entropy over background and classes (ln(K+1)) or the regions' mean binary one (ln 2).
             variance = variance.mean(axis=0)
-            entropy = entropy if entropy.ndim == 2 else entropy.sum(axis=0)
             classes = {"classes": overlay_classes(self.preprocess)}
+            if entropy.ndim == 2:
+                outcomes = self.preprocess.num_mask_channels + 1
+                classes["entropy_scale"] = (max_entropy(outcomes), f"ln {outcomes}")
+            else:
+                entropy = entropy.mean(axis=0)
         # One member has no spread: its variance panel would be black whatever the case.
         save_overlay(
             os.path.join(self.out_dir, "overlays", case_id + ".png"), image, label, preseg, mask,

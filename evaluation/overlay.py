@@ -198,8 +198,9 @@ def _checked_masks(shape, label, preseg, result) -> dict:
     return masks
 
 
-def _panels(gray, masks: dict, maps: dict, scale: int, channel_name: str, colours: dict | None) -> list:
-    """[(name, RGB float panel)] in display order."""
+def _panels(gray, masks: dict, maps: dict, scale: int, channel_name: str, colours: dict | None,
+            scales: dict) -> list:
+    """[(name, RGB float panel)] in display order; ``scales``: {map name: (largest value, text)}."""
     panels = [(channel_name, gray)]
     if colours is not None:
         panels += _class_panels(gray, masks, colours, scale)
@@ -214,7 +215,7 @@ def _panels(gray, masks: dict, maps: dict, scale: int, channel_name: str, colour
                 panel = _tint(panel, masks["label"], LABEL_RGB, fill=False)
             panels.append((name, panel))
     for name, values in maps.items():
-        top = UNCERTAINTY_SCALES[name][0]
+        top = scales[name][0]
         panels.append((name, _upscale(heat_colormap(values / top), scale).astype(np.float64)))
     return panels
 
@@ -235,7 +236,7 @@ def _colourbar_ticks(draw: ImageDraw.ImageDraw, x: int, y: int, width: int, top_
 
 def save_overlay(path, image_channels, label, preseg, result, *, variance=None, entropy=None,
                  title: str = "", channel: int = 0, channel_name: str = "image",
-                 scale: int | None = None, classes=None) -> tuple[int, int]:
+                 scale: int | None = None, classes=None, entropy_scale=None) -> tuple[int, int]:
     """Write the overlay PNG of one case (see the module docstring).
 
     Args:
@@ -245,6 +246,8 @@ def save_overlay(path, image_channels, label, preseg, result, *, variance=None, 
             entry for each one given. With ``classes``: integer label maps [H, W] in the
             dataset's values (0 background); EvaluationError for a value no class covers.
         variance, entropy: [H, W] uncertainty maps or None, drawn on 0..0.25 and 0..ln 2.
+        entropy_scale: (largest value, its text) of the entropy panel, e.g. (ln 4, "ln 4") for
+            the entropy over three classes and the background; None: (ln 2, "ln 2").
         title: a line of text above the panels ("" for none; see ``overlay_title``).
         channel: the image channel shown (1st-99th percentile window), named ``channel_name``.
         scale: integer upsampling of every panel; None picks the smallest one that makes a
@@ -285,7 +288,8 @@ def save_overlay(path, image_channels, label, preseg, result, *, variance=None, 
     if scale < 1:
         raise EvaluationError(f"overlay scale must be >= 1, got {scale}")
 
-    panels = _panels(_upscale(_gray(image[channel]), scale), masks, maps, scale, channel_name, colours)
+    scales = dict(UNCERTAINTY_SCALES, **({"entropy": tuple(entropy_scale)} if entropy_scale else {}))
+    panels = _panels(_upscale(_gray(image[channel]), scale), masks, maps, scale, channel_name, colours, scales)
     header = OVERLAY_LINE_HEIGHT * (2 if title else 1)
     ph, pw = height * scale, width * scale
     footer = header + ph + _FOOTER_TOP
@@ -303,7 +307,7 @@ def save_overlay(path, image_channels, label, preseg, result, *, variance=None, 
         x = i * (pw + OVERLAY_GAP)
         draw.text((x + 2, header - OVERLAY_LINE_HEIGHT + 1), name, fill=_TEXT)
         if name in maps:
-            _colourbar_ticks(draw, x, footer + COLOURBAR_HEIGHT, pw, UNCERTAINTY_SCALES[name][1])
+            _colourbar_ticks(draw, x, footer + COLOURBAR_HEIGHT, pw, scales[name][1])
     _draw_legend(draw, 2, footer, legend)
     if title:
         draw.text((2, 1), title, fill=_TEXT)

@@ -221,3 +221,34 @@ def test_paired_difference_takes_the_values_of_the_means(tmp_path):
     assert "| HD95, miss = diagonal - preseg (paired) |" in header
     assert "| -1.00 (1 miss) | -20.50 [" in table.splitlines()[3]
     assert "both empty in either run is left out" in table
+
+
+# Two regions; WT_ on case c2 is empty in both (left out of the WT means), ET_ misses on c1.
+REGIONS_CSV = """\
+case_id,group_id,kind,dice,hd95,hd95_penalized,pred_voxels,label_voxels,WT_dice,WT_hd95,WT_hd95_penalized,\
+WT_pred_voxels,WT_label_voxels,ET_dice,ET_hd95,ET_hd95_penalized,ET_pred_voxels,ET_label_voxels,preseg_dice,\
+preseg_WT_dice
+c1,,case,0.45,2.0,26.0,10,14,0.9,2.0,2.0,10,10,0.0,nan,50.0,0,4,0.4,0.8
+c2,,case,0.5,3.0,3.0,4,4,1.0,0.0,0.0,0,0,0.5,3.0,3.0,4,4,0.5,1.0
+c3,,case,0.7,1.0,1.0,12,12,0.8,1.0,1.0,8,8,0.6,1.0,1.0,4,4,0.6,0.7
+"""
+
+
+def test_per_class_tables_read_each_class_columns(tmp_path, capsys):
+    run = write_run(tmp_path / "addpm", REGIONS_CSV)
+    out = tmp_path / "table.md"
+    main([f"addpm={run}", "--per_class", "True", "--out", str(out)])
+    table = out.read_text()
+    assert table.index("### Mean over WT, ET") < table.index("### WT") < table.index("### ET")
+    assert table.count("Mean [95% confidence interval") == 1
+    data = json.loads(out.with_suffix(".json").read_text())
+    assert data["runs"][0]["case"]["dice"]["mean"] == pytest.approx(0.55)
+    wt = data["per_class"]["WT"][0]["case"]
+    assert wt["dice"]["mean"] == pytest.approx(0.85) and wt["n_both_empty"] == 1
+    et = data["per_class"]["ET"][0]["case"]
+    assert et["dice"]["mean"] == pytest.approx(1.1 / 3) and et["hd95"]["n_nan"] == 1
+    with pytest.raises(EvaluationError, match="no class or region 'TC'"):
+        compare_runs({"addpm": run}, class_name="TC")
+    plain = write_run(tmp_path / "binary")
+    with pytest.raises(EvaluationError, match="no classes or regions"):
+        main([f"binary={plain}", "--per_class", "True"])

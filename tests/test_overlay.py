@@ -231,3 +231,13 @@ def test_a_label_value_no_class_covers_is_refused(case, tmp_path):
     with pytest.raises(EvaluationError, match="is not an integer label map"):
         save_overlay(tmp_path / "bad.png", case["image"], None, None, result * 0.5, classes=((1, "core"),))
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_entropy_over_more_classes_has_its_own_scale(case, tmp_path):
+    """The entropy over background and three classes reaches ln 4: drawn on 0..ln 4, not clipped at ln 2."""
+    entropy = np.full((H, W), math.log(2.0))
+    path = tmp_path / "classes.png"
+    save_overlay(path, case["image"], None, None, case["result"], entropy=entropy, scale=1,
+                 entropy_scale=(math.log(4.0), "ln 4"))
+    ent_panel = panel(pixels(path), 2, OVERLAY_LINE_HEIGHT)
+    assert ent_panel[0, 0].tolist() == heat_colormap(0.5).tolist()
