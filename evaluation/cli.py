@@ -28,9 +28,10 @@ Several classes or regions (``--classes 1,2,4``, or ``--regions "WT:1,2,4;TC:1,4
 nnU-Net's evaluate-folder scores BraTS): every row (case, patient, volume) gets the columns
 ``<name>_<metric>``, ``<name>_pred_voxels`` and ``<name>_label_voxels`` of each class
 (``class<v>``) or region (its name), the summary their means per row kind and, under
-``per_class``, the headline kind's mean of each; with two or more, the un-prefixed columns hold
-the mean over them (``evaluation.classwise``), with one they score the whole foreground as
-without the flag. With two or more, a label value that no class or region covers is an error
+``per_class``, the label values and the headline kind's means of each, as in sample.py's
+summary (``evaluation.report.class_means``); with two or more, the un-prefixed columns hold
+the mean over them (``evaluation.metrics.mean_over_classes``), with one they score the whole
+foreground as without the flag. With two or more, a label value that no class or region covers is an error
 naming the file (it would silently count as background); with one, the main columns score
 every label value, as without the flag.
 """
@@ -43,12 +44,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from evaluation.classwise import check_covered, class_sets, classwise_metrics, mean_over_sets, prefixed
 from evaluation.errors import EvaluationError
 from evaluation.files import MASK_EXTENSIONS, find_cases, read_mask, slice_axis
-from evaluation.metrics import COUNT_NAMES, METRIC_NAMES, segmentation_metrics
+from evaluation.metrics import label_map_metrics, segmentation_metrics
 from evaluation.report import (
     GroupAccumulator,
+    class_means,
     has_patient_groups,
     metrics_row,
     results_text,
@@ -225,12 +226,32 @@ def evaluate_folders(
     return rows, info
 
 
+def class_sets(classes=(), regions=()) -> tuple:
+    """((name, values), ...): ``class<v>`` for each of ``classes``, or ``regions`` as they are."""
+    if classes and regions:
+        raise EvaluationError("give classes or regions, not both")
+    if regions:
+        return tuple((str(name), tuple(int(v) for v in values)) for name, values in regions)
+    return tuple((f"class{int(v)}", (int(v),)) for v in classes)
+
+
+def check_covered(label: np.ndarray, sets, path) -> None:
+    """EvaluationError naming ``path`` and the first label value that no set covers."""
+    covered = {v for _, values in sets for v in values} | {0}
+    extra = sorted(set(np.unique(label).tolist()) - covered)
+    if extra:
+        shown = "; ".join(f"{name}:{','.join(str(v) for v in values)}" for name, values in sets)
+        raise EvaluationError(f"label {path} has value {extra[0]}, which no class or region covers ({shown})")
+
+
 class _Scorer:
     """metrics.csv rows of a prediction against its label: the whole foreground (or, for two or
-    more classes or regions, their mean), and each class or region as ``<name>_`` columns."""
+    more classes or regions, their mean), and each class or region as ``<name>_`` columns
+    (``evaluation.metrics.label_map_metrics``)."""
 
     def __init__(self, sets, foreground_labels):
         self.sets = tuple(sets)
+        self.classes = dict(self.sets)
         self.foreground_labels = tuple(foreground_labels)
         # One class or region keeps the whole foreground in the main columns, as before.
         self.mean_headline = len(self.sets) > 1
@@ -241,10 +262,14 @@ class _Scorer:
     def foreground(self, label: np.ndarray) -> np.ndarray:
         return np.isin(label, self.foreground_labels) if self.foreground_labels else label != 0
 
+    def metrics(self, pred, label, spacing) -> dict:
+        columns = label_map_metrics(pred, label, self.classes, spacing) if self.classes else {}
+        if not self.mean_headline:
+            columns.update(segmentation_metrics(pred != 0, self.foreground(label), spacing))
+        return columns
+
     def row(self, case_id, pred, label, spacing, *, group_id: str = "", kind: str = "case") -> dict:
-        mean, extra = classwise_metrics(pred, label, self.sets, spacing) if self.sets else (None, {})
-        metrics = mean if self.mean_headline else segmentation_metrics(pred != 0, self.foreground(label), spacing)
-        return metrics_row(case_id, metrics, group_id=group_id, kind=kind, extra=extra)
+        return metrics_row(case_id, self.metrics(pred, label, spacing), group_id=group_id, kind=kind)
 
     def slice_rows(self, volume_id, pred, label, spacing, axis: int) -> list:
         """One case row per slice along ``axis``, named as sample.py names a volume's slices."""
@@ -255,54 +280,30 @@ class _Scorer:
 
 
 class _PatientGroups:
-    """Patient rows of 2D cases: their slices stacked, for the whole foreground and per class or region."""
+    """Patient rows of 2D cases, scored on their slices stacked in 3D: per class or region
+    (with their mean) and, as ``_Scorer`` does, the whole foreground in the main columns."""
 
     def __init__(self, scorer: _Scorer):
         self.scorer = scorer
-        self.whole = GroupAccumulator(kind="patient")
-        self.per_set = {name: GroupAccumulator(kind="patient") for name, _ in scorer.sets}
+        self.per_class = GroupAccumulator(kind="patient", classes=scorer.classes) if scorer.classes else None
+        self.whole = None if scorer.mean_headline else GroupAccumulator(kind="patient")
 
     def add(self, patient: str, pred, label, *, slice_index: int, spacing) -> None:
-        self.whole.add(patient, pred != 0, self.scorer.foreground(label), slice_index=slice_index, spacing=spacing)
-        for name, values in self.scorer.sets:
-            self.per_set[name].add(patient, np.isin(pred, values), np.isin(label, values),
-                                   slice_index=slice_index, spacing=spacing)
+        if self.per_class is not None:
+            self.per_class.add(patient, pred, label, slice_index=slice_index, spacing=spacing)
+        if self.whole is not None:
+            self.whole.add(patient, pred != 0, self.scorer.foreground(label), slice_index=slice_index,
+                           spacing=spacing)
 
     def rows(self) -> list:
         rows = []
-        for patient in self.whole.group_ids:
-            per_set = {name: _metrics_of(acc.compute(patient)) for name, acc in self.per_set.items()}
-            extra = {}
-            for name, metrics in per_set.items():
-                extra.update(prefixed(name, metrics))
-            metrics = (mean_over_sets(list(per_set.values())) if self.scorer.mean_headline
-                       else _metrics_of(self.whole.compute(patient)))
-            rows.append(metrics_row(patient, metrics, group_id=patient, kind="patient", extra=extra))
+        groups = self.whole if self.whole is not None else self.per_class
+        for patient in groups.group_ids:
+            row = self.per_class.compute(patient) if self.per_class is not None else {}
+            if self.whole is not None:
+                row.update(self.whole.compute(patient))
+            rows.append(row)
         return rows
-
-
-def _metrics_of(row: dict) -> dict:
-    return {name: row[name] for name in (*METRIC_NAMES, *COUNT_NAMES)}
-
-
-def per_class_means(summary: dict, sets) -> dict:
-    """{"kind": the headline kind, "classes": {name: {"label_values", metric: mean, ...}}}:
-    each class's or region's means where the headline is (nnU-Net's per-region means)."""
-    kind = summary.get("headline", {}).get("kind", "case")
-    metrics = summary["kinds"].get(kind, {}).get("metrics", {})
-    classes = {}
-    for name, values in sets:
-        entry = {"label_values": list(values)}
-        entry.update({m: metrics.get(f"{name}_{m}", {}).get("mean") for m in METRIC_NAMES})
-        classes[name] = entry
-    return {"kind": kind, "classes": classes}
-
-
-def per_class_text(per_class: dict) -> str:
-    """``dice per patient: WT 0.9012, TC 0.8123, ET 0.7001``."""
-    parts = [f"{name} {'undefined' if e['dice'] is None else format(e['dice'], '.4f')}"
-             for name, e in per_class["classes"].items()]
-    return f"dice per {per_class['kind']}: {', '.join(parts)}"
 
 
 def _read_pair(pred_path, label_path):
@@ -376,14 +377,12 @@ def main(argv=None) -> None:
     )
     summary = summarize(rows)
     summary.update(info, dataset=args.dataset, classes=list(classes), foreground_labels=list(foreground_labels))
-    results = [results_text(summary)]
-    sets = class_sets(classes, regions)
     if regions:
         summary["regions"] = format_regions(regions)
+    sets = class_sets(classes, regions)
     if sets:
-        summary["per_class"] = per_class_means(summary, sets)
-        results.append(per_class_text(summary["per_class"]))
-    summary["results"] = "; ".join(results)
+        summary["per_class"] = class_means(summary, dict(sets))
+    summary["results"] = results_text(summary)
     try:
         table.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(table.parent, depth=0)

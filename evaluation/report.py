@@ -342,19 +342,25 @@ def headline_text(summary: dict) -> str:
     return f"mean dice per {kind} {mean(kind)} ({n} {kind}{'s' if n != 1 else ''}); per case {per_case}"
 
 
-def class_means(summary: dict, names) -> dict:
-    """{name: {"dice", "hd95", "hd95_penalized": mean}} per class or region, at the summary's
-    headline kind (volume, patient or case); {} without scored rows."""
+def class_means(summary: dict, classes) -> dict:
+    """summary.json's ``per_class``: {name: {"label_values": [...], metric: mean, ...}} per class
+    or region (``classes``: a mapping from its name to its label value or values), each metric's
+    mean at the summary's headline kind (``summary["headline"]["kind"]``: volume, patient or
+    case), None where undefined; {} without scored rows."""
     kind = summary.get("headline", {}).get("kind")
     if kind is None:
         return {}
     metrics = summary["kinds"][kind]["metrics"]
-    return {name: {m: metrics.get(f"{name}_{m}", {}).get("mean") for m in HEADLINE_METRICS} for name in names}
+    return {
+        name: {"label_values": [int(v) for v in np.atleast_1d(values)],
+               **{m: metrics.get(f"{name}_{m}", {}).get("mean") for m in METRIC_NAMES}}
+        for name, values in dict(classes).items()
+    }
 
 
 def classes_text(summary: dict) -> str:
-    """``dice per volume by class: WT 0.8123, TC 0.7012, ET undefined``: the per-class line of a
-    K-class run (summary["per_class"] from ``class_means``); "" for one class."""
+    """``dice per volume by class: WT 0.8123, TC 0.7012, ET undefined``: the per-class line
+    (summary["per_class"] from ``class_means``); "" without classes."""
     classes = summary.get("per_class") or {}
     if not classes:
         return ""

@@ -315,13 +315,15 @@ def test_regions_give_columns_per_region_on_case_and_patient_rows(brats2d_mini, 
     assert patient["ET_label_voxels"] == sum(r["ET_label_voxels"] for r in cases) > 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["regions"] == REGIONS
+    # per_class: the headline kind's means of each region, as sample.py's summary gives them.
     per_class = summary["per_class"]
-    assert per_class["kind"] == "patient" and list(per_class["classes"]) == ["WT", "TC", "ET"]
-    assert per_class["classes"]["ET"]["label_values"] == [4] and per_class["classes"]["WT"]["label_values"] == [1, 2, 4]
-    assert per_class["classes"]["WT"]["dice"] == 1.0 and per_class["classes"]["ET"]["dice"] == 0.0
+    assert summary["headline"]["kind"] == "patient" and list(per_class) == ["WT", "TC", "ET"]
+    assert per_class["ET"]["label_values"] == [4] and per_class["WT"]["label_values"] == [1, 2, 4]
+    assert per_class["WT"]["dice"] == 1.0 and per_class["ET"]["dice"] == 0.0
+    assert per_class["ET"]["hd95"] is None and per_class["ET"]["hd95_penalized"] > 0
     assert summary["kinds"]["case"]["metrics"]["ET_dice"]["n_both_empty"] == sum(
         1 for r in cases if r["ET_label_voxels"] == 0)
-    assert "dice per patient: WT 1.0000, TC 1.0000, ET 0.0000" in summary["results"]
+    assert "dice per patient by class: WT 1.0000, TC 1.0000, ET 0.0000" in summary["results"]
 
 
 def test_classes_on_volumes_and_one_class_keeps_the_whole_foreground(tmp_path):

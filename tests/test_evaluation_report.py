@@ -8,12 +8,14 @@ import pytest
 from PIL import Image
 
 from evaluation.errors import EvaluationError
-from evaluation.metrics import segmentation_metrics
+from evaluation.metrics import METRIC_NAMES, segmentation_metrics
 from evaluation.report import (
     GroupAccumulator,
+    class_means,
     metrics_row,
     read_metrics_csv,
     read_uint16_png,
+    results_text,
     save_uint16_png,
     summarize,
     write_metrics_csv,
@@ -77,6 +79,23 @@ def test_group_of_label_maps_is_scored_per_class_in_3d():
     assert row["dice"] == pytest.approx((6 / 11 + 2 / 5) / 2)
     assert row["WT_label_voxels"] == 8 and row["label_voxels"] == 12 and row["tn"] == 4  # WT 0 + ET 4
     assert row["preseg_WT_dice"] == row["preseg_ET_dice"] == row["preseg_dice"] == 1.0
+
+
+def test_per_class_summary_holds_the_label_values_and_the_headline_kinds_means():
+    classes = {"WT": (1, 2, 4), "ET": 4}
+    acc = GroupAccumulator(kind="volume", classes=classes)
+    acc.add("v", np.array([[2, 2, 0, 0]]), np.array([[2, 2, 4, 4]]), slice_index=0)
+    summary = summarize([metrics_row("v_000", {"dice": 0.5, "pred_voxels": 2, "label_voxels": 4},
+                                     group_id="v"), *acc.rows()])
+    summary["per_class"] = class_means(summary, classes)
+    assert list(summary["per_class"]) == ["WT", "ET"]
+    wt, et = summary["per_class"]["WT"], summary["per_class"]["ET"]
+    assert wt["label_values"] == [1, 2, 4] and et["label_values"] == [4]
+    # The volume row is the headline: its per-class means, every metric; ET missed: hd95 undefined.
+    assert wt["dice"] == pytest.approx(2 / 3) and et["dice"] == 0.0 and et["hd95"] is None
+    assert set(wt) == {"label_values", *METRIC_NAMES}
+    assert results_text(summary).endswith("; dice per volume by class: WT 0.6667, ET 0.0000")
+    assert class_means(summarize([]), classes) == {}
 
 
 def test_group_errors():

@@ -108,6 +108,9 @@ def assert_per_class_tables(out: Path, names, n_cases: int, preseg: bool):
     metrics = summary["kinds"][summary["headline"]["kind"]]["metrics"]
     for name in names:
         assert summary["per_class"][name]["dice"] == metrics[f"{name}_dice"]["mean"]
+    # Each class's or region's label values beside its means, as python -m evaluation gives them.
+    values = {f"class{v}": [v] for v in MULTICLASS.classes} | {n: list(v) for n, v in REGIONS.regions}
+    assert all(summary["per_class"][name]["label_values"] == values[name] for name in names)
     assert "by class: " + ", ".join(names[:1]) in summary["results"]
     return rows, summary
 
