@@ -9,6 +9,7 @@
 #   bash run.sh --data_dir DIR   # your data: DIR/training and DIR/testing (with labels)
 #   bash run.sh --update_docs    # the demo, then its table and pictures into docs/demo and README.md
 #   MODE=regions bash run.sh     # the same in BraTS-like regions (WT, TC, ET): one table per region
+#                                # (with --update_docs: into docs/regions and README.md)
 #
 # Writes everything under $OUT (data, checkpoints, samples; --quick: $OUT/quick) and the table
 # to $RESULTS: table.md, table.json, overlay_example.png (an addpm case) and curves.png (the
@@ -54,7 +55,7 @@ while (($#)); do
             [[ $# -ge 2 && -n "$2" ]] || { echo "error: --data_dir needs a folder" >&2; exit 2; }
             DATA_DIR=$2
             shift ;;
-        -h | --help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
         *) echo "error: unknown option $1 (usage: bash run.sh [--quick] [--data_dir DIR] [--update_docs])" >&2; exit 2 ;;
     esac
     shift
@@ -66,19 +67,17 @@ if ((UPDATE_DOCS)) && { ((QUICK)) || [[ -n "$DATA_DIR" ]]; }; then
 fi
 DEMO_FLAGS=()
 LABEL_FLAGS=()
+DOCS=docs/demo
 case "$MODE" in
     binary) ;;
     regions)
         OUT=$OUT/regions
         RESULTS=$RESULTS/regions
+        DOCS=docs/regions
         DEMO_FLAGS=(--classes 3)
         LABEL_FLAGS=(--regions "$REGIONS") ;;
     *) echo "error: MODE=$MODE is unknown (binary or regions)" >&2; exit 2 ;;
 esac
-if ((UPDATE_DOCS)) && [[ "$MODE" != binary ]]; then
-    echo "error: --update_docs documents the binary demo; run MODE=regions without it" >&2
-    exit 2
-fi
 if ((QUICK)); then
     # A 100-step chain keeps the full ddpm chain cheap; pre_t and T are scaled with it.
     OUT=$OUT/quick
@@ -192,10 +191,10 @@ fi
 
 if ((UPDATE_DOCS)); then
     # The README shows the demo's own table and pictures: copied here, never retyped.
-    mkdir -p docs/demo
-    cp "$RESULTS/table.md" docs/demo/table.md
-    cp "$RESULTS/curves.png" docs/demo/curves.png
-    if [[ -f "$RESULTS/overlay_example.png" ]]; then cp "$RESULTS/overlay_example.png" docs/demo/overlay.png; fi
+    mkdir -p "$DOCS"
+    cp "$RESULTS/table.md" "$DOCS/table.md"
+    cp "$RESULTS/curves.png" "$DOCS/curves.png"
+    if [[ -f "$RESULTS/overlay_example.png" ]]; then cp "$RESULTS/overlay_example.png" "$DOCS/overlay.png"; fi
     "$PY" docs/sync_readme.py
 fi
 echo "run.sh finished in $((SECONDS - START)) s"
