@@ -25,6 +25,7 @@ Models know nothing of diffusion. User errors raise ``ConfigError`` with one lin
 
 import importlib
 import inspect
+import math
 from collections.abc import Mapping
 
 import torch
@@ -67,6 +68,29 @@ def mask_probabilities(logits: torch.Tensor, exclusive: bool = True) -> torch.Te
     if exclusive:
         return torch.softmax(logits.float(), dim=1)[:, 1:]
     return torch.sigmoid(logits.float())
+
+
+# Regions' sigmoids start at this foreground probability (the bias of the head), as RetinaNet's
+# prior initialisation does: a head that starts at 0.5 everywhere spends a short training budget
+# learning that most pixels are background, and until then a small region fires on all of them.
+REGION_PRIOR = 0.01
+
+
+def init_region_head(model: nn.Module, prior: float = REGION_PRIOR) -> bool:
+    """Set the bias of a built-in network's last 1x1 convolution to ``logit(prior)``, for
+    region logits that go through one sigmoid each (``mask_probabilities(exclusive=False)``).
+
+    Returns False, changing nothing, for a ``module:Class`` network (whose head is unknown here).
+    """
+    if isinstance(model, TorchvisionSegmentationNet):
+        head = model.net.classifier[-1]
+    elif isinstance(model, tuple(UNET_ARCHS.values())):
+        head = model.head
+    else:
+        return False
+    with torch.no_grad():
+        head.bias.fill_(math.log(prior / (1.0 - prior)))
+    return True
 
 
 def build_network(arch: str, *, in_channels: int, num_classes: int, base_channels: int = 32,

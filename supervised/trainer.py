@@ -11,6 +11,7 @@ from data import DATA_HELP, data_defaults, dataset_from_args
 from guided_diffusion import dist_util
 from guided_diffusion.script_util import add_dict_to_argparser
 from preseg.io import NETWORK_HELP, args_record, build_network_from_config, network_config, network_defaults
+from preseg.networks import init_region_head
 from supervised.engine import train
 from supervised.options import ENGINE_HELP, TrainOptions, engine_defaults
 from supervised.setup import check_out_dir, seed_everything
@@ -52,6 +53,8 @@ def train_from_flags(args, *, kind, batch_to_input_target, in_channels=None, rec
         config.update(preprocess=preprocess.to_dict(), args=args_record(args))
         seed_everything(args.seed)
         model = build_network_from_config(config)
+        if not preprocess.exclusive:
+            init_region_head(model)
         return train(kind=kind, model=model, config=config, train_set=train_set, val_set=val_set,
                      batch_to_input_target=batch_to_input_target, options=options, ctx=ctx)
     finally:

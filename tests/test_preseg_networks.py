@@ -331,3 +331,27 @@ def test_loss_rejects_bad_shapes_and_weights():
         SegmentationLoss()(torch.zeros(1, 2, 4, 4), torch.zeros(1, 4, 5, dtype=torch.long))
     with pytest.raises(ConfigError):
         SegmentationLoss(ce_weight=0.0, dice_weight=0.0)
+
+
+@pytest.mark.parametrize("arch", ("unet", "attention_unet", "unetpp", "fcn_resnet50"))
+def test_region_heads_start_at_the_background_prior(arch):
+    """Regions' sigmoids start near 0.01 everywhere, not at 0.5 (see REGION_PRIOR)."""
+    from preseg.networks import REGION_PRIOR, init_region_head
+
+    net = build_network(arch, in_channels=4, num_classes=3, base_channels=8, depth=2).eval()
+    assert init_region_head(net)
+    with torch.no_grad():
+        probs = torch.sigmoid(net(torch.zeros(2, 4, 32, 32)))
+    assert probs.median().item() < 0.1
+    heads = net.net.classifier[-1] if arch == "fcn_resnet50" else net.head
+    assert torch.allclose(torch.sigmoid(heads.bias), torch.full((3,), REGION_PRIOR))
+
+
+def test_region_head_of_a_user_module_is_left_alone(user_module):
+    from preseg.networks import init_region_head
+
+    module_name, _ = user_module
+    net = build_network(f"{module_name}:TinyNet", in_channels=3, num_classes=2, arch_kwargs={"hidden": 3})
+    before = [p.clone() for p in net.parameters()]
+    assert not init_region_head(net)
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters()))
