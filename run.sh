@@ -120,7 +120,7 @@ if [[ -z "$DATA_DIR" ]]; then
     phase "demo data: $N_TRAIN training and $N_TEST test slices of ${IMAGE_SIZE}x${IMAGE_SIZE} in $DATA_DIR"
     rm -rf "$DATA_DIR"
     "$PY" -m data.demo --out "$DATA_DIR" --n_train "$N_TRAIN" --n_test "$N_TEST" --image_size "$IMAGE_SIZE" --seed 0 \
-        "${DEMO_FLAGS[@]}"
+        ${DEMO_FLAGS[@]+"${DEMO_FLAGS[@]}"}
 fi
 for part in training testing; do
     [[ -d "$DATA_DIR/$part" ]] || { echo "error: --data_dir $DATA_DIR has no $part/ folder" >&2; exit 2; }
@@ -129,17 +129,17 @@ rm -rf "$RUNS" "$SAMPLES"
 
 phase "pre-segmentation net: $PRESEG_STEPS steps"
 # shellcheck disable=SC2086  # the flag strings are meant to split into words
-"$PY" train_preseg_network.py --data_dir "$DATA_DIR/training" $DATA_FLAGS "${LABEL_FLAGS[@]}" $PRESEG_FLAGS \
+"$PY" train_preseg_network.py --data_dir "$DATA_DIR/training" $DATA_FLAGS ${LABEL_FLAGS[@]+"${LABEL_FLAGS[@]}"} $PRESEG_FLAGS \
     --max_steps "$PRESEG_STEPS" --max_epoch 0 --out_dir "$RUNS/preseg"
 
 phase "denoising net (T = $T): $DENOISER_STEPS steps"
 # shellcheck disable=SC2086
-"$PY" train_denoising_network.py --data_dir "$DATA_DIR/training" $DATA_FLAGS "${LABEL_FLAGS[@]}" $DENOISER_FLAGS \
+"$PY" train_denoising_network.py --data_dir "$DATA_DIR/training" $DATA_FLAGS ${LABEL_FLAGS[@]+"${LABEL_FLAGS[@]}"} $DENOISER_FLAGS \
     --max_steps "$DENOISER_STEPS" --max_epoch 0 --out_dir "$RUNS/denoiser"
 
 phase "diffusion UNet: $DIFFUSION_TRAIN_STEPS steps"
 # shellcheck disable=SC2086
-"$PY" train_addpm.py --data_dir "$DATA_DIR/training" $DATA_FLAGS "${LABEL_FLAGS[@]}" $MODEL_FLAGS $DIFFUSION_FLAGS $TRAIN_FLAGS \
+"$PY" train_addpm.py --data_dir "$DATA_DIR/training" $DATA_FLAGS ${LABEL_FLAGS[@]+"${LABEL_FLAGS[@]}"} $MODEL_FLAGS $DIFFUSION_FLAGS $TRAIN_FLAGS \
     --max_steps "$DIFFUSION_TRAIN_STEPS" --out_dir "$RUNS/addpm"
 
 best_or_final() {
@@ -171,7 +171,7 @@ phase "comparison"
 mkdir -p "$RESULTS"
 COMPARE_FLAGS=()
 if [[ "$MODE" == regions ]]; then COMPARE_FLAGS=(--per_class True); fi
-"$PY" -m evaluation.compare "${ROWS[@]}" "${COMPARE_FLAGS[@]}" --out "$RESULTS/table.md"
+"$PY" -m evaluation.compare "${ROWS[@]}" ${COMPARE_FLAGS[@]+"${COMPARE_FLAGS[@]}"} --out "$RESULTS/table.md"
 
 # The overlay of the addpm case whose Dice is the median of the cases with a tumour (not the best).
 OVERLAY=$("$PY" -c '

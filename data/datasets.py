@@ -151,9 +151,9 @@ def split_records(found: Scan, subset: str, *, split_by: str, val_fraction: floa
 
 
 def collate(items: list) -> dict:
-    """List of items -> {"image": [B, C, S, S], "label": [B, S, S] (if every item has one),
-    "case_id": list[str], "meta": list[dict]}, plus "original_label": list of [H, W] tensors or
-    None (sizes differ) when the items carry one."""
+    """List of items -> {"image": [B, C, S, S], "label": [B, S, S] or [B, K, S, S] (if every item
+    has one), "case_id": list[str], "meta": list[dict]}, plus "original_label": list of [H, W]
+    (or [K, H, W]) tensors or None (sizes differ) when the items carry one."""
     batch = {
         "image": torch.stack([it["image"] for it in items]),
         "case_id": [it["case_id"] for it in items],
@@ -217,7 +217,7 @@ class SegmentationDataset(Dataset):
         return np.random.default_rng(int(torch.randint(0, 2**62, (1,)).item()))
 
     def _finish(self, image, label, bounds, case_id: str, meta: dict) -> dict:
-        """Raw [C, H, W] image and {0,1} [H, W] label -> the item dict."""
+        """Raw [C, H, W] image and ``map_label``'s {0,1} label ([H, W] or [K, H, W]) -> the item dict."""
         original = label
         image, label, plan = self.preprocess.apply(image, label, bounds, augment=self.augment, rng=self._rng())
         meta["geometry"] = plan

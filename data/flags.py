@@ -48,7 +48,8 @@ DATA_HELP = {
     "foreground_labels": "comma-separated label values that count as foreground, e.g. 1,4 (BraTS tumour core); "
                          "implies --label_mode subset",
     "classes": "comma-separated label values segmented as separate classes, e.g. 1,2,4; implies "
-               "--label_mode multiclass (empty: every non-zero label the dataset declares)",
+               "--label_mode multiclass (empty with --label_mode multiclass: every non-zero label the "
+               "dataset declares)",
     "regions": "overlapping regions, each NAME:values, separated by ';', e.g. \"WT:1,2,4;TC:1,4;ET:4\" "
                "(BraTS 2021; 2023: \"WT:1,2,3;TC:1,3;ET:3\"); implies --label_mode regions (empty with "
                "regions mode: the regions of an nnU-Net dataset.json)",

@@ -96,6 +96,7 @@ class Preprocess:
             raise DataConfigError("--regions is only used with --label_mode regions")
         if 0 in self.classes:
             raise DataConfigError("--classes must not contain 0 (the background)")
+        check_nested_or_disjoint(self.regions)
         if len(set(self.classes)) != len(self.classes):
             raise DataConfigError(f"--classes lists a value twice: {','.join(str(v) for v in self.classes)}")
         if len(self.clip_percentiles) != 2 or not 0.0 <= self.clip_percentiles[0] < self.clip_percentiles[1] <= 100.0:
@@ -337,6 +338,19 @@ def parse_regions(spec) -> tuple:
             raise DataConfigError(f"--regions names {name} twice")
         regions.append((name, values))
     return tuple(regions)
+
+
+def check_nested_or_disjoint(regions) -> None:
+    """DataConfigError unless every two regions are nested or disjoint (BraTS WT, TC, ET are
+    nested): only then do the regions paint one label map that gives each region back exactly
+    (``Preprocess.paint_order``), which the outputs are written, and scored, as."""
+    for i, (name_a, a) in enumerate(regions):
+        for name_b, b in regions[i + 1:]:
+            shared = set(a) & set(b)
+            if shared and not (set(a) <= set(b) or set(b) <= set(a)):
+                raise DataConfigError(
+                    f"--regions {name_a} and {name_b} share the value {min(shared)} but neither holds the "
+                    "other; regions must be nested (like WT:1,2,4;TC:1,4) or disjoint")
 
 
 def format_regions(regions) -> str:

@@ -59,6 +59,8 @@ from evaluation.errors import EvaluationError
 METRIC_NAMES = ("dice", "iou", "hd95", "hd95_penalized", "assd", "sensitivity", "specificity",
                 "precision")
 COUNT_NAMES = ("tp", "fp", "fn", "tn", "pred_voxels", "label_voxels")
+# Undefined (nan) exactly where one mask is empty and the other is not: a miss.
+DISTANCE_NAMES = ("hd95", "assd")
 HD_PERCENTILE = 95.0
 # Per-class columns carry their voxel counts too, so that a class empty in both masks leaves the
 # means (``evaluation.report.is_both_empty``).
@@ -227,9 +229,11 @@ def mean_over_classes(per_class: Mapping) -> dict:
 
     Each metric is the mean over the classes that are not empty in both masks (those are left
     out, as from every mean of ``evaluation.report``), nan values left out; nan when no class
-    has a value. When every class is empty in both masks, the both-empty values
-    (dice 1, hd95 0, ...). The voxel counts are summed over the classes, so the row counts as
-    both empty exactly when every class is.
+    has a value. The distances (hd95, assd) are the exception: a class missed or hallucinated
+    (nan distance) makes the row's distance nan too, so that the row counts as a miss in the
+    HD95 means, as a one-class row would (``hd95_penalized`` scores it). When every class is
+    empty in both masks, the both-empty values (dice 1, hd95 0, ...). The voxel counts are
+    summed over the classes, so the row counts as both empty exactly when every class is.
     """
     entries = list(per_class.values())
     if not entries:
@@ -238,7 +242,8 @@ def mean_over_classes(per_class: Mapping) -> dict:
     out = {}
     for name in METRIC_NAMES:
         values = [float(m[name]) for m in scored if not math.isnan(float(m[name]))]
-        out[name] = sum(values) / len(values) if values else math.nan
+        missed = name in DISTANCE_NAMES and len(values) < len(scored)
+        out[name] = sum(values) / len(values) if values and not missed else math.nan
     for name in COUNT_NAMES:
         out[name] = int(sum(int(m[name]) for m in entries))
     return out

@@ -63,14 +63,10 @@ def ensemble_statistics(member_probs) -> dict:
     if isinstance(member_probs, torch.Tensor):
         mean = member_probs.mean(dim=0)
         variance = member_probs.var(dim=0, unbiased=False)
-        p = mean.clamp(0.0, 1.0)
-        entropy = -(torch.special.xlogy(p, p) + torch.special.xlogy(1 - p, 1 - p))
     else:
         mean = member_probs.mean(axis=0)
         variance = member_probs.var(axis=0)
-        p = np.clip(mean, 0.0, 1.0)
-        entropy = -(special.xlogy(p, p) + special.xlogy(1 - p, 1 - p))
-    return {"mean": mean, "variance": variance, "entropy": entropy}
+    return {"mean": mean, "variance": variance, "entropy": _binary_entropy(mean)}
 
 
 def fuse(member_probs, fusion: str = "mean", threshold: float = 0.5):
@@ -107,6 +103,7 @@ def fuse(member_probs, fusion: str = "mean", threshold: float = 0.5):
 
 
 def _binary_entropy(p):
+    """-p ln p - (1 - p) ln(1 - p) of probabilities clamped to [0, 1], with 0 ln 0 = 0."""
     if isinstance(p, torch.Tensor):
         p = p.clamp(0.0, 1.0)
         return -(torch.special.xlogy(p, p) + torch.special.xlogy(1 - p, 1 - p))

@@ -27,9 +27,11 @@ from guided_diffusion.script_util import (
     diffusion_config,
     model_and_diffusion_from_config,
     model_config,
+    str2bool,
 )
 
 _FIRST_CONV = "input_blocks.0.0.weight"
+_LAST_CONV = "out.2.weight"
 
 
 @dataclass
@@ -107,10 +109,18 @@ def _from_raw_state_dict(state, model_path: str, flags: Mapping, preprocess: dic
             f"{model_path}: a state dict without {_FIRST_CONV}; it is not a UNet of the "
             "improved-diffusion family"
         )
-    mask_channels = 1
+    # The mask channels are the last convolution's outputs (twice as many with --learn_sigma);
+    # the first convolution takes the image channels and the noisy mask.
+    outputs = int(state[_LAST_CONV].shape[0]) if _LAST_CONV in state else 1
+    per_channel = 2 if str2bool(flags.get("learn_sigma", False)) else 1
+    if outputs % per_channel:
+        raise CheckpointError(f"{model_path}: the last convolution gives {outputs} channels, an odd number "
+                              "for --learn_sigma True (two outputs per mask channel)")
+    mask_channels = outputs // per_channel
     image_channels = int(state[_FIRST_CONV].shape[1]) - mask_channels
     if image_channels < 1:
-        raise CheckpointError(f"{model_path}: the first convolution takes {image_channels + 1} channels")
+        raise CheckpointError(f"{model_path}: the first convolution takes {image_channels + mask_channels} "
+                              f"channels, too few for {mask_channels} mask channel(s) and an image")
     image_size = int(preprocess["image_size"])
     model_flags = model_config(flags, image_channels=image_channels, mask_channels=mask_channels,
                                image_size=image_size)

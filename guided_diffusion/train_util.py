@@ -689,6 +689,8 @@ def _take(value, index: torch.Tensor):
 
 
 def _dice(pred: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-    """Dice of two {0,1} float masks pooled over every pixel (1 when both are empty)."""
-    total = pred.sum() + label.sum()
-    return 2 * (pred * label).sum() / total if total > 0 else torch.ones(())
+    """Dice of two {0,1} float masks [B, K, H, W], pooled over the batch per channel and averaged
+    over the channels (a channel empty in both scores 1), as validation averages them."""
+    total = pred.sum(dim=(0, 2, 3)) + label.sum(dim=(0, 2, 3))
+    overlap = 2 * (pred * label).sum(dim=(0, 2, 3))
+    return torch.where(total > 0, overlap / total.clamp_min(1e-12), torch.ones_like(total)).mean()

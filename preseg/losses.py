@@ -87,11 +87,11 @@ class SegmentationLoss(_WeightedLoss):
     """ce_weight * cross-entropy + dice_weight * (1 - soft Dice), for exclusive classes.
 
     The soft Dice uses softmax probabilities, is computed over the whole batch per class, and
-    averaged over the foreground classes 1 .. K-1 (background is left to the cross-entropy).
+    averaged over the K foreground classes 1 .. K (background is left to the cross-entropy).
     Both terms are computed in float32, also under autocast.
 
-    forward(logits [B, K, H, W], target [B, H, W] int64 or label channels [B, K-1, H, W])
-    -> scalar loss.
+    forward(logits [B, K+1, H, W], target [B, H, W] int64 in 0 .. K or label channels
+    [B, K, H, W]) -> scalar loss.
     """
 
     def components(self, logits: torch.Tensor, target: torch.Tensor) -> dict:
@@ -138,15 +138,6 @@ def make_loss(preprocess, *, ce_weight: float = 1.0, dice_weight: float = 1.0) -
     softmax CE + soft Dice for classes, BCE + soft Dice for regions."""
     loss = SegmentationLoss if preprocess.exclusive else RegionLoss
     return loss(ce_weight=ce_weight, dice_weight=dice_weight)
-
-
-def hard_channels_of_logits(logits: torch.Tensor, exclusive: bool) -> torch.Tensor:
-    """The nets' decisions per mask channel, bool [B, K, H, W]: for classes the argmax over
-    the K+1 logits (channel k on where class k wins), for regions each sigmoid >= 0.5."""
-    if not exclusive:
-        return torch.sigmoid(logits.float()) >= 0.5
-    winner = logits.argmax(dim=1)
-    return F.one_hot(winner, logits.shape[1]).permute(0, 3, 1, 2)[:, 1:].bool()
 
 
 def channel_dice(pred: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:

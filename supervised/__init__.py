@@ -8,7 +8,7 @@ resumes, ``engine.train`` drives them; ``options`` holds the flags of both train
 from supervised.engine import TrainResult, train
 from supervised.options import ENGINE_HELP, TrainOptions, engine_defaults
 from supervised.setup import EpochBatchSampler, check_out_dir, seed_everything
-from supervised.validation import evaluate_channel_dice, evaluate_dice, foreground_dice, mask_dice
+from supervised.validation import evaluate_channel_dice, evaluate_dice, mask_dice
 
 __all__ = [
     "ENGINE_HELP",
@@ -19,7 +19,6 @@ __all__ = [
     "engine_defaults",
     "evaluate_channel_dice",
     "evaluate_dice",
-    "foreground_dice",
     "mask_dice",
     "seed_everything",
     "train",

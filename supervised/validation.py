@@ -16,21 +16,11 @@ from data import collate
 from guided_diffusion import logger
 from guided_diffusion.dist_util import autocast_context
 from guided_diffusion.run_dir import BEST_NAME
-from guided_diffusion.mask_space import label_channels
-from preseg.losses import channel_dice, hard_channels_of_logits
+from guided_diffusion.mask_space import hard_channels, label_channels
+from preseg.losses import channel_dice
+from preseg.networks import mask_probabilities
 from supervised.checkpointer import save
 from supervised.setup import LOADER_STREAM, VALIDATION_STREAM, EpochBatchSampler, make_generator, stream_seed, to_device
-
-
-def foreground_dice(logits, target):
-    """Hard Dice of the whole foreground per image.
-
-    :param logits: [B, K, H, W] class logits.
-    :param target: [B, H, W] int64 labels (0 = background).
-    :return: float32 [B]: Dice of (argmax > 0) vs (target > 0); 1 where both are empty.
-    """
-    pred = (logits.argmax(dim=1) > 0).unsqueeze(1)
-    return channel_dice(pred, (target > 0).unsqueeze(1))[:, 0]
 
 
 def mask_dice(logits, label, exclusive=True):
@@ -41,7 +31,8 @@ def mask_dice(logits, label, exclusive=True):
     :param label: the batch's label, [B, H, W] (one channel) or [B, K, H, W] {0,1}.
     :return: float32 [B, K]; 1 where a channel is empty in both prediction and label.
     """
-    return channel_dice(hard_channels_of_logits(logits, exclusive), label_channels(label) > 0)
+    pred = hard_channels(mask_probabilities(logits, exclusive), exclusive) > 0
+    return channel_dice(pred, label_channels(label) > 0)
 
 
 @torch.no_grad()

@@ -8,7 +8,14 @@ running these same commands:
 
     python tests/test_binary_unchanged.py REPO WORK_DIR
 
-prints them for the code in REPO.
+prints them for the code in REPO: GOLDEN and GOLDEN_VALIDATED.
+
+The second configuration takes the paths that the first leaves out: a train/val split, so every
+trainer validates and keeps best.pt (train_addpm.py with the in-training ADDPM validation and
+--train_start preseg), then sample.py from the three best.pt with --fusion vote, --save_preseg
+and overlays. It pins the progress.csv values (timing columns left out), the step and weights of
+each best.pt and final.pt, summary.json (timing, paths, versions and the checkpoint file hashes
+left out, one digest per field), the overlay pixels and the pre-segmentation files.
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BRATS2D_TRAINING = REPO_ROOT.parent / "shared" / "fixtures" / "brats2d_mini" / "training"
@@ -89,6 +97,26 @@ GOLDEN = {
         "d658c5d303498af2a19ed0703e640af3db097c95d644ea850d0a4e82fe00635b",
 }
 
+# A split of the fixture's six slices (one patient, so by case): two validate, four train.
+VAL_DATA_FLAGS = ["--image_size", "32", "--resize_mode", "resize", "--split_by", "case", "--val_fraction", "0.34"]
+VAL_NET_FLAGS = [*VAL_DATA_FLAGS, "--base_channels", "8", "--depth", "2", "--batch_size", "2", "--max_steps", "8",
+                 "--lr", "3e-3", "--val_interval", "2", "--log_interval", "2", "--seed", "0", "--device", "cpu"]
+VAL_TRAIN = {
+    "preseg": ("train_preseg_network.py", VAL_NET_FLAGS),
+    "denoiser": ("train_denoising_network.py", [*VAL_NET_FLAGS, *SCHEDULE_FLAGS, "--T", "25"]),
+    "diffusion": ("train_addpm.py", [*VAL_DATA_FLAGS, "--num_channels", "16", "--num_res_blocks", "1",
+                                     "--attention_resolutions", "16", *SCHEDULE_FLAGS, "--batch_size", "2",
+                                     "--max_steps", "4", "--log_interval", "1", "--train_start", "preseg",
+                                     "--val_interval", "2", "--val_sampling_steps", "3", "--pre_t", "40",
+                                     "--seed", "0", "--device", "cpu", "--progress", "False"]),
+}
+VAL_SAMPLE_FLAGS = ["--sampler", "addpm", "--pre_t", "40", "--num_ensemble", "3", "--fusion", "vote",
+                    "--save_preseg", "True", "--seed", "0", "--device", "cpu"]
+# Columns and fields that change from run to run (times, the machine, where the files are).
+TIMING_COLUMNS = ("samples_per_sec", "val_seconds")
+SUMMARY_UNPINNED = ("seconds_per_image", "versions", "settings_digest")
+
+# GOLDEN_VALIDATED
 
 def _env() -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -152,13 +180,77 @@ def run_pipeline(repo: Path, work: Path) -> dict:
     return digests
 
 
-@pytest.mark.skipif(not BRATS2D_TRAINING.is_dir(), reason=f"fixture folder {BRATS2D_TRAINING} is missing")
-def test_binary_pipeline_is_bit_identical_to_the_pre_multiclass_code(tmp_path):
-    got = run_pipeline(REPO_ROOT, tmp_path)
-    assert sorted(got) == sorted(GOLDEN)
-    changed = [name for name in GOLDEN if got[name] != GOLDEN[name]]
+def progress_digest(path: Path) -> str:
+    """SHA-256 of progress.csv's rows as name -> value, timing columns and empty cells left out."""
+    with open(path, newline="") as handle:
+        rows = [{k: v for k, v in row.items() if v != "" and k not in TIMING_COLUMNS} for row in csv.DictReader(handle)]
+    return _digest([json.dumps(rows, sort_keys=True).encode()])
+
+
+def checkpoint_step(path: Path) -> str:
+    return str(torch.load(path, map_location="cpu", weights_only=True)["step"])
+
+
+def image_digest(path: Path) -> str:
+    with Image.open(path) as image:
+        return _digest([image.mode.encode(), str(image.size).encode(), image.tobytes()])
+
+
+def summary_digests(path: Path) -> dict:
+    """Each summary.json field as its JSON text, or that text's SHA-256 when long; the checkpoints keep
+    only what is not a path or a file hash (the files hold paths and times)."""
+    summary = json.loads(path.read_text())
+    for entry in summary.get("checkpoints", {}).values():
+        entry.pop("path", None)
+        entry.pop("sha256", None)
+    fields = {key: json.dumps(value, sort_keys=True) for key, value in summary.items() if key not in SUMMARY_UNPINNED}
+    return {f"summary.json/{key}": text if len(text) <= 64 else _digest([text.encode()]) for key, text in fields.items()}
+
+
+def run_validated_pipeline(repo: Path, work: Path) -> dict:
+    """The second configuration: validation and best.pt in every trainer, then a vote ensemble from the best.pt."""
+    work.mkdir(parents=True, exist_ok=True)
+    best = {name: work / name / "best.pt" for name in VAL_TRAIN}
+    extra = {"diffusion": ["--preseg_path", best["preseg"], "--denoiser_path", best["denoiser"]]}
+    for name, (script, flags) in VAL_TRAIN.items():
+        _run(repo, script, ["--data_dir", BRATS2D_TRAINING, *flags, *extra.get(name, []), "--out_dir", work / name])
+    out = work / "sample"
+    _run(repo, "sample.py", ["--data_dir", BRATS2D_TRAINING, "--model_path", best["diffusion"],
+                             "--preseg_path", best["preseg"], "--denoiser_path", best["denoiser"],
+                             *VAL_SAMPLE_FLAGS, "--out_dir", out])
+    digests = {}
+    for name in VAL_TRAIN:
+        digests[f"progress/{name}"] = progress_digest(work / name / "progress.csv")
+        for kind in ("best", "final"):
+            digests[f"step/{name}/{kind}"] = checkpoint_step(work / name / f"{kind}.pt")
+            digests[f"weights/{name}/{kind}"] = weights_digest(work / name / f"{kind}.pt")
+    for path in sorted(out.glob("*/*.nii.gz")):
+        if path.parent.name in ("masks", "uncertainty", "preseg"):
+            digests[str(path.relative_to(out))] = array_digest(path)
+    for path in sorted((out / "overlays").glob("*.png")):
+        digests[str(path.relative_to(out))] = image_digest(path)
+    digests["metrics.csv"] = metrics_digest(out / "metrics.csv")
+    digests.update(summary_digests(out / "summary.json"))
+    return digests
+
+
+def _assert_golden(got: dict, golden: dict) -> None:
+    assert sorted(got) == sorted(golden), f"missing {sorted(set(golden) - set(got))}, new {sorted(set(got) - set(golden))}"
+    changed = [name for name in golden if got[name] != golden[name]]
     assert not changed, f"differ from the pre-multiclass results: {changed}"
 
 
+@pytest.mark.skipif(not BRATS2D_TRAINING.is_dir(), reason=f"fixture folder {BRATS2D_TRAINING} is missing")
+def test_binary_pipeline_is_bit_identical_to_the_pre_multiclass_code(tmp_path):
+    _assert_golden(run_pipeline(REPO_ROOT, tmp_path), GOLDEN)
+
+
+@pytest.mark.skipif(not BRATS2D_TRAINING.is_dir(), reason=f"fixture folder {BRATS2D_TRAINING} is missing")
+def test_validated_binary_pipeline_is_bit_identical_to_the_pre_multiclass_code(tmp_path):
+    _assert_golden(run_validated_pipeline(REPO_ROOT, tmp_path), GOLDEN_VALIDATED)
+
+
 if __name__ == "__main__":
-    print(json.dumps(run_pipeline(Path(sys.argv[1]).resolve(), Path(sys.argv[2]).resolve()), indent=1))
+    repo, work = Path(sys.argv[1]).resolve(), Path(sys.argv[2]).resolve()
+    print(json.dumps({"GOLDEN": run_pipeline(repo, work / "plain"),
+                      "GOLDEN_VALIDATED": run_validated_pipeline(repo, work / "validated")}, indent=1))

@@ -433,3 +433,16 @@ def test_iterate_forever_reshuffles_epochs(tmp_path):
     ids = [next(batches)["case_id"][0] for _ in range(9)]
     epochs = [ids[0:3], ids[3:6], ids[6:9]]
     assert all(sorted(e) == sorted(epochs[0]) for e in epochs) and len({tuple(e) for e in epochs}) > 1
+
+
+def test_regions_must_be_nested_or_disjoint_and_paint_back_exactly():
+    """Nested and disjoint regions paint one label map that gives every region back; regions
+    that overlap without nesting could not, and are refused in one line."""
+    from data.preprocess import parse_regions
+
+    with pytest.raises(DataConfigError, match="A and B share the value 2 but neither holds the other"):
+        Preprocess(label_mode="regions", regions=parse_regions("A:1,2;B:2,3"))
+    tree = Preprocess(label_mode="regions", regions=parse_regions("ALL:1,2,3,5;LEFT:1,2;RIGHT:3;CORE:1;OTHER:7"))
+    raw = np.array([[0, 1, 2, 3, 5, 7]])
+    channels = tree.map_label(raw)
+    np.testing.assert_array_equal(tree.map_label(tree.label_map(channels)), channels)

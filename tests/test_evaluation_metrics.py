@@ -268,9 +268,12 @@ def test_mean_over_classes_leaves_both_empty_classes_out_and_sums_the_counts():
     assert row["dice"] == pytest.approx(2 / 3)
     assert (row["pred_voxels"], row["label_voxels"], row["tp"]) == (3, 3, 2)
     assert set(METRIC_NAMES) <= set(row) and "class1_tp" not in row
-    # A one-sided miss has no hd95: the mean is over the classes that have one.
+    # A class missed has no hd95, and neither has the row: it counts as a miss in the HD95 means
+    # (hd95_penalized scores it), while the Dice is the mean over both classes.
     missed = label_map_metrics(np.array([[1, 0], [0, 0]]), np.array([[1, 2], [0, 0]]), {"a": 1, "b": 2})
-    assert math.isnan(missed["b_hd95"]) and missed["hd95"] == missed["a_hd95"] == 0.0
+    assert math.isnan(missed["b_hd95"]) and missed["a_hd95"] == 0.0
+    assert math.isnan(missed["hd95"]) and math.isnan(missed["assd"]) and missed["dice"] == pytest.approx(0.5)
+    assert missed["hd95_penalized"] == pytest.approx((0.0 + missed["b_hd95_penalized"]) / 2)
     everything_empty = mean_over_classes(multiclass_metrics(np.zeros((2, 2)), np.zeros((2, 2)), [1, 2]))
     assert everything_empty["dice"] == 1.0 and everything_empty["pred_voxels"] == 0
     regions = label_map_metrics(np.array([[2, 1, 4]]), np.array([[2, 4, 4]]), {"WT": (1, 2, 4), "ET": 4})

@@ -157,6 +157,25 @@ def region_preseg_dir(data: Path, folder: Path) -> dict:
     return segs
 
 
+def test_raw_state_dict_takes_its_mask_channels_from_the_last_convolution(brats_nets, tmp_path, capfd):
+    """A state dict of a 2-channel UNet samples with --classes 2,4 and the model flags; with one
+    class the flags and the weights disagree, which is one error line."""
+    state = torch.load(brats_nets["multiclass"], map_location="cpu", weights_only=True)["model"]
+    raw = tmp_path / "raw.pt"
+    torch.save(state, raw)
+    flags = ["--data_dir", brats_nets["data"], "--model_path", raw, "--image_size", SIZE, "--resize_mode", "resize",
+             "--num_channels", 8, "--num_res_blocks", 1, "--attention_resolutions", "", "--channel_mult", "1,2",
+             "--diffusion_steps", STEPS, "--noise_schedule", "cosine", "--save_overlays", False, "--device", "cpu"]
+    addpm = ["--preseg_path", brats_nets["preseg"], "--sampler", "addpm", "--final_step", "x0", "--pre_t", PRE_T,
+             "--T", T]
+    code, err = sample_main(capfd, *flags, *addpm, "--classes", "2,4", "--out_dir", tmp_path / "out")
+    assert code == 0, err
+    assert_per_class_tables(tmp_path / "out", ("class2", "class4"), 6, preseg=True)
+    code, err = sample_main(capfd, *flags, "--sampler", "ddim", "--sampling_steps", 2, "--classes", "4",
+                            "--out_dir", tmp_path / "one")
+    assert code != 0 and "has 2 mask channels" in err and len(err.strip().splitlines()) == 1, err
+
+
 def test_regions_from_a_preseg_dir_of_label_maps(brats_nets, tmp_path, capfd):
     segs = region_preseg_dir(brats_nets["data"], tmp_path / "presegs")
     # The preseg sampler at the input's own size: the label maps come back as they went in,

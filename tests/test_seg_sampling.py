@@ -372,19 +372,22 @@ def oracle_channels_run(sampler, kwargs, exclusive, mask_space, num_timesteps, m
     label_members = label.repeat_interleave(members, dim=0)
     model = OracleEps(d, to_diffusion_space(label_members, mask_space))
     plan = plan_sampler(sampler, num_timesteps=num_timesteps, **kwargs)
+    denoiser = RecordingDenoiser(label_members)
     probs = sample_members(
         plan, diffusion=d, model=model, images=images_for(2, 8), num_ensemble=members,
         mask_space=mask_space, preseg_probs=label if preseg is None else preseg(label),
-        denoise_fn=RecordingDenoiser(label_members), generator=torch.Generator().manual_seed(8),
+        denoise_fn=denoiser, generator=torch.Generator().manual_seed(8),
         mask_channels=3, exclusive=exclusive,
     )
-    return label, probs, model
+    return label, probs, denoiser
 
 
 CHANNEL_SAMPLERS = [
     ("ddpm", dict(), 50),
     ("ddim", dict(sampling_steps=10), 50),
     ("addpm", dict(pre_t=30, T=20), 50),
+    # The UNet's own x0 at T reads the chain's x_T, which the oracle denoiser above ignores.
+    ("addpm", dict(pre_t=30, T=20, final_step="x0"), 50),
     ("addpm", dict(pre_t=30, T=20, sampling_steps=5, step_method="ddim", final_step="x0"), 50),
     ("preseg", dict(), 50),
 ]
@@ -411,14 +414,20 @@ def test_truncated_start_takes_the_hard_channels_of_a_soft_preseg(exclusive):
     def soft(label):
         return label * 0.55 + (1 - label) * 0.1 if not exclusive else label * 0.5 + (1 - label) * 0.1
 
-    runs = []
+    # The x_T handed to the denoising net: the same chain from the same start, bit for bit.
+    starts = []
     for preseg in (None, soft):
-        label, probs, model = oracle_channels_run("addpm", dict(pre_t=30, T=20), exclusive, "pm1", 50,
-                                                  preseg=preseg)
+        label, _, denoiser = oracle_channels_run("addpm", dict(pre_t=30, T=20), exclusive, "pm1", 50,
+                                                 preseg=preseg)
         if preseg is not None:
             assert torch.equal(hard_channels(preseg(label), exclusive), label)
-        runs.append(probs)
-    assert torch.equal(runs[0], runs[1])
+            assert not torch.equal(preseg(label), label)
+        starts.append(denoiser.x_T)
+    assert torch.equal(starts[0], starts[1])
+    # A soft pre-segmentation taken as it is would start the chain elsewhere.
+    _, _, other = oracle_channels_run("addpm", dict(pre_t=30, T=20), exclusive, "pm1", 50,
+                                      preseg=lambda label: 1 - label)
+    assert not torch.equal(other.x_T, starts[0])
 
 
 def test_a_preseg_of_other_channels_is_refused():
