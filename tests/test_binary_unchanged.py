@@ -15,7 +15,7 @@ trainer validates and keeps best.pt (train_addpm.py with the in-training ADDPM v
 --train_start preseg), then sample.py from the three best.pt with --fusion vote, --save_preseg
 and overlays. It pins the progress.csv values (timing columns left out), the step and weights of
 each best.pt and final.pt, summary.json (timing, paths, versions and the checkpoint file hashes
-left out, one digest per field), the overlay pixels and the pre-segmentation files.
+left out, field by field), the overlay pixels and the pre-segmentation files.
 """
 
 from __future__ import annotations
@@ -116,7 +116,98 @@ VAL_SAMPLE_FLAGS = ["--sampler", "addpm", "--pre_t", "40", "--num_ensemble", "3"
 TIMING_COLUMNS = ("samples_per_sec", "val_seconds")
 SUMMARY_UNPINNED = ("seconds_per_image", "versions", "settings_digest")
 
-# GOLDEN_VALIDATED
+# Produced by the pre-multiclass code (bf4277a) with VAL_TRAIN and VAL_SAMPLE_FLAGS, by
+#     git worktree add ../wt-golden bf4277a
+#     OMP_NUM_THREADS=1 .venv/bin/python tests/test_binary_unchanged.py ../wt-golden WORK_DIR
+# (this file, run against that tree; two runs gave the same values).
+GOLDEN_VALIDATED = {
+    "progress/preseg": "cc3681736d1205a88bf07abc15d80f2c0eefc6a6d5aa04fe7e781f89a918766a",
+    "step/preseg/best": "6",
+    "weights/preseg/best": "281a1caafcc30fd08a0af03953cb985364cce797a27c8117272584a6b2ae25d4",
+    "step/preseg/final": "8",
+    "weights/preseg/final": "08b8d3fb4cfa21ce18336315373c6dbf595825bf9118ba47af54d6f997dbc71c",
+    "progress/denoiser": "1f46be7312e18cd5d09ffb5e66ff856541b39fd3091f3d033a0224f4d7407e5d",
+    "step/denoiser/best": "8",
+    "weights/denoiser/best": "cb93ceea5a1194128e1cb6c35037fdfa2fedd4fccfc7a76627d0214caa14320c",
+    "step/denoiser/final": "8",
+    "weights/denoiser/final": "cb93ceea5a1194128e1cb6c35037fdfa2fedd4fccfc7a76627d0214caa14320c",
+    "progress/diffusion": "54923e3d751db19a663cde89387521d3b71910d108256611ea2574332e21c70d",
+    "step/diffusion/best": "2",
+    "weights/diffusion/best": "a9673c89bfd1c6656ecd455857dba8143b6effa362352c2115fe89019360c223",
+    "step/diffusion/final": "4",
+    "weights/diffusion/final": "0c57fd263eeaf6df977a6b645cdf8f67a5e07b1006fe346775e0f41901b01f04",
+    "masks/brats_train_001_080.nii.gz": "1854d4b04fc27ff4a85f7100ecdffd162128466ed3cc73df72a8bc8e5fca252b",
+    "masks/brats_train_001_081.nii.gz": "981eb855a6d7389d594e12de6704bf4e72bdb3dc3efc3673d4bc8f6deeb11d36",
+    "masks/brats_train_001_082.nii.gz": "37fe480ac0be2a8d8330e4d8c38c838e3a7f1f06766ee2f371798fe932e53113",
+    "masks/brats_train_001_083.nii.gz": "b93e56eb4c9fcd2de7370ed97709a278196133b9395a97559829ad95dca159f5",
+    "masks/brats_train_001_084.nii.gz": "a9f877878797a62cb187ab77eabbc047688f3af1885cb7886e6668f2b940544f",
+    "masks/brats_train_001_085.nii.gz": "0656bd5737125a4f713d2c88b6931a9f160dc60751b62109c03099006cadce1f",
+    "preseg/brats_train_001_080.nii.gz": "11396afc642037ea1094e10f7e9637727c9e00e6d73b2062d540dea023a77544",
+    "preseg/brats_train_001_081.nii.gz": "59d9c439b9b4e89c4e24cd4692c80c7eb43c738cee16851d48d406160c8b0f0b",
+    "preseg/brats_train_001_082.nii.gz": "f8e83c74cd4dd09da34a978611ece2675ccb507095f9464372c45d513e6fc691",
+    "preseg/brats_train_001_083.nii.gz": "0d8b2dc092b74b8095c4c4f47db2b50460cb6aa743729c46da7c1753c73617cd",
+    "preseg/brats_train_001_084.nii.gz": "2fd2c3a02264c4e42436b603fb9e0a15efca720f3312f11fa912bf26a9acd6df",
+    "preseg/brats_train_001_085.nii.gz": "5308a33726418d2503550b489f9022a281c1041055332a01ab02ebd14d4616f2",
+    "uncertainty/brats_train_001_080_entropy.nii.gz":
+        "280c700b410cda9aa4ed4b0cad87968f274bbf6d2f5cc5a393375c776283c1f1",
+    "uncertainty/brats_train_001_080_variance.nii.gz":
+        "67331e1b41943d33b98ec7fcd82dbcd55194d980b73176ed907c59cbe3806ee0",
+    "uncertainty/brats_train_001_081_entropy.nii.gz":
+        "e58449db9dd906982d703231618007717591e59670d18b030b2192d21d56d073",
+    "uncertainty/brats_train_001_081_variance.nii.gz":
+        "79e396685cab973e4ad20e1c9d101548ae9006b004cd8f489da27c2cbe3d28df",
+    "uncertainty/brats_train_001_082_entropy.nii.gz":
+        "5e7ffb2a832fcb506057398cab048720a0fe94decd4b915c73e1312010ff85f1",
+    "uncertainty/brats_train_001_082_variance.nii.gz":
+        "1ad53c4130fe9b583b4ac9d3a486e27cec88ab978b2b41ee8f85a02d8cbe9567",
+    "uncertainty/brats_train_001_083_entropy.nii.gz":
+        "0ce239105783fc2cea5a9fe5b634a957708eacb1f71116d5e68d20f4babdd445",
+    "uncertainty/brats_train_001_083_variance.nii.gz":
+        "bb88970ccf5d68885902e835289fe69b18a621b69b96614a34fe3ec6f0273ae7",
+    "uncertainty/brats_train_001_084_entropy.nii.gz":
+        "cb89d82b7bbd06098b49eb24460f7a5a2d06b52c1124e85370d814ced58f846e",
+    "uncertainty/brats_train_001_084_variance.nii.gz":
+        "405205ea2d7ee8ebe0d75f76158760a7d1b3330df4e873b3eff0b31e297e51e2",
+    "uncertainty/brats_train_001_085_entropy.nii.gz":
+        "65ab6263de58c3272fdd4d8ac5c1d5ffbb99d8940a6bbfc6c5b29deeac79c587",
+    "uncertainty/brats_train_001_085_variance.nii.gz":
+        "972aec1fa6e6b3c36d0d79283fdfd7057a075da9a1b33ede43030c2767dee5c1",
+    "overlays/brats_train_001_080.png": "b922dae6644a3fc999ff244cd0a6edfdaf89edc3e5bf660c769717fda52cd6cb",
+    "overlays/brats_train_001_081.png": "f810cf997610c689e39e74105a0a0b1bbeab38daaa1a99cb0375fd950d05c7bc",
+    "overlays/brats_train_001_082.png": "1e0c9ab072df4c353054e9bc8c4b2f481743b523d83fa9dcf89423c6619ea3b5",
+    "overlays/brats_train_001_083.png": "ac687b89945f808d1c2ad2891c607760a698395b25dc2adeda057bfcd6f55533",
+    "overlays/brats_train_001_084.png": "33d9f2b6854bdd842da32fb081a9b6225b69997d0e5fc9998ca565afe0fab3cb",
+    "overlays/brats_train_001_085.png": "ff56b2b6fe552c39b3d8a28779dd909a80eb563172c59a689850af8892b3c974",
+    "metrics.csv": "c6b3180f616959ccb34499e93d7633e96042911097dc7b5469f10ff99228aedb",
+    "summary.json/n_cases": "6",
+    "summary.json/conventions": "03a1e7a7e8aa668d89fdb6abf5ccfb9ca53587f2e63c281409015119387ffc63",
+    "summary.json/kinds": "833ddaa3d818b44f5d2a8bfc32e0bd0fdbf9fdd7b5bbc1f42d95488cdbc07f1e",
+    "summary.json/headline": "159708eb904d073a83b7f737dc147d314b451ab7050bc9727af3d6970156d62a",
+    "summary.json/n_cases_written": "6",
+    "summary.json/n_unlabelled": "0",
+    "summary.json/n_cases_selected": "6",
+    "summary.json/sampler": '"addpm"',
+    "summary.json/timesteps": "[40, 25]",
+    "summary.json/reverse_steps": "15",
+    "summary.json/step_method": '"ddpm"',
+    "summary.json/final_step": '"denoiser"',
+    "summary.json/pre_t": "40",
+    "summary.json/T": "25",
+    "summary.json/num_ensemble": "3",
+    "summary.json/fusion": '"vote"',
+    "summary.json/mask_space": '"pm1"',
+    "summary.json/unet_evaluations_per_image": "45",
+    "summary.json/unet_evaluations_per_member": "15",
+    "summary.json/device": '"cpu"',
+    "summary.json/world_size": "1",
+    "summary.json/precision": '"fp32"',
+    "summary.json/seed": "0",
+    "summary.json/en_num": "0",
+    "summary.json/checkpoints": "87604e8f41d9e9130fc0629ffd25aaeb6b546452abd0f219e90303f01de1c0d3",
+    "summary.json/preprocess": "9030ce2333e3caaa1c4745d28762daac87fa2004518281ed4acc1e6caf040e96",
+    "summary.json/results": "33775562f3b16da4c1030e17fa337494ff8a5aa2a3fa409256654c826e5df5ab",
+}
+
 
 def _env() -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
@@ -183,7 +274,8 @@ def run_pipeline(repo: Path, work: Path) -> dict:
 def progress_digest(path: Path) -> str:
     """SHA-256 of progress.csv's rows as name -> value, timing columns and empty cells left out."""
     with open(path, newline="") as handle:
-        rows = [{k: v for k, v in row.items() if v != "" and k not in TIMING_COLUMNS} for row in csv.DictReader(handle)]
+        rows = [{k: v for k, v in row.items() if v != "" and k not in TIMING_COLUMNS}
+                for row in csv.DictReader(handle)]
     return _digest([json.dumps(rows, sort_keys=True).encode()])
 
 
@@ -204,7 +296,8 @@ def summary_digests(path: Path) -> dict:
         entry.pop("path", None)
         entry.pop("sha256", None)
     fields = {key: json.dumps(value, sort_keys=True) for key, value in summary.items() if key not in SUMMARY_UNPINNED}
-    return {f"summary.json/{key}": text if len(text) <= 64 else _digest([text.encode()]) for key, text in fields.items()}
+    return {f"summary.json/{key}": text if len(text) <= 64 else _digest([text.encode()])
+            for key, text in fields.items()}
 
 
 def run_validated_pipeline(repo: Path, work: Path) -> dict:
@@ -235,7 +328,8 @@ def run_validated_pipeline(repo: Path, work: Path) -> dict:
 
 
 def _assert_golden(got: dict, golden: dict) -> None:
-    assert sorted(got) == sorted(golden), f"missing {sorted(set(golden) - set(got))}, new {sorted(set(got) - set(golden))}"
+    missing, new = sorted(set(golden) - set(got)), sorted(set(got) - set(golden))
+    assert not missing and not new, f"missing {missing}, new {new}"
     changed = [name for name in golden if got[name] != golden[name]]
     assert not changed, f"differ from the pre-multiclass results: {changed}"
 
