@@ -186,7 +186,7 @@ def run_header(args, loop, dataset, training, validator, precision) -> str:
                   f"{args.noise_schedule} chain, mask space {args.mask_space}"),
         ("device", f"{loop.device}, {precision}, {run_report.processes(loop.ctx.world_size)}"),
         ("data", f"{args.data_dir}: {len(dataset)} examples with {dataset.num_channels} channel(s) "
-                 f"({dataset.layout}); {describe_mask(dataset.preprocess)}"),
+                 f"({dataset.layout}){describe_mask(dataset.preprocess)}"),
         ("training", describe_training(training, validator, args)),
         ("steps", steps),
         ("out_dir", f"{loop.out_dir}: diffusion_<step>.pt every {args.save_interval} steps (newest "
@@ -195,12 +195,13 @@ def run_header(args, loop, dataset, training, validator, precision) -> str:
 
 
 def describe_mask(preprocess) -> str:
-    """``mask of 1 channel`` or ``mask of 3 channels (regions WT, TC, ET)``."""
+    """The header's words on the mask: none for one channel (the header reads as it always
+    did), else e.g. ``; mask of 3 channels (regions WT, TC, ET)``."""
     k = preprocess.num_mask_channels
     if k == 1:
-        return "mask of 1 channel"
+        return ""
     kind = "classes" if preprocess.exclusive else "regions"
-    return f"mask of {k} channels ({kind} {', '.join(preprocess.class_names)})"
+    return f"; mask of {k} channels ({kind} {', '.join(preprocess.class_names)})"
 
 
 def closing_line(loop, final_path: str, seconds: float) -> str:
