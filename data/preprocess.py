@@ -178,7 +178,7 @@ class Preprocess:
         """One name per channel, as the tables name them: ("foreground",), the classes as
         "class<value>" (as python -m evaluation --classes names its columns), or the region names."""
         if self.label_mode == "multiclass":
-            return tuple(f"class{v}" for v in self.classes)
+            return tuple(class_name(v) for v in self.classes)
         if self.label_mode == "regions":
             return tuple(name for name, _ in self.regions)
         return ("foreground",)
@@ -291,6 +291,11 @@ def parse_foreground_labels(text) -> tuple:
                 raise DataConfigError(f"--foreground_labels must be comma-separated integers like 1,4; "
                                       f"got {text!r}") from None
     return tuple(sorted(set(int(v) for v in values)))
+
+
+def class_name(value: int) -> str:
+    """The name of the class of one label value in tables and file names: ``class4``."""
+    return f"class{int(value)}"
 
 
 def parse_classes(text, flag: str = "--classes") -> tuple:

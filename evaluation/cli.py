@@ -59,7 +59,7 @@ from evaluation.report import (
 )
 from data.errors import DataConfigError
 from data.layouts import DATASET_CHOICES, scan
-from data.preprocess import format_regions, parse_regions
+from data.preprocess import class_name, format_regions, parse_classes, parse_regions
 from guided_diffusion import run_report
 from guided_diffusion.atomic import check_writable_dir, remove_stale_temp_files
 from guided_diffusion.errors import ConfigError
@@ -132,15 +132,6 @@ def create_argparser() -> argparse.ArgumentParser:
         "models' --label_mode subset); empty = any non-zero value",
     )
     return parser
-
-
-def _parse_classes(text: str, flag: str) -> tuple[int, ...]:
-    if not text.strip():
-        return ()
-    try:
-        return tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError as err:
-        raise ConfigError(f"{flag} {text!r} must be comma-separated integers") from err
 
 
 def _check_folder(path, flag: str) -> Path:
@@ -232,7 +223,7 @@ def class_sets(classes=(), regions=()) -> tuple:
         raise EvaluationError("give classes or regions, not both")
     if regions:
         return tuple((str(name), tuple(int(v) for v in values)) for name, values in regions)
-    return tuple((f"class{int(v)}", (int(v),)) for v in classes)
+    return tuple((class_name(v), (int(v),)) for v in classes)
 
 
 def check_covered(label: np.ndarray, sets, path) -> None:
@@ -353,8 +344,8 @@ def output_paths(args) -> tuple[Path, Path]:
 def main(argv=None) -> None:
     args = create_argparser().parse_args(argv)
     started = time.perf_counter()
-    classes = _parse_classes(args.classes, "--classes")
-    foreground_labels = _parse_classes(args.foreground_labels, "--foreground_labels")
+    classes = parse_classes(args.classes, "--classes")
+    foreground_labels = parse_classes(args.foreground_labels, "--foreground_labels")
     try:
         regions = parse_regions(args.regions)
     except DataConfigError as err:
