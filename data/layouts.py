@@ -430,7 +430,8 @@ def _nnunet_labels(labels, json_path: str) -> tuple:
 
 def _nnunet_regions(labels: dict) -> tuple:
     """The regions of a region-based dataset.json (some label is a list of values, e.g.
-    ``"whole tumor": [1, 2, 3]``): ((name, values), ...) with spaces in names made ``_``;
+    ``"whole tumor": [1, 2, 3]``): ((name, values), ...), each name made a column and file name
+    (characters other than letters, digits, ``_`` and ``-`` become ``_``: ``whole_tumor``);
     () for a plain label set."""
     if not any(isinstance(v, (list, tuple)) for v in labels.values()):
         return ()
@@ -438,7 +439,8 @@ def _nnunet_regions(labels: dict) -> tuple:
     for name, v in labels.items():
         values = tuple(v) if isinstance(v, (list, tuple)) else (v,)
         if set(values) != {0}:
-            regions.append(("_".join(str(name).split()), values))
+            safe = re.sub(r"[^0-9A-Za-z_-]+", "_", str(name)).strip("_") or f"region{len(regions) + 1}"
+            regions.append((safe, values))
     return tuple(regions)
 
 

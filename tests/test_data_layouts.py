@@ -446,3 +446,17 @@ def test_regions_must_be_nested_or_disjoint_and_paint_back_exactly():
     raw = np.array([[0, 1, 2, 3, 5, 7]])
     channels = tree.map_label(raw)
     np.testing.assert_array_equal(tree.map_label(tree.label_map(channels)), channels)
+
+
+def test_nnunet_region_labels_become_the_regions_with_usable_names(tmp_path):
+    """A region-based dataset.json: --label_mode regions takes its regions, names made safe for
+    columns and files; multiclass mode takes its declared values."""
+    root = make_nnunet(tmp_path / "Dataset003_R", two_d=False)
+    spec = json.loads((root / "dataset.json").read_text())
+    spec["labels"] = {"background": 0, "whole tumour (WT)": [1, 2], "core": 2}
+    (root / "dataset.json").write_text(json.dumps(spec))
+    ds = create_dataset(root, preprocess=Preprocess(image_size=16, label_mode="regions"))
+    assert ds.preprocess.regions == (("whole_tumour_WT", (1, 2)), ("core", (2,)))
+    assert ds[1]["label"].shape == (2, 16, 16) and ds[1]["label"].sum() == 2 * 12
+    classes = create_dataset(root, preprocess=Preprocess(image_size=16, label_mode="multiclass"))
+    assert classes.preprocess.classes == (1, 2)
