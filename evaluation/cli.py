@@ -57,7 +57,6 @@ from evaluation.report import (
     write_metrics_csv,
     write_summary_json,
 )
-from data.errors import DataConfigError
 from data.layouts import DATASET_CHOICES, scan
 from data.preprocess import class_name, format_regions, parse_classes, parse_regions
 from guided_diffusion import run_report
@@ -346,10 +345,7 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     classes = parse_classes(args.classes, "--classes")
     foreground_labels = parse_classes(args.foreground_labels, "--foreground_labels")
-    try:
-        regions = parse_regions(args.regions)
-    except DataConfigError as err:
-        raise ConfigError(str(err)) from err
+    regions = parse_regions(args.regions)
     if classes and regions:
         raise ConfigError("give --classes or --regions, not both")
     table, summary_path = output_paths(args)

@@ -393,8 +393,8 @@ class CaseWriter:
         }
         if classes:
             record["mask_channels"] = preprocess.num_mask_channels
-        # The hard channels, not the label maps: the merge paints them (label maps of
-        # overlapping regions need not give the regions back).
+        # The hard channels (packed bits, one per channel), which the merge paints into the same
+        # label maps as the files above (label_map_of).
         arrays = {"mask": np.packbits(channels > 0), "variance": variance.astype(np.float16),
                   "entropy": entropy.astype(np.float16)}
         if preseg_channels is not None:
