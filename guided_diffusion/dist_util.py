@@ -9,6 +9,7 @@ from code: that is the user's choice.
 
 import os
 import re
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -176,10 +177,25 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# How long ``cleanup`` leaves the GIL to gloo's worker threads (see there).
+GLOO_DRAIN_SECONDS = 0.2
+
+
 def cleanup() -> None:
-    """Leave the process group, if any (call at the end of a torchrun script)."""
-    if is_initialized():
-        dist.destroy_process_group()
+    """Leave the process group, if any (call at the end of a torchrun script).
+
+    gloo's worker threads outlive ``destroy_process_group`` and may still be freeing the last
+    collective, which takes the GIL when the collective was issued during backward (DDP). If
+    the interpreter has begun to shut down by then, the process aborts ("terminate called
+    without an active exception", pytorch/pytorch#190489), so a finished torchrun run would
+    exit with SIGABRT. Sleeping releases the GIL and lets the workers finish first.
+    """
+    if not is_initialized():
+        return
+    gloo = dist.get_backend() == dist.Backend.GLOO
+    dist.destroy_process_group()
+    if gloo:
+        time.sleep(GLOO_DRAIN_SECONDS)
 
 
 def resolve_precision(precision: str, use_fp16: bool = False) -> str:
