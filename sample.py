@@ -262,6 +262,10 @@ def output_options(args):
     )
 
 
+def _preprocess_and_channels(preprocess):
+    return preprocess.to_dict(), preprocess.num_mask_channels
+
+
 def load_diffusion_source(args, ctx):
     """The diffusion model; None for --sampler preseg without --model_path."""
     if not args.model_path:
@@ -270,7 +274,7 @@ def load_diffusion_source(args, ctx):
         args.model_path, ctx.device, use_ema=args.use_ema,
         raw_flags=args_to_dict(args, [*unet_defaults(), *diffusion_defaults()]),
         # The data flags describe a raw state dict's preprocessing (data/ builds it).
-        raw_preprocess=lambda: preprocess_from_args(args).to_dict(),
+        raw_preprocess=lambda: _preprocess_and_channels(preprocess_from_args(args)),
     )
     if bundle.weights == "raw" and ctx.is_main:
         print(f"note: {args.model_path} is a raw state dict: sampling with --mask_space {bundle.mask_space} "

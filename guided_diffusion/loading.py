@@ -54,7 +54,7 @@ def load_diffusion_model(
     *,
     use_ema: bool = True,
     raw_flags: Mapping | None = None,
-    raw_preprocess: Callable[[], dict] | None = None,
+    raw_preprocess: Callable[[], tuple[dict, int]] | None = None,
 ) -> DiffusionBundle:
     """Build the UNet and diffusion from ``model_path``, in eval mode on ``device``.
 
@@ -62,7 +62,8 @@ def load_diffusion_model(
     :param raw_flags: for a raw state dict: every ``unet_defaults()`` and
         ``diffusion_defaults()`` key (MODEL_FLAGS, DIFFUSION_FLAGS); unused for our checkpoints.
     :param raw_preprocess: for a raw state dict: returns the preprocessing dict
-        (``Preprocess.to_dict()``) built from the data flags; called only for one.
+        (``Preprocess.to_dict()``) built from the data flags and its number of mask channels
+        (``Preprocess.num_mask_channels``); called only for one.
     """
     if not model_path:
         raise ConfigError("--model_path is required (a diffusion checkpoint from train_addpm.py)")
@@ -70,7 +71,7 @@ def load_diffusion_model(
     if is_raw_state_dict(obj):
         if raw_flags is None or raw_preprocess is None:
             raise ConfigError(f"{model_path} is a raw state dict: give the model flags to build it")
-        model, diffusion, config, flags = _from_raw_state_dict(obj, model_path, raw_flags, raw_preprocess())
+        model, diffusion, config, flags = _from_raw_state_dict(obj, model_path, raw_flags, *raw_preprocess())
         weights = "raw"
     else:
         ckpt = load_checkpoint(model_path, kind="diffusion")
@@ -102,21 +103,25 @@ def load_diffusion_model(
     )
 
 
-def _from_raw_state_dict(state, model_path: str, flags: Mapping, preprocess: dict):
-    """A state dict of improved-diffusion's UNetModel, built with the user's flags."""
+def _from_raw_state_dict(state, model_path: str, flags: Mapping, preprocess: dict, mask_channels: int):
+    """A state dict of improved-diffusion's UNetModel, built with the user's flags and the
+    ``mask_channels`` of their label flags."""
     if _FIRST_CONV not in state:
         raise CheckpointError(
             f"{model_path}: a state dict without {_FIRST_CONV}; it is not a UNet of the "
             "improved-diffusion family"
         )
-    # The mask channels are the last convolution's outputs (twice as many with --learn_sigma);
-    # the first convolution takes the image channels and the noisy mask.
+    # The last convolution gives the mask channels (twice as many with --learn_sigma); the first
+    # takes the image channels and the noisy mask. Both flags are checked against the weights,
+    # since either one wrong would otherwise shift channels between image and mask.
+    learn_sigma = str2bool(flags.get("learn_sigma", False))
     outputs = int(state[_LAST_CONV].shape[0]) if _LAST_CONV in state else 1
-    per_channel = 2 if str2bool(flags.get("learn_sigma", False)) else 1
-    if outputs % per_channel:
-        raise CheckpointError(f"{model_path}: the last convolution gives {outputs} channels, an odd number "
-                              "for --learn_sigma True (two outputs per mask channel)")
-    mask_channels = outputs // per_channel
+    expected = mask_channels * (2 if learn_sigma else 1)
+    if outputs != expected:
+        raise CheckpointError(
+            f"{model_path}: the last convolution gives {outputs} channels, but {mask_channels} mask "
+            f"channel(s) with --learn_sigma {learn_sigma} need {expected}; check --learn_sigma and the "
+            "label flags (--classes, --regions)")
     image_channels = int(state[_FIRST_CONV].shape[1]) - mask_channels
     if image_channels < 1:
         raise CheckpointError(f"{model_path}: the first convolution takes {image_channels + mask_channels} "

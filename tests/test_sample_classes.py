@@ -159,7 +159,8 @@ def region_preseg_dir(data: Path, folder: Path) -> dict:
 
 def test_raw_state_dict_takes_its_mask_channels_from_the_last_convolution(brats_nets, tmp_path, capfd):
     """A state dict of a 2-channel UNet samples with --classes 2,4 and the model flags; with one
-    class the flags and the weights disagree, which is one error line."""
+    class, or with --learn_sigma True (two outputs per channel), the flags and the weights
+    disagree, which is one error line naming both flags."""
     state = torch.load(brats_nets["multiclass"], map_location="cpu", weights_only=True)["model"]
     raw = tmp_path / "raw.pt"
     torch.save(state, raw)
@@ -173,7 +174,13 @@ def test_raw_state_dict_takes_its_mask_channels_from_the_last_convolution(brats_
     assert_per_class_tables(tmp_path / "out", ("class2", "class4"), 6, preseg=True)
     code, err = sample_main(capfd, *flags, "--sampler", "ddim", "--sampling_steps", 2, "--classes", "4",
                             "--out_dir", tmp_path / "one")
-    assert code != 0 and "has 2 mask channels" in err and len(err.strip().splitlines()) == 1, err
+    assert code != 0 and len(err.strip().splitlines()) == 1, err
+    assert "gives 2 channels, but 1 mask channel(s) with --learn_sigma False need 1" in err, err
+    code, err = sample_main(capfd, *flags, "--sampler", "ddim", "--sampling_steps", 2, "--classes", "2,4",
+                            "--learn_sigma", True, "--out_dir", tmp_path / "sigma")
+    assert code != 0 and len(err.strip().splitlines()) == 1, err
+    assert "2 mask channel(s) with --learn_sigma True need 4; check --learn_sigma" in err, err
+    assert not (tmp_path / "sigma" / "metrics.csv").exists()
 
 
 def test_regions_from_a_preseg_dir_of_label_maps(brats_nets, tmp_path, capfd):
