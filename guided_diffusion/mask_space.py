@@ -75,3 +75,16 @@ def hard_channels(probs: torch.Tensor, exclusive: bool) -> torch.Tensor:
     winner = torch.cat([background, probs], dim=-3).argmax(dim=-3, keepdim=True)
     classes = torch.arange(1, probs.shape[-3] + 1, device=probs.device).view(-1, 1, 1)
     return (winner == classes).to(probs.dtype)
+
+
+def class_distribution(probs: torch.Tensor, exclusive: bool) -> torch.Tensor:
+    """Per-channel probabilities [..., K, H, W] of exclusive classes made a distribution.
+
+    The diffusion UNet predicts each class channel on its own (``to_probability`` clamps each to
+    [0, 1]), so where several classes claim a pixel they may sum above 1; they are divided by
+    their sum there, leaving the background ``1 - sum p`` at 0. Where they sum to at most 1, and
+    for one channel or regions, nothing changes. ``hard_channels`` decides the same either way.
+    """
+    if not exclusive or probs.shape[-3] == 1:
+        return probs
+    return probs / probs.sum(dim=-3, keepdim=True).clamp_min(1.0)

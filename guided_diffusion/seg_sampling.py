@@ -21,7 +21,7 @@ import torch
 
 from guided_diffusion.errors import ConfigError
 from guided_diffusion.gaussian_diffusion import GaussianDiffusion
-from guided_diffusion.mask_space import hard_channels, to_diffusion_space, to_probability
+from guided_diffusion.mask_space import class_distribution, hard_channels, to_diffusion_space, to_probability
 from guided_diffusion.respace import full_chain_timesteps, truncated_timesteps
 from guided_diffusion.run_dir import mix_seed
 
@@ -191,7 +191,8 @@ def sample_members(
     exclusive:     classes (the truncated start takes the most probable one per pixel) or
                    overlapping regions (each channel thresholded), see ``hard_channels``
     returns:       [B, M, K, H, W] per-channel probabilities of every member
-                   (M = 1 for the deterministic preseg sampler)
+                   (M = 1 for the deterministic preseg sampler); classes' sum to at most 1
+                   (``class_distribution``)
     """
     batch, _, height, width = images.shape
     if isinstance(num_ensemble, bool) or not isinstance(num_ensemble, int) or num_ensemble < 1:
@@ -227,11 +228,11 @@ def sample_members(
         progress=progress,
     )
     if plan.sampler != "addpm":
-        probs = to_probability(out["sample"], mask_space)
+        probs = class_distribution(to_probability(out["sample"], mask_space), exclusive)
     elif plan.final_step == "denoiser":
         probs = denoise_fn(out["sample"], member_images)
     else:
         level_T = torch.full((shape[0],), plan.timesteps[-1], device=images.device, dtype=torch.long)
         pred = diffusion.p_mean_variance(model, member_images, out["sample"], level_T)["pred_xstart"]
-        probs = to_probability(pred, mask_space)
+        probs = class_distribution(to_probability(pred, mask_space), exclusive)
     return probs.reshape(batch, num_ensemble, mask_channels, height, width).float()

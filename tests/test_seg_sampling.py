@@ -8,8 +8,14 @@ import torch
 
 from guided_diffusion.errors import ConfigError
 from guided_diffusion.gaussian_diffusion import GaussianDiffusion, get_named_beta_schedule
-from evaluation.uncertainty import fuse_channels
-from guided_diffusion.mask_space import MASK_SPACES, hard_channels, to_diffusion_space, to_probability
+from evaluation.uncertainty import channel_statistics, class_entropy, fuse_channels
+from guided_diffusion.mask_space import (
+    MASK_SPACES,
+    class_distribution,
+    hard_channels,
+    to_diffusion_space,
+    to_probability,
+)
 from guided_diffusion.script_util import create_model
 from guided_diffusion.seg_sampling import plan_sampler, sample_members
 
@@ -436,3 +442,32 @@ def test_a_preseg_of_other_channels_is_refused():
         sample_members(plan_sampler("preseg", num_timesteps=20), diffusion=d, model=None,
                        images=images_for(1, 4), num_ensemble=1, mask_space="pm1",
                        preseg_probs=torch.rand(1, 1, 4, 4), mask_channels=3)
+
+
+@pytest.mark.parametrize("sampler,kwargs", [("ddim", dict(sampling_steps=10)),
+                                            ("addpm", dict(pre_t=30, T=20, final_step="x0"))])
+def test_classes_claimed_together_by_the_unet_become_a_distribution(sampler, kwargs):
+    """The UNet predicts each class channel on its own: where it claims two classes at once, the
+    members' probabilities are divided by their sum (the decision is kept), so the entropy over
+    background and classes is that of a distribution (ln 2 for two classes at 1, not 0)."""
+    d = cosine_diffusion(50, rescale_timesteps=True)
+    label = three_channel_labels(8, exclusive=True)
+    label[:, 1, 0, 0] = label[:, 2, 0, 0] = 1.0  # classes 2 and 3 both claim pixel (0, 0)
+    label[:, 0, 0, 0] = 0.0
+    members = 2
+    model = OracleEps(d, to_diffusion_space(label.repeat_interleave(members, dim=0), "pm1"))
+    probs = sample_members(plan_sampler(sampler, num_timesteps=50, **kwargs), diffusion=d, model=model,
+                           images=images_for(2, 8), num_ensemble=members, mask_space="pm1",
+                           preseg_probs=label, generator=torch.Generator().manual_seed(3),
+                           mask_channels=3, exclusive=True)
+    assert float(probs.sum(dim=2).max()) <= 1.0 + 1e-6
+    torch.testing.assert_close(probs[:, :, 1:, 0, 0], torch.full((2, members, 2), 0.5), atol=1e-4, rtol=0)
+    # Elsewhere the label comes back as it is.
+    torch.testing.assert_close(probs[..., 1:, :], label.unsqueeze(1).expand_as(probs)[..., 1:, :], atol=1e-4, rtol=0)
+    stats = channel_statistics(probs[0], exclusive=True)
+    assert float(stats["entropy"][0, 0]) == pytest.approx(math.log(2), abs=1e-3)
+    # The same claim handed to the entropy directly is read the same way.
+    assert float(class_entropy(torch.tensor([[1.0], [1.0], [0.0]]))[0]) == pytest.approx(math.log(2))
+    # Regions may overlap: their channels are left as they are.
+    region_probs = class_distribution(torch.ones(1, 3, 2, 2), exclusive=False)
+    assert torch.equal(region_probs, torch.ones(1, 3, 2, 2))
