@@ -7,10 +7,11 @@ differ only by the weights) and scores, on the network grid, the addpm masks and
 pre-segmentation alone. The headline score is the mean over patients (volumes, or single cases
 when the layout has neither) of the Dice of all a patient's slices pooled, as the per-patient
 figures of ``sample.py`` are; slices where label and prediction are both empty count only there.
-With several classes or regions the Dice is computed so per channel (``val_addpm_dice_<name>``)
-and the headline is the mean over the channels (groups where a channel is empty in both label and
-prediction are left out of that channel's mean; a channel empty everywhere is left out of the
-headline).
+With several classes or regions the Dice is computed so per channel (``val_addpm_dice_<name>``;
+groups where a channel is empty in both label and prediction are left out of that channel's mean)
+and the headline is the mean over the channels that some validation label holds: a fixed set,
+so that every validation, and the choice of best.pt, averages the same channels (a channel no
+label holds is logged, not averaged: nan while it is predicted nowhere, 0 once it is).
 
 Under torchrun every rank segments its share and the counts are gathered, so each rank returns
 the same scores.
@@ -51,13 +52,13 @@ def _mean_group_dice(group_counts, row: int, channel: int = 0) -> float:
     return float(np.mean(scores)) if scores else float("nan")
 
 
-def _mean_over_channels(scores: list) -> float:
-    """The headline of several channels: the mean of those that are defined (nan if none is);
-    one channel's score as it is."""
+def _mean_over_channels(scores: list, labelled: list) -> float:
+    """The headline of several channels: the mean over the ``labelled`` ones (those some
+    validation label holds; nan if none is); one channel's score as it is."""
     if len(scores) == 1:
         return scores[0]
-    defined = [v for v in scores if np.isfinite(v)]
-    return float(np.mean(defined)) if defined else float("nan")
+    chosen = [v for v, held in zip(scores, labelled) if held]
+    return float(np.mean(chosen)) if chosen else float("nan")
 
 
 class AddpmValidator:
@@ -134,7 +135,10 @@ class AddpmValidator:
         """The logged scores: the headline means, and with several channels each channel's."""
         per_channel = [[_mean_group_dice(counts.values(), row, k) for k in range(self.mask_channels)]
                        for row in (0, 1)]
-        addpm, preseg = (_mean_over_channels(scores) for scores in per_channel)
+        # tp + fn of a channel, summed over the groups: its label voxels (the same in both rows).
+        labelled = [sum(int(c[0, k, 0] + c[0, k, 2]) for c in counts.values()) > 0
+                    for k in range(self.mask_channels)]
+        addpm, preseg = (_mean_over_channels(scores, labelled) for scores in per_channel)
         scores = {"val_score": addpm, "val_addpm_dice": addpm, "val_preseg_dice": preseg,
                   "val_gain": addpm - preseg}
         if self.mask_channels > 1:

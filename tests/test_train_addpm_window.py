@@ -14,6 +14,7 @@ import torch
 
 import sample
 from data import collate, dataset_from_args
+from evaluation.validation import AddpmValidator
 from guided_diffusion import dist_util
 from guided_diffusion.checkpoint import load_checkpoint
 from guided_diffusion.mask_space import to_diffusion_space
@@ -233,3 +234,29 @@ def test_torchrun_with_window_and_validation(nets, tmp_path):
     assert "parameters consistent across 2 ranks" in proc.stdout
     assert "validation val_score" in proc.stdout
     assert load_checkpoint(out / "best.pt", kind="diffusion")["step"] == 2
+
+
+def test_validation_headline_averages_the_channels_the_labels_hold():
+    """ET is in no validation label: whether the UNet predicts it nowhere (nan) or on a few
+    pixels (0), the headline is the mean over WT and TC, so that best.pt compares like with like."""
+    validator = AddpmValidator(dataset=[None] * 2, plan=None, diffusion=None, mask_space="pm1", preseg=None,
+                               denoise_fn=None, max_cases=0, batch_size=1, ctx=dist_util.setup_dist("cpu"),
+                               mask_channels=3, exclusive=False, channel_names=("WT", "TC", "ET"))
+
+    def counts(et_false_positives):
+        # [addpm|preseg] x [WT, TC, ET] x [tp, fp, fn], per group.
+        a, b = np.zeros((2, 3, 3), np.int64), np.zeros((2, 3, 3), np.int64)
+        a[:, 0], a[:, 1] = (5, 0, 0), (3, 1, 0)
+        b[:, 0], b[:, 1], b[0, 2] = (4, 0, 0), (2, 0, 1), (0, et_false_positives, 0)
+        return {"a": a, "b": b}
+
+    quiet, noisy = validator._scores(counts(0)), validator._scores(counts(2))
+    tc = np.mean([2 * 3 / (2 * 3 + 1), 2 * 2 / (2 * 2 + 1)])
+    assert np.isnan(quiet["val_addpm_dice_ET"]) and noisy["val_addpm_dice_ET"] == 0.0
+    for scores in (quiet, noisy):
+        assert scores["val_addpm_dice"] == pytest.approx((1.0 + tc) / 2)
+        assert scores["val_preseg_dice"] == pytest.approx((1.0 + tc) / 2)
+    # Once a label holds ET, it enters the mean.
+    held = counts(2)
+    held["b"][:, 2, 2] = 3
+    assert validator._scores(held)["val_addpm_dice"] == pytest.approx((1.0 + tc + 0.0) / 3)
