@@ -37,6 +37,7 @@ from evaluation.metrics import (
     class_columns,
     overlap_metrics,
     segmentation_metrics,
+    union_counts,
 )
 from guided_diffusion.atomic import atomic_path, atomic_write, atomic_write_text
 
@@ -426,7 +427,8 @@ class GroupAccumulator:
 
     ``classes`` (K > 1): a mapping from a class or region name to its label value(s); the
     slices are then integer label maps, and each group is scored per class
-    (``evaluation.metrics.class_columns``: per-class columns and their mean).
+    (``evaluation.metrics.class_columns``: per-class columns, their mean and the voxel counts of
+    their union).
 
     Example::
 
@@ -524,10 +526,13 @@ class GroupAccumulator:
         thickness = group["thickness"] if group["thickness"] is not None else 1.0
         given = len(indices) * height * width
 
-        def score(pred_mask, label_mask):
-            metrics = segmentation_metrics(pred_mask, label_mask, (thickness, sy, sx))
+        def on_given_slices(counts):
             # Gap slices were never evaluated: count true negatives on the given slices only.
-            metrics["tn"] = given - metrics["tp"] - metrics["fp"] - metrics["fn"]
+            counts["tn"] = given - counts["tp"] - counts["fp"] - counts["fn"]
+            return counts
+
+        def score(pred_mask, label_mask):
+            metrics = on_given_slices(segmentation_metrics(pred_mask, label_mask, (thickness, sy, sx)))
             metrics["specificity"] = overlap_metrics(
                 metrics["tp"], metrics["fp"], metrics["fn"], metrics["tn"]
             )["specificity"]
@@ -535,10 +540,10 @@ class GroupAccumulator:
 
         if self.classes is None:
             return score(pred, label)
-        return class_columns({
-            name: score(np.isin(pred, values), np.isin(label, values))
-            for name, values in self.classes.items()
-        })
+        return class_columns(
+            {name: score(np.isin(pred, values), np.isin(label, values)) for name, values in self.classes.items()},
+            on_given_slices(union_counts(pred, label, self.classes)),
+        )
 
     def compute(self, group_id: str) -> dict:
         """The metrics.csv row of one group (``kind`` = this accumulator's kind)."""

@@ -311,7 +311,8 @@ def test_regions_give_columns_per_region_on_case_and_patient_rows(brats2d_mini, 
         else:
             # ET empty in both leaves the mean: WT and TC alone.
             assert row["dice"] == 1.0
-        assert row["label_voxels"] == row["WT_label_voxels"] + row["TC_label_voxels"] + row["ET_label_voxels"]
+        # The un-prefixed counts are the union's: WT, which holds TC and ET, each voxel once.
+        assert (row["label_voxels"], row["pred_voxels"]) == (row["WT_label_voxels"], row["WT_pred_voxels"])
     assert patient["ET_label_voxels"] == sum(r["ET_label_voxels"] for r in cases) > 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["regions"] == REGIONS

@@ -77,7 +77,9 @@ def test_group_of_label_maps_is_scored_per_class_in_3d():
     # WT: tp 3 of 8 label voxels -> dice 6/11; ET: tp 1 of 4 -> 2/5.
     assert row["WT_dice"] == pytest.approx(6 / 11) and row["ET_dice"] == pytest.approx(2 / 5)
     assert row["dice"] == pytest.approx((6 / 11 + 2 / 5) / 2)
-    assert row["WT_label_voxels"] == 8 and row["label_voxels"] == 12 and row["tn"] == 4  # WT 0 + ET 4
+    # The union of the regions is WT (which holds ET): its counts, each voxel once, on the given slices.
+    assert row["WT_label_voxels"] == 8 and row["label_voxels"] == 8 and row["pred_voxels"] == 3
+    assert (row["tp"], row["fp"], row["fn"], row["tn"]) == (3, 0, 5, 0)
     assert row["preseg_WT_dice"] == row["preseg_ET_dice"] == row["preseg_dice"] == 1.0
 
 

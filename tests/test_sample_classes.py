@@ -103,6 +103,16 @@ def assert_per_class_tables(out: Path, names, n_cases: int, preseg: bool):
                  if float(row[f"{n}_pred_voxels"]) or float(row[f"{n}_label_voxels"])]
         if dices:
             assert float(row["dice"]) == pytest.approx(np.mean(dices))
+    for row in rows:
+        # The un-prefixed counts are the union's: at least each class's, at most their sum
+        # (the sum exactly for exclusive classes; overlapping regions count a voxel once).
+        for count in ("pred_voxels", "label_voxels"):
+            per_class = [int(row[f"{n}_{count}"]) for n in names]
+            assert max(per_class) <= int(row[count]) <= sum(per_class)
+            if names[0].startswith("class"):
+                assert int(row[count]) == sum(per_class)
+            else:
+                assert int(row[count]) == int(row[f"WT_{count}"])
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["per_class"]) == list(names)
     metrics = summary["kinds"][summary["headline"]["kind"]]["metrics"]
