@@ -121,7 +121,14 @@ def assert_per_class_tables(out: Path, names, n_cases: int, preseg: bool):
     # Each class's or region's label values beside its means, as python -m evaluation gives them.
     values = {f"class{v}": [v] for v in MULTICLASS.classes} | {n: list(v) for n, v in REGIONS.regions}
     assert all(summary["per_class"][name]["label_values"] == values[name] for name in names)
-    assert "by class: " + ", ".join(names[:1]) in summary["results"]
+    # The mean of the class means (nnU-Net's foreground_mean) opens the closing line's figures.
+    defined = [m["dice"] for m in summary["per_class"].values() if m["dice"] is not None]
+    assert summary["class_mean"]["dice"]["mean"] == pytest.approx(np.mean(defined))
+    assert summary["results"].startswith(f"dice per {summary['headline']['kind']} by class: {names[0]} ")
+    assert f"mean of the classes {summary['class_mean']['dice']['mean']:.4f}" in summary["results"]
+    assert "over the classes present in each" in summary["results"] and "classes" in summary["conventions"]
+    for name in names:
+        assert set(summary["per_class"][name]["counts"]) == {"dice", "hd95"}
     return rows, summary
 
 
