@@ -28,10 +28,12 @@ Several classes or regions (``--classes 1,2,4``, or ``--regions "WT:1,2,4;TC:1,4
 nnU-Net's evaluate-folder scores BraTS): every row (case, patient, volume) gets the columns
 ``<name>_<metric>``, ``<name>_pred_voxels`` and ``<name>_label_voxels`` of each class
 (``class<v>``) or region (its name), the summary their means per row kind and, under
-``per_class``, the label values and the headline kind's means of each, as in sample.py's
-summary (``evaluation.report.class_means``); with two or more, the un-prefixed columns hold
-the mean over them (``evaluation.metrics.mean_over_classes``), with one they score the whole
-foreground as without the flag. With two or more, a label value that no class or region covers is an error
+``per_class``, the label values and the headline kind's means of each with their counts, as in
+sample.py's summary (``evaluation.report.class_summary``). With two or more, the un-prefixed
+columns hold each row's mean over the classes present in it and the voxel counts of their union
+(``evaluation.metrics.mean_over_classes``), and the summary's ``class_mean`` the mean of the
+per-class means (nnU-Net's foreground_mean); with one they score the whole foreground as without
+the flag. With two or more, a label value that no class or region covers is an error
 naming the file (it would silently count as background); with one, the main columns score
 every label value, as without the flag.
 """
@@ -49,7 +51,7 @@ from evaluation.files import MASK_EXTENSIONS, find_cases, read_mask, slice_axis
 from evaluation.metrics import label_map_metrics, segmentation_metrics
 from evaluation.report import (
     GroupAccumulator,
-    class_means,
+    class_summary,
     has_patient_groups,
     metrics_row,
     results_text,
@@ -368,7 +370,7 @@ def main(argv=None) -> None:
         summary["regions"] = format_regions(regions)
     sets = class_sets(classes, regions)
     if sets:
-        summary["per_class"] = class_means(summary, dict(sets))
+        summary.update(class_summary(summary, dict(sets)))
     summary["results"] = results_text(summary)
     try:
         table.parent.mkdir(parents=True, exist_ok=True)

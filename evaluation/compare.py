@@ -32,10 +32,13 @@ counted, and "HD95, miss = diagonal" pairs every other unit. A paired interval a
 this run improve on the baseline on the same patients", which two overlapping intervals of the
 means cannot.
 
-With ``--per_class True`` runs with several classes or regions (``<name>_dice`` columns in
-metrics.csv, see ``evaluation.report``) get one more table per class or region after the first,
-whose figures are then the mean over the classes: the same columns, read from that class's own
-metrics (and paired on them with ``--baseline``).
+Runs with several classes or regions (``<name>_dice`` columns in metrics.csv, see
+``evaluation.report``) hold in their un-prefixed columns each unit's mean over the classes present
+in it. With ``--per_class True`` the first table is titled so, a line per run under the title gives
+the mean of the per-class means (nnU-Net's foreground mean, at the run's headline level, without
+an interval), and one more table per class or region follows: the same columns, read from that
+class's own metrics (and paired on them with ``--baseline``). With a single class there is no mean
+over classes: the class's table alone is printed.
 
 With ``--out FILE.md`` the table is written there and the rows, with every number, to
 ``FILE.json`` beside it.
@@ -52,7 +55,14 @@ import numpy as np
 from scipy import stats
 
 from evaluation.errors import EvaluationError
-from evaluation.report import CONVENTIONS, is_both_empty, metric_values, read_metrics_csv, write_summary_json
+from evaluation.report import (
+    conventions,
+    is_both_empty,
+    mean_of_class_means,
+    metric_values,
+    read_metrics_csv,
+    write_summary_json,
+)
 from guided_diffusion.errors import ConfigError
 from guided_diffusion.script_util import run_cli, str2bool
 
@@ -184,7 +194,7 @@ def compare_runs(run_dirs: Mapping, *, confidence: float = DEFAULT_CONFIDENCE,
     Returns:
         rows: {"name", "run_dir", "sampler", "num_ensemble", "unet_evaluations_per_image",
         "unet_evaluations_per_member", "seconds_per_image", "device", "cases" (a digest of
-        the sorted case ids, equal for runs on the same cases),
+        the sorted case ids, equal for runs on the same cases), "classes" (``class_names``),
         "case": {"n", "n_both_empty", "dice": mean_ci, "hd95": mean_ci, "hd95_penalized": mean_ci},
         "group": the same plus "kind" (patient|volume) for the group rows, or None,
         "paired": ``paired_difference`` to the ``baseline`` run (None for the baseline itself
@@ -222,6 +232,7 @@ def compare_runs(run_dirs: Mapping, *, confidence: float = DEFAULT_CONFIDENCE,
             "seconds_per_image": summary.get("seconds_per_image"),
             "device": summary.get("device"),
             "cases": _cases_digest(r["case_id"] for r in cases),
+            "classes": class_names(rows),
             "case": _level(cases, confidence, prefix),
             "group": group,
             "paired": (None if baseline is None or name == baseline
@@ -230,9 +241,12 @@ def compare_runs(run_dirs: Mapping, *, confidence: float = DEFAULT_CONFIDENCE,
     return out
 
 
-def _cell(ci: dict | None, digits: int, undefined: str = "n/a", signed: bool = False) -> str:
-    if ci is None or ci["mean"] is None:
+def _cell(ci: dict | None, digits: int, undefined: str = "undefined", signed: bool = False) -> str:
+    if ci is None or (ci["mean"] is None and not ci["n_nan"]):
         return "-"
+    if ci["mean"] is None:
+        # Every value is undefined (all misses): the count says so.
+        return f"n/a ({ci['n_nan']} {undefined})"
     sign = "+" if signed else ""
     text = f"{ci['mean']:{sign}.{digits}f}"
     if ci["low"] is not None:
@@ -274,13 +288,12 @@ def format_table(rows: list[dict], *, confidence: float = DEFAULT_CONFIDENCE,
                  baseline: str | None = None, with_notes: bool = True) -> str:
     """Markdown table of ``compare_runs`` rows, with the notes that say how to read it (unless
     ``with_notes`` is False: the tables per class follow one that has them)."""
-    kinds = sorted({r["group"]["kind"] for r in rows if r["group"] is not None})
-    group_word = kinds[0] if len(kinds) == 1 else "group"
+    group_word = _group_word(rows)
     paired = [r["paired"] for r in rows if r.get("paired")]
     pair_word = paired[0]["kind"] if paired else ""
     header = ["run", "sampler"]
     levels = [("case", "case")]
-    if kinds:
+    if group_word:
         # The per-patient / per-volume figures are the headline: they come first.
         levels.insert(0, ("group", group_word))
     for _, word in levels:
@@ -303,14 +316,17 @@ def format_table(rows: list[dict], *, confidence: float = DEFAULT_CONFIDENCE,
     if not with_notes:
         return "\n".join(lines) + "\n"
     percent = f"{100 * confidence:g}%"
+    stated = conventions(several_classes=has_several_classes(rows))
     notes = [
         f"Mean [{percent} confidence interval of the mean, t-distribution: mean +- "
         f"t((1+c)/2, n-1) * s / sqrt(n)]. HD95 in mm (pixels for images without a spacing). "
-        f"Both empty: {CONVENTIONS['both_empty']}. HD95: {CONVENTIONS['hd95']} (miss). "
-        f"Miss = diagonal: {CONVENTIONS['hd95_penalized']}. UNet evaluations per image count "
+        f"Both empty: {stated['both_empty']}. HD95: {stated['hd95']} (miss). "
+        f"Miss = diagonal: {stated['hd95_penalized']}. UNet evaluations per image count "
         "every ensemble member (members x evaluations per member).",
     ]
-    if kinds:
+    if "classes" in stated:
+        notes.append(f"Classes: {stated['classes']}.")
+    if group_word:
         notes.append(f"Per-{group_word} rows score each {group_word}'s slices stacked in 3D; "
                      f"they are the headline figures.")
     if paired:
@@ -334,6 +350,62 @@ def format_table(rows: list[dict], *, confidence: float = DEFAULT_CONFIDENCE,
         notes.append("Warning: the runs were not scored on the same cases.")
     # One paragraph per note: in markdown, lines without a blank one between them run together.
     return "\n".join(lines) + "\n\n" + "\n\n".join(notes) + "\n"
+
+
+def _group_word(rows: list[dict]) -> str:
+    """What the runs' group rows are: patient, volume, or group for a mix; "" without any."""
+    kinds = sorted({r["group"]["kind"] for r in rows if r["group"] is not None})
+    return kinds[0] if len(kinds) == 1 else ("group" if kinds else "")
+
+
+def has_several_classes(rows: list[dict]) -> bool:
+    """True when some run of ``compare_runs`` rows has two or more classes or regions: its
+    un-prefixed columns are then means over classes."""
+    return any(len(r.get("classes") or ()) > 1 for r in rows)
+
+
+def class_mean_of_runs(per_class: Mapping) -> list[dict]:
+    """The mean of the per-class means of each run (nnU-Net's foreground mean), at its headline
+    level (groups where it has them, else cases).
+
+    Args:
+        per_class: {class: ``compare_runs`` rows of that class}, the runs in one order.
+
+    Returns:
+        one entry per run: {"name", "kind": patient|volume|case, metric: {"mean", "n_valid",
+        "n_undefined" (``evaluation.report.mean_of_class_means``), "undefined": the classes
+        whose mean is undefined}}.
+    """
+    columns = list(zip(*per_class.values()))
+    out = []
+    for class_rows in columns:
+        first = class_rows[0]
+        kind = first["group"]["kind"] if first["group"] else "case"
+        levels = {name: row["group"] or row["case"] for name, row in zip(per_class, class_rows)}
+        entry = {"name": first["name"], "kind": kind}
+        for metric in METRICS:
+            means = {name: level[metric]["mean"] for name, level in levels.items()}
+            entry[metric] = {**mean_of_class_means(means),
+                             "undefined": [name for name, mean in means.items() if mean is None]}
+        out.append(entry)
+    return out
+
+
+def format_class_means(entries: list[dict]) -> str:
+    """One markdown line per run of ``class_mean_of_runs``, under a line that says what they are."""
+    lines = ["Mean of the classes (the mean of the per-class means in the tables below, as nnU-Net's "
+             "foreground mean), per run:", ""]
+    for entry in entries:
+        cells = []
+        for metric, title, digits in (("dice", "Dice per {}", 3), ("hd95", "HD95 per {}", 2),
+                                      ("hd95_penalized", "HD95 per {}, miss = diagonal", 2)):
+            mean = entry[metric]
+            text = "n/a" if mean["mean"] is None else f"{mean['mean']:.{digits}f}"
+            if mean["undefined"]:
+                text += f" ({', '.join(mean['undefined'])} undefined)"
+            cells.append(f"{title.format(entry['kind'])} {text}")
+        lines.append(f"- {entry['name']}: " + "; ".join(cells))
+    return "\n".join(lines) + "\n"
 
 
 def _small_samples(rows: list[dict], keys) -> list[int]:
@@ -361,16 +433,21 @@ def parse_runs(specs) -> dict:
     return runs
 
 
-def write_outputs(rows: list[dict], table: str, out_path, *, confidence: float, per_class=None) -> Path:
+def write_outputs(rows: list[dict], table: str, out_path, *, confidence: float, per_class=None,
+                  class_mean=None) -> Path:
     """Write the markdown table to ``out_path`` and the rows (and ``per_class``: {class: rows},
-    when given) to the .json beside it; returns the JSON path."""
+    and ``class_mean``: ``class_mean_of_runs``, when given) to the .json beside it; returns the
+    JSON path."""
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     out_path.write_text(table, encoding="utf-8")
     json_path = out_path.with_suffix(".json")
-    record = {"confidence": confidence, "ci_method": "t-distribution", "conventions": CONVENTIONS, "runs": rows}
+    record = {"confidence": confidence, "ci_method": "t-distribution",
+              "conventions": conventions(several_classes=has_several_classes(rows)), "runs": rows}
     if per_class:
         record["per_class"] = per_class
+    if class_mean:
+        record["class_mean"] = class_mean
     write_summary_json(record, json_path)
     return json_path
 
@@ -390,7 +467,8 @@ def create_argparser() -> argparse.ArgumentParser:
                         help="coverage of the confidence intervals of the mean (default: 0.95)")
     parser.add_argument("--per_class", type=str2bool, default=False,
                         help="runs with several classes or regions: one more table per class or region "
-                        "after the first (which holds their mean)")
+                        "after the first (each unit's mean over the classes present in it), and the mean "
+                        "of the per-class means under its title")
     parser.add_argument("--baseline", default="",
                         help="NAME of the run that the others are compared with, paired per patient "
                         "(or volume, or case); empty: no paired columns")
@@ -403,20 +481,30 @@ def main(argv=None) -> list[dict]:
     runs = parse_runs(args.runs)
     rows = compare_runs(runs, confidence=args.confidence, baseline=baseline)
     table = format_table(rows, confidence=args.confidence, baseline=baseline)
-    per_class = {}
+    per_class, class_mean = {}, []
     if args.per_class:
         names = class_names(load_run(next(iter(runs.values())))[0])
         if not names:
             raise EvaluationError("--per_class True: the runs have no classes or regions (no <name>_dice columns)")
-        sections = [f"### Mean over {', '.join(names)}\n\n{table}"]
-        for name in names:
-            per_class[name] = compare_runs(runs, confidence=args.confidence, baseline=baseline, class_name=name)
-            sections.append(f"### {name}\n\n" + format_table(per_class[name], confidence=args.confidence,
-                                                             baseline=baseline, with_notes=False))
-        table = "\n".join(sections)
+        per_class = {name: compare_runs(runs, confidence=args.confidence, baseline=baseline, class_name=name)
+                     for name in names}
+        if len(names) == 1:
+            # One class: no mean over classes to show, the class's own table (with the notes).
+            (name,) = names
+            table = f"### {name}\n\n" + format_table(per_class[name], confidence=args.confidence, baseline=baseline)
+        else:
+            class_mean = class_mean_of_runs(per_class)
+            units = " and ".join(word for word in (_group_word(rows), "case") if word)
+            sections = [f"### Mean over the classes present in each {units} ({', '.join(names)})\n\n"
+                        f"{format_class_means(class_mean)}\n{table}"]
+            sections += [f"### {name}\n\n" + format_table(class_rows, confidence=args.confidence,
+                                                           baseline=baseline, with_notes=False)
+                         for name, class_rows in per_class.items()]
+            table = "\n".join(sections)
     print(table, end="")
     if args.out:
-        json_path = write_outputs(rows, table, args.out, confidence=args.confidence, per_class=per_class)
+        json_path = write_outputs(rows, table, args.out, confidence=args.confidence, per_class=per_class,
+                                  class_mean=class_mean)
         print(f"wrote {args.out} and {json_path}")
     return rows
 

@@ -133,6 +133,21 @@ def image_diagonal(shape, spacing) -> float:
     return float(math.sqrt(sum((n * s) ** 2 for n, s in zip(shape, spacing))))
 
 
+def _counts(pred: np.ndarray, label: np.ndarray) -> dict:
+    tp = int(np.count_nonzero(pred & label))
+    pred_voxels = int(np.count_nonzero(pred))
+    label_voxels = int(np.count_nonzero(label))
+    fp, fn = pred_voxels - tp, label_voxels - tp
+    tn = pred.size - tp - fp - fn
+    return {"tp": tp, "fp": fp, "fn": fn, "tn": tn, "pred_voxels": pred_voxels, "label_voxels": label_voxels}
+
+
+def voxel_counts(pred, label) -> dict:
+    """The voxel counts ``tp fp fn tn pred_voxels label_voxels`` (``COUNT_NAMES``) of two masks
+    of one shape (any nonzero value is foreground)."""
+    return _counts(*_check_pair(pred, label))
+
+
 def overlap_metrics(tp: int, fp: int, fn: int, tn: int) -> dict:
     """Count-based metrics (dice, iou, sensitivity, specificity, precision) from the confusion
     counts, with the empty-mask conventions of the module docstring."""
@@ -161,11 +176,8 @@ def segmentation_metrics(pred, label, spacing=None) -> dict:
     """
     pred, label = _check_pair(pred, label)
     spacing = _check_spacing(spacing, pred.ndim)
-    tp = int(np.count_nonzero(pred & label))
-    pred_voxels = int(np.count_nonzero(pred))
-    label_voxels = int(np.count_nonzero(label))
-    fp, fn = pred_voxels - tp, label_voxels - tp
-    tn = pred.size - tp - fp - fn
+    counts = _counts(pred, label)
+    pred_voxels, label_voxels = counts["pred_voxels"], counts["label_voxels"]
 
     if pred_voxels == 0 and label_voxels == 0:
         hd95, assd = 0.0, 0.0
@@ -181,12 +193,10 @@ def segmentation_metrics(pred, label, spacing=None) -> dict:
         assd = float((d_pred.sum() + d_label.sum()) / (d_pred.size + d_label.size))
         hd95_penalized = hd95
 
-    result = overlap_metrics(tp, fp, fn, tn)
+    result = overlap_metrics(counts["tp"], counts["fp"], counts["fn"], counts["tn"])
     result.update(hd95=hd95, hd95_penalized=hd95_penalized, assd=assd)
     result = {name: result[name] for name in METRIC_NAMES}
-    result.update(
-        tp=tp, fp=fp, fn=fn, tn=tn, pred_voxels=pred_voxels, label_voxels=label_voxels
-    )
+    result.update(counts)
     return result
 
 
@@ -203,29 +213,50 @@ def multiclass_metrics(pred_labels, label_labels, classes, spacing=None) -> dict
     Returns:
         {class value or name: segmentation_metrics(pred in region, label in region)}.
     """
+    pred_labels, label_labels = _check_label_maps(pred_labels, label_labels)
+    return {
+        key: segmentation_metrics(np.isin(pred_labels, values), np.isin(label_labels, values), spacing)
+        for key, values in _regions(classes).items()
+    }
+
+
+def union_counts(pred_labels, label_labels, classes) -> dict:
+    """``voxel_counts`` of the union of the classes or regions (``classes`` as for
+    ``multiclass_metrics``): a voxel is foreground where any class or region holds it, so one
+    held by several overlapping regions counts once."""
+    pred_labels, label_labels = _check_label_maps(pred_labels, label_labels)
+    covered = np.concatenate(list(_regions(classes).values()))
+    return voxel_counts(np.isin(pred_labels, covered), np.isin(label_labels, covered))
+
+
+def _check_label_maps(pred_labels, label_labels) -> tuple[np.ndarray, np.ndarray]:
     pred_labels, label_labels = to_numpy(pred_labels), to_numpy(label_labels)
     if pred_labels.shape != label_labels.shape:
         raise EvaluationError(
             f"prediction shape {pred_labels.shape} does not match label shape "
             f"{label_labels.shape}"
         )
+    return pred_labels, label_labels
+
+
+def _regions(classes) -> dict:
+    """{class value or name: array of the label values it unites} of ``multiclass_metrics``'s
+    ``classes``."""
     if isinstance(classes, Mapping):
         regions = dict(classes)
     elif isinstance(classes, Sequence) and not isinstance(classes, str):
         regions = {c: c for c in classes}
     else:
         raise EvaluationError(f"classes must be a sequence or a mapping, got {classes!r}")
-    out = {}
-    for key, values in regions.items():
-        values = np.atleast_1d(np.asarray(values))
-        out[key] = segmentation_metrics(
-            np.isin(pred_labels, values), np.isin(label_labels, values), spacing
-        )
-    return out
+    return {key: np.atleast_1d(np.asarray(values)) for key, values in regions.items()}
 
 
-def mean_over_classes(per_class: Mapping) -> dict:
+def mean_over_classes(per_class: Mapping, union: Mapping) -> dict:
     """The metrics of a K-class result as one: the un-prefixed columns of its metrics.csv row.
+
+    Args:
+        per_class: {class: segmentation_metrics of that class}.
+        union: ``union_counts`` of the same masks: the voxel counts of the union of the classes.
 
     Each metric is the mean over the classes that are not empty in both masks (those are left
     out, as from every mean of ``evaluation.report``), nan values left out; nan when no class
@@ -233,7 +264,8 @@ def mean_over_classes(per_class: Mapping) -> dict:
     (nan distance) makes the row's distance nan too, so that the row counts as a miss in the
     HD95 means, as a one-class row would (``hd95_penalized`` scores it). When every class is
     empty in both masks, the both-empty values (dice 1, hd95 0, ...). The voxel counts are
-    summed over the classes, so the row counts as both empty exactly when every class is.
+    ``union``'s: a voxel of overlapping regions counts once, and the row counts as both empty
+    exactly when every class is.
     """
     entries = list(per_class.values())
     if not entries:
@@ -245,15 +277,15 @@ def mean_over_classes(per_class: Mapping) -> dict:
         missed = name in DISTANCE_NAMES and len(values) < len(scored)
         out[name] = sum(values) / len(values) if values and not missed else math.nan
     for name in COUNT_NAMES:
-        out[name] = int(sum(int(m[name]) for m in entries))
+        out[name] = int(union[name])
     return out
 
 
-def class_columns(per_class: Mapping) -> dict:
+def class_columns(per_class: Mapping, union: Mapping) -> dict:
     """Per-class metrics -> one flat row: ``{name}_{metric}`` and ``{name}_pred_voxels`` /
-    ``{name}_label_voxels`` per class, and the un-prefixed mean over classes
-    (``mean_over_classes``)."""
-    row = mean_over_classes(per_class)
+    ``{name}_label_voxels`` per class, and the un-prefixed mean over classes with the voxel
+    counts of their union (``mean_over_classes``)."""
+    row = mean_over_classes(per_class, union)
     for key, metrics in per_class.items():
         row.update({f"{key}_{m}": metrics[m] for m in (*METRIC_NAMES, *CLASS_COUNT_NAMES)})
     return row
@@ -261,5 +293,6 @@ def class_columns(per_class: Mapping) -> dict:
 
 def label_map_metrics(pred_labels, label_labels, classes: Mapping, spacing=None) -> dict:
     """``class_columns`` of two integer label maps: ``multiclass_metrics`` per class (a mapping
-    from a name to its label value or values) and their mean."""
-    return class_columns(multiclass_metrics(pred_labels, label_labels, classes, spacing))
+    from a name to its label value or values), their mean and the counts of their union."""
+    return class_columns(multiclass_metrics(pred_labels, label_labels, classes, spacing),
+                         union_counts(pred_labels, label_labels, classes))

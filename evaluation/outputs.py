@@ -54,7 +54,7 @@ from evaluation.report import (
     GroupAccumulator,
     SummaryAccumulator,
     class_column_names,
-    class_means,
+    class_summary,
     has_patient_groups,
     metrics_columns,
     metrics_row,
@@ -587,7 +587,7 @@ def merge_records(paths, out_dir: str, *, save_preseg: bool = False, digest: str
             pass
     result = summary.result()
     if has_classes(preprocess):
-        result["per_class"] = class_means(result, class_values(preprocess))
+        result.update(class_summary(result, class_values(preprocess)))
     result["n_cases_written"] = index.n
     result["n_unlabelled"] = index.n_unlabelled
     result["seconds_per_image"] = seconds["sum"] / seconds["n"] if seconds["n"] else None

@@ -11,8 +11,10 @@ metrics.csv has one row per evaluated unit and these columns, in this order:
   the counts ``tp fp fn tn pred_voxels label_voxels`` (``evaluation.metrics``);
 - the same with a ``preseg_`` prefix for the pre-segmentation, when any row has them;
 - per class or region (K > 1): ``{name}_{metric}`` for every metric and ``{name}_pred_voxels``,
-  ``{name}_label_voxels``, with the un-prefixed columns holding the mean over the classes
-  (``evaluation.metrics.mean_over_classes``), ``preseg_{name}_...`` likewise;
+  ``{name}_label_voxels``, with the un-prefixed columns holding the row's mean over the classes
+  present in it and the voxel counts of their union (``evaluation.metrics.mean_over_classes``),
+  ``preseg_{name}_...`` likewise. The summary then adds each class's means (``class_summary``);
+  ``CONVENTIONS["classes"]`` says how the two means over classes differ;
 - any further columns in the order first seen.
 
 Numbers are written at full precision; ``nan`` is written as ``nan``, a missing value as "".
@@ -37,6 +39,7 @@ from evaluation.metrics import (
     class_columns,
     overlap_metrics,
     segmentation_metrics,
+    union_counts,
 )
 from guided_diffusion.atomic import atomic_path, atomic_write, atomic_write_text
 
@@ -165,18 +168,47 @@ def _is_number(value) -> bool:
 
 
 # How every summary here and every table of evaluation.compare reads the rows; summary.json
-# carries this text so that a reader of the numbers knows how they were made.
+# carries this text (``conventions``) so that a reader of the numbers knows how they were made.
 CONVENTIONS = {
     "both_empty": "a case (or group) whose label and prediction are both empty scores dice 1 and "
     "hd95 0 in metrics.csv but is left out of every mean and counted as n_both_empty",
-    "hd95": "mean over the cases where both masks are non-empty; n_nan counts the one-sided "
-    "misses (exactly one mask empty), where hd95 is undefined",
+    "hd95": "mean over the cases where it is defined: both masks non-empty (in a row's mean over "
+    "several classes, in every class present in it); n_nan counts the one-sided misses, where hd95 "
+    "is undefined: exactly one mask empty (in a row's mean over several classes, in any class "
+    "present in it)",
     "hd95_penalized": "hd95 with each one-sided miss scored as the image diagonal in mm (as the "
     "BraTS evaluation does), over every case that is not both empty",
     "headline": "per volume (3D inputs) or per patient (2D slices of a patient), each scored "
     "on its slices stacked in 3D, wherever volumes or patients exist; else per case",
     "std": "population standard deviation (ddof=0) of the values in the mean",
+    "classes": "with several classes or regions, each class's <name>_ columns follow these "
+    "conventions on that class's masks, and two means are given. class_mean (the closing line's "
+    "'mean of the classes') is the mean over the classes of each class's own mean over the units, "
+    "as nnU-Net's foreground_mean and the BraTS mean of the region means; a class whose mean is "
+    "undefined is left out and counted. The un-prefixed columns hold each row's mean over the "
+    "classes present in it (not empty in both label and prediction), which pairs per patient but "
+    "differs from class_mean where a class is absent from some units; their voxel counts are those "
+    "of the union of the classes, so a row is both empty only when every class is. In a row's mean "
+    "a class with a one-sided miss leaves the row's hd95 and assd undefined: the row counts as a "
+    "miss (n_nan) although its union masks need not be empty, and hd95_penalized scores that class "
+    "as the image diagonal",
 }
+# A run with one foreground (one class included) states hd95 in one mask's words, as before
+# classes existed, and has no "classes" entry: its summary.json stays byte-identical.
+_ONE_FOREGROUND_HD95 = ("mean over the cases where both masks are non-empty; n_nan counts the one-sided "
+                        "misses (exactly one mask empty), where hd95 is undefined")
+
+
+def conventions(*, several_classes: bool) -> dict:
+    """``CONVENTIONS`` as a summary or a comparison table states them: all of them for rows with
+    several classes or regions; for one foreground without the "classes" entry, hd95 in one
+    mask's words."""
+    if several_classes:
+        return dict(CONVENTIONS)
+    return {key: (_ONE_FOREGROUND_HD95 if key == "hd95" else text)
+            for key, text in CONVENTIONS.items() if key != "classes"}
+
+
 HEADLINE_METRICS = ("dice", "hd95", "hd95_penalized")
 # Longest first, so that "hd95_penalized" is not read as "<prefix>hd95".
 _METRICS_BY_LENGTH = sorted(METRIC_NAMES, key=len, reverse=True)
@@ -285,8 +317,8 @@ class SummaryAccumulator:
                 moments.add(None)
 
     def result(self) -> dict:
-        summary = {"n_cases": self._kinds.get("case", {}).get("n", 0), "conventions": CONVENTIONS,
-                   "kinds": {}}
+        summary = {"n_cases": self._kinds.get("case", {}).get("n", 0),
+                   "conventions": conventions(several_classes=False), "kinds": {}}
         for kind in KINDS:
             if kind in self._kinds:
                 entry = self._kinds[kind]
@@ -303,14 +335,15 @@ class SummaryAccumulator:
 
 def summarize(rows) -> dict:
     """Means and standard deviations of every metric column, per row kind, by the conventions
-    of ``CONVENTIONS`` (stated in the result).
+    of ``CONVENTIONS`` (stated in the result: those of one foreground; ``class_summary`` gives
+    a summary of several classes theirs).
 
     Every numeric column except the ids and the voxel counts is summarised. Rows whose label
     and prediction are both empty are left out of a metric's mean and counted; nan values
     (see ``evaluation.metrics``) are left out and counted.
 
     Returns:
-        {"n_cases": number of ``case`` rows, "conventions": CONVENTIONS,
+        {"n_cases": number of ``case`` rows, "conventions": conventions(several_classes=False),
          "kinds": {kind: {"n": rows of that kind, "n_both_empty": rows whose result and
                           label are both empty,
                           "metrics": {column: {"mean", "std", "n_valid", "n_nan",
@@ -326,58 +359,120 @@ def summarize(rows) -> dict:
     return accumulator.result()
 
 
+def _mean_text(value) -> str:
+    return "undefined" if value is None else f"{value:.4f}"
+
+
+def _units(n: int, kind: str) -> str:
+    return f"{n} {kind}{'s' if n != 1 else ''}"
+
+
 def headline_text(summary: dict) -> str:
     """``mean dice per patient 0.8123 (5 patients); per case 0.7710 (40 cases, 3 both empty left
-    out)``: the line ``python -m evaluation`` and sample.py close with."""
+    out)``: the line ``python -m evaluation`` and sample.py close with. With several classes
+    (``class_mean`` in the summary) the means are those of the un-prefixed columns and say so:
+    ``mean dice per volume over the classes present in each 0.8333 (2 volumes); ...``."""
     def mean(kind):
-        dice = summary["kinds"][kind]["metrics"].get("dice", {})
-        return "undefined" if dice.get("mean") is None else f"{dice['mean']:.4f}"
+        return _mean_text(summary["kinds"][kind]["metrics"].get("dice", {}).get("mean"))
 
+    over = " over the classes present in each" if "class_mean" in summary else ""
     case = summary["kinds"]["case"]
     per_case = f"{mean('case')} ({case['n']} cases, {case['n_both_empty']} both empty left out)"
     kind = summary["headline"]["kind"]
     if kind == "case":
-        return f"mean dice per case {per_case}"
-    n = summary["headline"]["n"]
-    return f"mean dice per {kind} {mean(kind)} ({n} {kind}{'s' if n != 1 else ''}); per case {per_case}"
+        return f"mean dice per case{over} {per_case}"
+    units = _units(summary["headline"]["n"], kind)
+    return f"mean dice per {kind}{over} {mean(kind)} ({units}); per case {per_case}"
+
+
+# The counts that summary.json's per_class gives beside the means, of the metrics the closing line
+# and the tables show.
+CLASS_COUNT_METRICS = ("dice", "hd95")
+MEAN_COUNTS = ("n_valid", "n_nan", "n_both_empty")
 
 
 def class_means(summary: dict, classes) -> dict:
-    """summary.json's ``per_class``: {name: {"label_values": [...], metric: mean, ...}} per class
-    or region (``classes``: a mapping from its name to its label value or values), each metric's
-    mean at the summary's headline kind (``summary["headline"]["kind"]``: volume, patient or
-    case), None where undefined; {} without scored rows."""
+    """summary.json's ``per_class``: {name: {"label_values": [...], metric: mean, ...,
+    "counts": {"dice" | "hd95": {"n_valid", "n_nan", "n_both_empty"}}}} per class or region
+    (``classes``: a mapping from its name to its label value or values), each metric's mean and
+    the counts of the units behind it at the summary's headline kind
+    (``summary["headline"]["kind"]``: volume, patient or case), None where undefined; {}
+    without scored rows."""
     kind = summary.get("headline", {}).get("kind")
     if kind is None:
         return {}
     metrics = summary["kinds"][kind]["metrics"]
     return {
         name: {"label_values": [int(v) for v in np.atleast_1d(values)],
-               **{m: metrics.get(f"{name}_{m}", {}).get("mean") for m in METRIC_NAMES}}
+               **{m: metrics.get(f"{name}_{m}", {}).get("mean") for m in METRIC_NAMES},
+               "counts": {m: {c: metrics.get(f"{name}_{m}", {}).get(c) for c in MEAN_COUNTS}
+                          for m in CLASS_COUNT_METRICS}}
         for name, values in dict(classes).items()
     }
 
 
+def mean_of_class_means(means) -> dict:
+    """{"mean", "n_valid", "n_undefined"} of {class: its mean, None where undefined}: the mean over
+    the classes of their means (nnU-Net's foreground_mean), the undefined ones left out and
+    counted; mean None when none is defined."""
+    defined = [float(m) for m in means.values() if m is not None]
+    return {"mean": sum(defined) / len(defined) if defined else None, "n_valid": len(defined),
+            "n_undefined": len(means) - len(defined)}
+
+
+def class_summary(summary: dict, classes) -> dict:
+    """The entries that classes or regions (``classes``: a mapping from a name to its label
+    value or values) add to ``summary``, for ``summary.update``: ``per_class``
+    (``class_means``) and, for two or more, ``class_mean`` ({metric: ``mean_of_class_means``}
+    at the headline kind, when any row was scored) and the ``conventions`` of several classes."""
+    classes = dict(classes)
+    per_class = class_means(summary, classes)
+    entries = {"per_class": per_class}
+    if len(classes) > 1:
+        entries["conventions"] = conventions(several_classes=True)
+        if per_class:
+            entries["class_mean"] = {m: mean_of_class_means({name: c[m] for name, c in per_class.items()})
+                                     for m in METRIC_NAMES}
+    return entries
+
+
 def classes_text(summary: dict) -> str:
-    """``dice per volume by class: WT 0.8123, TC 0.7012, ET undefined``: the per-class line
-    (summary["per_class"] from ``class_means``); "" without classes."""
+    """``dice per volume by class: WT 0.8123, TC 0.7012 (3 volumes), ET 0.6005, mean of the
+    classes 0.7047``: the per-class line (summary["per_class"] from ``class_means``), a class's
+    number of units where its mean rests on fewer than all (the others both empty or
+    undefined), and the mean of the classes (``class_mean``) with several; "" without
+    classes."""
     classes = summary.get("per_class") or {}
     if not classes:
         return ""
-    shown = ", ".join(f"{name} {'undefined' if m['dice'] is None else format(m['dice'], '.4f')}"
-                      for name, m in classes.items())
-    return f"dice per {summary['headline']['kind']} by class: {shown}"
+    kind, n = summary["headline"]["kind"], summary["headline"]["n"]
+    shown = []
+    for name, m in classes.items():
+        text = f"{name} {_mean_text(m['dice'])}"
+        n_valid = m["counts"]["dice"]["n_valid"]
+        if n_valid is not None and n_valid < n:
+            text += f" ({_units(n_valid, kind)})"
+        shown.append(text)
+    text = f"dice per {kind} by class: {', '.join(shown)}"
+    mean = summary.get("class_mean", {}).get("dice")
+    if mean is not None:
+        text += f", mean of the classes {_mean_text(mean['mean'])}"
+        if mean["n_undefined"]:
+            text += f" ({mean['n_valid']} of {mean['n_valid'] + mean['n_undefined']} classes)"
+    return text
 
 
 def results_text(summary: dict) -> str:
-    """What a run's cases gave, in words: ``headline_text`` over the scored cases (and
-    ``classes_text`` for several classes), and ``unlabelled: N cases`` for those without a
-    label (segmented, not scored)."""
+    """What a run's cases gave, in words: ``headline_text`` over the scored cases and
+    ``classes_text`` for classes (first with several: the mean of the class means is the figure
+    nnU-Net and BraTS papers report), and ``unlabelled: N cases`` for those without a label
+    (segmented, not scored)."""
     parts = []
     if summary.get("n_cases"):
-        parts.append(headline_text(summary))
-        if classes_text(summary):
-            parts.append(classes_text(summary))
+        texts = [headline_text(summary), classes_text(summary)]
+        if "class_mean" in summary:
+            texts.reverse()
+        parts += [text for text in texts if text]
     n_unlabelled = summary.get("n_unlabelled") or 0
     if n_unlabelled or not parts:
         parts.append(f"unlabelled: {n_unlabelled} case{'s' if n_unlabelled != 1 else ''} (no metrics)")
@@ -426,7 +521,8 @@ class GroupAccumulator:
 
     ``classes`` (K > 1): a mapping from a class or region name to its label value(s); the
     slices are then integer label maps, and each group is scored per class
-    (``evaluation.metrics.class_columns``: per-class columns and their mean).
+    (``evaluation.metrics.class_columns``: per-class columns, their mean and the voxel counts of
+    their union).
 
     Example::
 
@@ -524,10 +620,13 @@ class GroupAccumulator:
         thickness = group["thickness"] if group["thickness"] is not None else 1.0
         given = len(indices) * height * width
 
-        def score(pred_mask, label_mask):
-            metrics = segmentation_metrics(pred_mask, label_mask, (thickness, sy, sx))
+        def on_given_slices(counts):
             # Gap slices were never evaluated: count true negatives on the given slices only.
-            metrics["tn"] = given - metrics["tp"] - metrics["fp"] - metrics["fn"]
+            counts["tn"] = given - counts["tp"] - counts["fp"] - counts["fn"]
+            return counts
+
+        def score(pred_mask, label_mask):
+            metrics = on_given_slices(segmentation_metrics(pred_mask, label_mask, (thickness, sy, sx)))
             metrics["specificity"] = overlap_metrics(
                 metrics["tp"], metrics["fp"], metrics["fn"], metrics["tn"]
             )["specificity"]
@@ -535,10 +634,10 @@ class GroupAccumulator:
 
         if self.classes is None:
             return score(pred, label)
-        return class_columns({
-            name: score(np.isin(pred, values), np.isin(label, values))
-            for name, values in self.classes.items()
-        })
+        return class_columns(
+            {name: score(np.isin(pred, values), np.isin(label, values)) for name, values in self.classes.items()},
+            on_given_slices(union_counts(pred, label, self.classes)),
+        )
 
     def compute(self, group_id: str) -> dict:
         """The metrics.csv row of one group (``kind`` = this accumulator's kind)."""

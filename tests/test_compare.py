@@ -6,10 +6,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from evaluation.compare import compare_runs, format_table, main, mean_ci, parse_runs
 from evaluation.errors import EvaluationError
+from evaluation.metrics import label_map_metrics
+from evaluation.report import metrics_row, write_metrics_csv
 from guided_diffusion.errors import AddpmError, ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -239,9 +242,16 @@ def test_per_class_tables_read_each_class_columns(tmp_path, capsys):
     out = tmp_path / "table.md"
     main([f"addpm={run}", "--per_class", "True", "--out", str(out)])
     table = out.read_text()
-    assert table.index("### Mean over WT, ET") < table.index("### WT") < table.index("### ET")
+    title = "### Mean over the classes present in each case (WT, ET)"
+    assert table.index(title) < table.index("### WT") < table.index("### ET")
     assert table.count("Mean [95% confidence interval") == 1
+    # Under the title, the mean of the per-class means (WT 0.85, ET 1.1/3; HD95 1.5 and 2.0).
+    assert ("- addpm: Dice per case 0.608; HD95 per case 1.75; HD95 per case, miss = diagonal 9.75"
+            in table.split("### WT")[0])
+    assert "Classes: with several classes or regions" in table
     data = json.loads(out.with_suffix(".json").read_text())
+    assert data["class_mean"][0]["dice"]["mean"] == pytest.approx((0.85 + 1.1 / 3) / 2)
+    assert "classes" in data["conventions"]
     assert data["runs"][0]["case"]["dice"]["mean"] == pytest.approx(0.55)
     wt = data["per_class"]["WT"][0]["case"]
     assert wt["dice"]["mean"] == pytest.approx(0.85) and wt["n_both_empty"] == 1
@@ -252,3 +262,52 @@ def test_per_class_tables_read_each_class_columns(tmp_path, capsys):
     plain = write_run(tmp_path / "binary")
     with pytest.raises(EvaluationError, match="no classes or regions"):
         main([f"binary={plain}", "--per_class", "True"])
+
+
+REGIONS = {"WT": (1, 2, 4), "TC": (1, 4), "ET": 4}
+
+
+def write_regions_run(folder: Path, volumes: dict, regions=REGIONS) -> Path:
+    """A run of {volume id: (prediction, label)} (2D label maps, one slice per volume) scored in
+    ``regions``, with a case row and a volume row per volume."""
+    rows = []
+    for volume, (pred, label) in volumes.items():
+        metrics = label_map_metrics(pred, label, regions)
+        rows += [metrics_row(f"{volume}_000", metrics, group_id=volume),
+                 metrics_row(volume, metrics, group_id=volume, kind="volume")]
+    write_run(folder)
+    write_metrics_csv(rows, folder / "metrics.csv")
+    return folder
+
+
+def review_example() -> dict:
+    """Two volumes: WT and TC perfect in both; ET absent from A (label and prediction), missed in B."""
+    label_a, label_b = np.zeros((5, 5), dtype=int), np.zeros((5, 5), dtype=int)
+    label_a[1:4, 1:4], label_a[2, 2] = 2, 1
+    label_b[1:4, 1:4], label_b[2, 2:4] = 2, (1, 4)
+    return {"A": (label_a, label_a), "B": (np.where(label_b == 4, 1, label_b), label_b)}
+
+
+def test_per_class_shows_both_means_over_classes_and_counts_cells_of_misses_only(tmp_path, capsys):
+    run = write_regions_run(tmp_path / "addpm", review_example())
+    main([f"addpm={run}", "--per_class", "True"])
+    printed = capsys.readouterr().out
+    first, per_region = printed.split("### WT")
+    assert first.startswith("### Mean over the classes present in each volume and case (WT, TC, ET)\n")
+    diagonal = math.sqrt(50)
+    assert (f"- addpm: Dice per volume 0.667; HD95 per volume 0.00 (ET undefined); HD95 per volume, "
+            f"miss = diagonal {diagonal / 3:.2f}") in first
+    # The table itself: each volume's mean over the regions present in it, (1 + 2/3) / 2.
+    assert "| addpm | addpm | 2 | 0.833 [" in first and "| 0.00 (1 miss) |" in first
+    # ET: A is empty in both, B a miss: no HD95 to average, and the cell says why.
+    et = per_region.split("### ET")[1]
+    assert "| 2 (1 both empty) | 0.000 | n/a (1 miss) | 7.07 |" in et
+
+
+def test_per_class_with_one_class_prints_its_table_alone(tmp_path, capsys):
+    run = write_regions_run(tmp_path / "et", review_example(), regions={"ET": 4})
+    main([f"et={run}", "--per_class", "True"])
+    printed = capsys.readouterr().out
+    assert printed.startswith("### ET\n\n| run |") and "Mean over" not in printed
+    assert printed.count("### ") == 1 and "Mean [95% confidence interval" in printed
+    assert "| n/a (1 miss) |" in printed and "Classes:" not in printed

@@ -311,7 +311,8 @@ def test_regions_give_columns_per_region_on_case_and_patient_rows(brats2d_mini, 
         else:
             # ET empty in both leaves the mean: WT and TC alone.
             assert row["dice"] == 1.0
-        assert row["label_voxels"] == row["WT_label_voxels"] + row["TC_label_voxels"] + row["ET_label_voxels"]
+        # The un-prefixed counts are the union's: WT, which holds TC and ET, each voxel once.
+        assert (row["label_voxels"], row["pred_voxels"]) == (row["WT_label_voxels"], row["WT_pred_voxels"])
     assert patient["ET_label_voxels"] == sum(r["ET_label_voxels"] for r in cases) > 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["regions"] == REGIONS
@@ -323,7 +324,14 @@ def test_regions_give_columns_per_region_on_case_and_patient_rows(brats2d_mini, 
     assert per_class["ET"]["hd95"] is None and per_class["ET"]["hd95_penalized"] > 0
     assert summary["kinds"]["case"]["metrics"]["ET_dice"]["n_both_empty"] == sum(
         1 for r in cases if r["ET_label_voxels"] == 0)
-    assert "dice per patient by class: WT 1.0000, TC 1.0000, ET 0.0000" in summary["results"]
+    assert per_class["ET"]["counts"]["dice"]["n_valid"] == 1 and per_class["ET"]["counts"]["hd95"]["n_nan"] == 1
+    # The mean of the region means first (nnU-Net's foreground_mean), then the patient's mean over
+    # the regions present in it, named as such.
+    assert summary["class_mean"]["dice"] == {"mean": pytest.approx(2 / 3), "n_valid": 3, "n_undefined": 0}
+    assert summary["results"].startswith(
+        "dice per patient by class: WT 1.0000, TC 1.0000, ET 0.0000, mean of the classes 0.6667; "
+        "mean dice per patient over the classes present in each 0.6667 (1 patient); per case ")
+    assert "classes" in summary["conventions"]
 
 
 def test_classes_on_volumes_and_one_class_keeps_the_whole_foreground(tmp_path):

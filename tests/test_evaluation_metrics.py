@@ -14,6 +14,8 @@ from evaluation.metrics import (
     multiclass_metrics,
     segmentation_metrics,
     surface_distances,
+    union_counts,
+    voxel_counts,
 )
 from evaluation.uncertainty import (
     MAX_ENTROPY,
@@ -258,7 +260,7 @@ def test_vote_and_mean_fusion_differ():
         fuse(tie, "median")
 
 
-def test_mean_over_classes_leaves_both_empty_classes_out_and_sums_the_counts():
+def test_mean_over_classes_leaves_both_empty_classes_out_and_counts_their_union():
     label = np.array([[1, 1, 2, 0], [0, 0, 0, 0]])
     pred = np.array([[1, 0, 2, 2], [0, 0, 0, 0]])
     row = label_map_metrics(pred, label, {"class1": 1, "class2": 2, "class4": 4})
@@ -274,10 +276,37 @@ def test_mean_over_classes_leaves_both_empty_classes_out_and_sums_the_counts():
     assert math.isnan(missed["b_hd95"]) and missed["a_hd95"] == 0.0
     assert math.isnan(missed["hd95"]) and math.isnan(missed["assd"]) and missed["dice"] == pytest.approx(0.5)
     assert missed["hd95_penalized"] == pytest.approx((0.0 + missed["b_hd95_penalized"]) / 2)
-    everything_empty = mean_over_classes(multiclass_metrics(np.zeros((2, 2)), np.zeros((2, 2)), [1, 2]))
+    empty = np.zeros((2, 2))
+    everything_empty = mean_over_classes(multiclass_metrics(empty, empty, [1, 2]),
+                                         union_counts(empty, empty, [1, 2]))
     assert everything_empty["dice"] == 1.0 and everything_empty["pred_voxels"] == 0
     regions = label_map_metrics(np.array([[2, 1, 4]]), np.array([[2, 4, 4]]), {"WT": (1, 2, 4), "ET": 4})
     assert regions["WT_dice"] == 1.0 and regions["ET_dice"] == pytest.approx(2 / 3)
+
+
+def test_voxel_counts_over_overlapping_regions_count_each_voxel_once():
+    # An 18-voxel tumour: WT holds all 18, TC 10 of them, ET 2 of those.
+    label = np.zeros((6, 6), dtype=np.uint8)
+    label[0:3, :] = 2
+    label[1:3, 1:6] = 1
+    label[2, 4:6] = 4
+    pred = label.copy()
+    pred[2, 4:6] = 1  # ET missed, called necrosis: still tumour core
+    pred[5, 5] = 2  # one false positive, outside the tumour
+    regions = {"WT": (1, 2, 4), "TC": (1, 4), "ET": 4}
+    row = label_map_metrics(pred, label, regions)
+    assert (row["WT_label_voxels"], row["TC_label_voxels"], row["ET_label_voxels"]) == (18, 10, 2)
+    # The un-prefixed counts are the union's (= WT here), not 18 + 10 + 2.
+    union = tuple(row[c] for c in ("label_voxels", "pred_voxels", "tp", "fp", "fn", "tn"))
+    assert union == (18, 19, 18, 1, 0, 17)
+    assert row["label_voxels"] + row["fp"] + row["tn"] == label.size
+    assert union_counts(pred, label, regions) == voxel_counts(pred > 0, label > 0)
+    # Classes that do not overlap: the union's counts are their sums, as before.
+    classes = label_map_metrics(pred, label, [1, 2, 4])
+    assert classes["label_voxels"] == sum(classes[f"{v}_label_voxels"] for v in (1, 2, 4)) == 18
+    # Both empty in the row only when every class is: ET alone present keeps the row scored.
+    only_et = label_map_metrics(np.zeros((2, 2), dtype=int), np.array([[4, 0], [0, 0]]), {"TC": (1, 4), "ET": 4})
+    assert (only_et["pred_voxels"], only_et["label_voxels"], only_et["fn"]) == (0, 1, 1)
 
 
 def test_class_entropy_over_background_and_classes():

@@ -8,10 +8,12 @@ import pytest
 from PIL import Image
 
 from evaluation.errors import EvaluationError
-from evaluation.metrics import METRIC_NAMES, segmentation_metrics
+from evaluation.metrics import METRIC_NAMES, label_map_metrics, segmentation_metrics
 from evaluation.report import (
+    CONVENTIONS,
     GroupAccumulator,
-    class_means,
+    class_summary,
+    conventions,
     metrics_row,
     read_metrics_csv,
     read_uint16_png,
@@ -77,7 +79,9 @@ def test_group_of_label_maps_is_scored_per_class_in_3d():
     # WT: tp 3 of 8 label voxels -> dice 6/11; ET: tp 1 of 4 -> 2/5.
     assert row["WT_dice"] == pytest.approx(6 / 11) and row["ET_dice"] == pytest.approx(2 / 5)
     assert row["dice"] == pytest.approx((6 / 11 + 2 / 5) / 2)
-    assert row["WT_label_voxels"] == 8 and row["label_voxels"] == 12 and row["tn"] == 4  # WT 0 + ET 4
+    # The union of the regions is WT (which holds ET): its counts, each voxel once, on the given slices.
+    assert row["WT_label_voxels"] == 8 and row["label_voxels"] == 8 and row["pred_voxels"] == 3
+    assert (row["tp"], row["fp"], row["fn"], row["tn"]) == (3, 0, 5, 0)
     assert row["preseg_WT_dice"] == row["preseg_ET_dice"] == row["preseg_dice"] == 1.0
 
 
@@ -87,15 +91,89 @@ def test_per_class_summary_holds_the_label_values_and_the_headline_kinds_means()
     acc.add("v", np.array([[2, 2, 0, 0]]), np.array([[2, 2, 4, 4]]), slice_index=0)
     summary = summarize([metrics_row("v_000", {"dice": 0.5, "pred_voxels": 2, "label_voxels": 4},
                                      group_id="v"), *acc.rows()])
-    summary["per_class"] = class_means(summary, classes)
+    summary.update(class_summary(summary, classes))
     assert list(summary["per_class"]) == ["WT", "ET"]
     wt, et = summary["per_class"]["WT"], summary["per_class"]["ET"]
     assert wt["label_values"] == [1, 2, 4] and et["label_values"] == [4]
     # The volume row is the headline: its per-class means, every metric; ET missed: hd95 undefined.
     assert wt["dice"] == pytest.approx(2 / 3) and et["dice"] == 0.0 and et["hd95"] is None
-    assert set(wt) == {"label_values", *METRIC_NAMES}
-    assert results_text(summary).endswith("; dice per volume by class: WT 0.6667, ET 0.0000")
-    assert class_means(summarize([]), classes) == {}
+    assert set(wt) == {"label_values", *METRIC_NAMES, "counts"}
+    assert et["counts"]["hd95"] == {"n_valid": 0, "n_nan": 1, "n_both_empty": 0}
+    assert results_text(summary).startswith("dice per volume by class: WT 0.6667, ET 0.0000, mean of the "
+                                            "classes 0.3333; mean dice per volume over the classes present in each ")
+    assert class_summary(summarize([]), classes) == {"per_class": {},
+                                                     "conventions": conventions(several_classes=True)}
+
+
+BRATS_REGIONS = {"WT": (1, 2, 4), "TC": (1, 4), "ET": 4}
+
+
+def regions_summary(volumes) -> dict:
+    """summary.json's figures of {volume id: (prediction, label)} (2D label maps, one slice per
+    volume), scored in BRATS_REGIONS per case and per volume, as sample.py scores them."""
+    acc = GroupAccumulator(kind="volume", classes=BRATS_REGIONS)
+    rows = []
+    for volume, (pred, label) in volumes.items():
+        rows.append(metrics_row(f"{volume}_000", label_map_metrics(pred, label, BRATS_REGIONS), group_id=volume))
+        acc.add(volume, pred, label, slice_index=0)
+    summary = summarize(rows + acc.rows())
+    summary.update(class_summary(summary, BRATS_REGIONS))
+    return summary
+
+
+def test_several_classes_give_the_mean_of_the_class_means_first_and_the_row_mean_named_as_such():
+    # A: WT and TC perfect, ET absent in both. B: WT and TC perfect, ET missed (called core).
+    label_a, label_b = np.zeros((5, 5), dtype=int), np.zeros((5, 5), dtype=int)
+    label_a[1:4, 1:4], label_a[2, 2] = 2, 1
+    label_b[1:4, 1:4], label_b[2, 2:4] = 2, (1, 4)
+    pred_b = np.where(label_b == 4, 1, label_b)
+    summary = regions_summary({"A": (label_a, label_a), "B": (pred_b, label_b)})
+    volume = summary["kinds"]["volume"]["metrics"]
+    # The un-prefixed column: each volume's mean over the regions present in it, (1 + 2/3) / 2.
+    assert volume["dice"]["mean"] == pytest.approx(5 / 6)
+    per_class = summary["per_class"]
+    assert [per_class[n]["dice"] for n in BRATS_REGIONS] == [1.0, 1.0, 0.0]
+    assert per_class["ET"]["counts"]["dice"] == {"n_valid": 1, "n_nan": 0, "n_both_empty": 1}
+    assert per_class["ET"]["counts"]["hd95"] == {"n_valid": 0, "n_nan": 1, "n_both_empty": 1}
+    assert per_class["WT"]["counts"]["dice"] == {"n_valid": 2, "n_nan": 0, "n_both_empty": 0}
+    # class_mean: nnU-Net's foreground mean, the mean of the three region means; ET's HD95 is
+    # undefined (its one volume is a miss), left out and counted.
+    assert summary["class_mean"]["dice"] == {"mean": pytest.approx(2 / 3), "n_valid": 3, "n_undefined": 0}
+    assert summary["class_mean"]["hd95"] == {"mean": 0.0, "n_valid": 2, "n_undefined": 1}
+    assert summary["class_mean"]["hd95_penalized"]["mean"] == pytest.approx(
+        np.mean([per_class[n]["hd95_penalized"] for n in BRATS_REGIONS]))
+    assert results_text(summary) == (
+        "dice per volume by class: WT 1.0000, TC 1.0000, ET 0.0000 (1 volume), mean of the classes 0.6667; "
+        "mean dice per volume over the classes present in each 0.8333 (2 volumes); per case 0.8333 (2 cases, "
+        "0 both empty left out)")
+    # Row B's HD95 is undefined although neither of its union masks is empty: the conventions of a
+    # summary of several classes say so, and how the two means differ.
+    assert volume["hd95"]["n_nan"] == 1 and summary["conventions"] == CONVENTIONS
+    assert "in any class present in it" in CONVENTIONS["hd95"]
+    assert "foreground_mean" in CONVENTIONS["classes"] and "union" in CONVENTIONS["classes"]
+    # A class undefined in every unit leaves the mean of the classes and says on how many it rests.
+    et_everywhere_absent = regions_summary({"A": (label_a, label_a)})
+    assert et_everywhere_absent["class_mean"]["dice"] == {"mean": 1.0, "n_valid": 2, "n_undefined": 1}
+    assert results_text(et_everywhere_absent).startswith(
+        "dice per volume by class: WT 1.0000, TC 1.0000, ET undefined (0 volumes), mean of the classes 1.0000 "
+        "(2 of 3 classes); mean dice per volume over the classes present in each 1.0000 (1 volume)")
+
+
+def test_one_class_or_one_foreground_summaries_keep_their_conventions_and_line():
+    one_foreground = conventions(several_classes=False)
+    assert list(one_foreground) == ["both_empty", "hd95", "hd95_penalized", "headline", "std"]
+    assert one_foreground["hd95"] == ("mean over the cases where both masks are non-empty; n_nan counts the "
+                                      "one-sided misses (exactly one mask empty), where hd95 is undefined")
+    rows = [metrics_row("c", segmentation_metrics(square((6, 6), 1, 1), square((6, 6), 1, 2)))]
+    summary = summarize(rows)
+    assert summary["conventions"] == one_foreground
+    line = results_text(summary)
+    assert line.startswith("mean dice per case 0.6667 (1 cases") and "class" not in line
+    # One class: its means and counts, no mean over classes.
+    label = np.array([[4, 4, 0, 0]])
+    one = summarize([metrics_row("c", label_map_metrics(label, label, {"ET": 4}))])
+    entries = class_summary(one, {"ET": 4})
+    assert set(entries) == {"per_class"} and entries["per_class"]["ET"]["dice"] == 1.0
 
 
 def test_group_errors():

@@ -103,6 +103,16 @@ def assert_per_class_tables(out: Path, names, n_cases: int, preseg: bool):
                  if float(row[f"{n}_pred_voxels"]) or float(row[f"{n}_label_voxels"])]
         if dices:
             assert float(row["dice"]) == pytest.approx(np.mean(dices))
+    for row in rows:
+        # The un-prefixed counts are the union's: at least each class's, at most their sum
+        # (the sum exactly for exclusive classes; overlapping regions count a voxel once).
+        for count in ("pred_voxels", "label_voxels"):
+            per_class = [int(row[f"{n}_{count}"]) for n in names]
+            assert max(per_class) <= int(row[count]) <= sum(per_class)
+            if names[0].startswith("class"):
+                assert int(row[count]) == sum(per_class)
+            else:
+                assert int(row[count]) == int(row[f"WT_{count}"])
     summary = json.loads((out / "summary.json").read_text())
     assert list(summary["per_class"]) == list(names)
     metrics = summary["kinds"][summary["headline"]["kind"]]["metrics"]
@@ -111,7 +121,14 @@ def assert_per_class_tables(out: Path, names, n_cases: int, preseg: bool):
     # Each class's or region's label values beside its means, as python -m evaluation gives them.
     values = {f"class{v}": [v] for v in MULTICLASS.classes} | {n: list(v) for n, v in REGIONS.regions}
     assert all(summary["per_class"][name]["label_values"] == values[name] for name in names)
-    assert "by class: " + ", ".join(names[:1]) in summary["results"]
+    # The mean of the class means (nnU-Net's foreground_mean) opens the closing line's figures.
+    defined = [m["dice"] for m in summary["per_class"].values() if m["dice"] is not None]
+    assert summary["class_mean"]["dice"]["mean"] == pytest.approx(np.mean(defined))
+    assert summary["results"].startswith(f"dice per {summary['headline']['kind']} by class: {names[0]} ")
+    assert f"mean of the classes {summary['class_mean']['dice']['mean']:.4f}" in summary["results"]
+    assert "over the classes present in each" in summary["results"] and "classes" in summary["conventions"]
+    for name in names:
+        assert set(summary["per_class"][name]["counts"]) == {"dice", "hd95"}
     return rows, summary
 
 
