@@ -28,6 +28,7 @@ from tqdm import tqdm
 from data import DATA_HELP, Preprocess, collate, create_dataset, data_defaults, preprocess_from_args
 from data.precomputed import check_label_map_file, precomputed_preseg_path
 from data.preprocess import SINGLE_CHANNEL_MODES
+from data.writers import check_label_map_values
 from denoiser import load_final_step
 from evaluation.outputs import (
     CaseWriter,
@@ -176,6 +177,7 @@ def main():
         preseg = PresegSource.from_flags(preseg_dir=args.preseg_dir, preprocess=dataset.preprocess,
                                          device=ctx.device)
     mask_channels, exclusive = check_mask_channels(bundle, dataset.preprocess, args.model_path)
+    check_label_maps_fit(dataset)
     selected = select_cases(dataset, args.file_list)
     checkpoints = checkpoint_hashes(bundle, plan, preseg_path=args.preseg_path, preseg_dir=args.preseg_dir,
                                     denoiser_path=args.denoiser_path)
@@ -253,6 +255,16 @@ def check_mask_channels(bundle, preprocess, model_path):
     return channels, preprocess.exclusive
 
 
+def check_label_maps_fit(dataset):
+    """Refuse, before anything is written, label values that the outputs' format cannot hold."""
+    preprocess = dataset.preprocess
+    if preprocess.label_mode in SINGLE_CHANNEL_MODES:
+        return
+    largest = max(value for _, value in preprocess.paint_order())
+    check_label_map_values(largest, dataset.item_format, f"{preprocess.label_mode} labels "
+                           f"{preprocess.describe_labels()} for the images of {dataset.root}")
+
+
 def output_options(args):
     """The flags that shape what the run writes, for evaluation.outputs."""
     return OutputOptions(
@@ -276,7 +288,7 @@ def load_diffusion_source(args, ctx):
         # The data flags describe a raw state dict's preprocessing (data/ builds it).
         raw_preprocess=lambda: _preprocess_and_channels(preprocess_from_args(args)),
     )
-    if bundle.weights == "raw" and ctx.is_main:
+    if is_raw(bundle) and ctx.is_main:
         print(f"note: {args.model_path} is a raw state dict: sampling with --mask_space {bundle.mask_space} "
               f"(the default 01 is the original ADDPM / Wolleb et al. code's {{0,1}} masks; pass "
               "--mask_space pm1 for a model trained on {-1,+1})", flush=True)
@@ -298,7 +310,7 @@ def load_preseg_source(args, bundle, device):
         preprocess = preprocess_from_args(args)
     source = PresegSource.from_flags(
         preseg_path="" if args.preseg_dir else args.preseg_path, preseg_dir=args.preseg_dir,
-        preprocess=preprocess, device=device,
+        preprocess=preprocess, preprocess_from_flags=is_raw(bundle), device=device,
     )
     return source, source.preprocess
 
@@ -308,7 +320,12 @@ def final_step(args, bundle, preprocess, device):
     if args.sampler != "addpm" or args.final_step != "denoiser":
         return None, (args.T if args.T >= 0 else DEFAULT_T)
     return load_final_step(args.denoiser_path, preprocess=preprocess, schedule=bundle.schedule,
-                           T=args.T, device=device)
+                           T=args.T, device=device, preprocess_from_flags=is_raw(bundle))
+
+
+def is_raw(bundle) -> bool:
+    """True for a raw state dict: it records no preprocessing, the data flags give it."""
+    return bundle is not None and bundle.weights == "raw"
 
 
 def check_preseg_dir(args, plan, dataset, todo):

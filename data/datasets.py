@@ -41,8 +41,8 @@ from data.errors import DataConfigError, DataError
 from data.formats import NIFTI_SLICE, NIFTI_VOLUME_SLICE, item_format
 from data.io import check_finite, plane_shape, read_image, read_nifti
 from data.layouts import Scan, SliceRecord, VolumeRecord, mask_is_lossy, scan
-from data.preprocess import (Preprocess, as_int_label, binary_mask_labels, channel_bounds,
-                             check_label_values, label_values, lossy_mask_foreground)
+from data.preprocess import (LABEL_FLAGS, SINGLE_CHANNEL_MODES, Preprocess, as_int_label, binary_mask_labels,
+                             channel_bounds, check_label_values, label_values, lossy_mask_foreground)
 
 SUBSETS = ("all", "train", "val")
 SPLIT_BY = ("patient", "case")
@@ -98,12 +98,25 @@ def create_dataset(data_dir, *, dataset: str = "auto", preprocess: Preprocess | 
                         keep_original_label=keep_original_label)
 
 
+def _several_labels_hint(preprocess: Preprocess, layout: str) -> str:
+    """What a user of classes or regions needs to know of an image-folder layout, whose masks
+    are read as one foreground (0/1 or 0/255); "" in the one-channel modes."""
+    if preprocess.label_mode in SINGLE_CHANNEL_MODES:
+        return ""
+    return (f"; the {layout} layout reads binary masks: label maps of several values are read from the "
+            "nnunet layout (dataset.json + imagesTr/labelsTr)")
+
+
 def _complete_label_channels(preprocess: Preprocess, found: Scan) -> Preprocess:
-    """Fill the multiclass classes from the dataset's declared labels (regions from an nnU-Net
-    dataset.json that declares them) when the flags left them empty, and refuse label values
-    that the dataset does not declare."""
+    """Fill the multiclass classes from the dataset's declared labels (regions, and their
+    ``regions_class_order``, from an nnU-Net dataset.json that declares them) when the flags left
+    them empty, and refuse label values that the dataset does not declare."""
     declared = ", ".join(str(v) for v in found.declared_labels)
     if preprocess.label_mode == "multiclass" and not preprocess.classes:
+        if found.notes.get("label_conflict"):
+            raise DataConfigError(f"{found.root} holds {found.notes['label_conflict']}; give --classes "
+                                  "(1,2,3,4 keeps enhancing tumour as two classes; --regions "
+                                  "\"WT:1,2,3,4;TC:1,3,4;ET:3,4\" unites them)")
         classes = tuple(v for v in found.declared_labels if v != 0)
         if not classes:
             raise DataConfigError(f"{found.root} declares no foreground label; give --classes (e.g. 1,2,4)")
@@ -113,14 +126,15 @@ def _complete_label_channels(preprocess: Preprocess, found: Scan) -> Preprocess:
         if not regions:
             raise DataConfigError(f"--label_mode regions needs --regions (e.g. \"WT:1,2,4;TC:1,4;ET:4\"); "
                                   f"{found.root} declares none (labels: {declared})")
-        preprocess = dataclasses.replace(preprocess, regions=regions)
-    flags = {"subset": "--foreground_labels", "multiclass": "--classes", "regions": "--regions"}
+        preprocess = dataclasses.replace(preprocess, regions=regions,
+                                         regions_class_order=found.notes.get("regions_class_order", ()))
     wanted = preprocess.foreground_labels or preprocess.covered_labels
     # Unlabelled scans declare no labels of their own.
     missing = [] if found.notes.get("unlabelled") else [v for v in wanted if v not in found.declared_labels]
     if missing:
-        raise DataConfigError(f"{flags[preprocess.label_mode]} {missing[0]} is not a label of {found.root} "
-                              f"(labels: {declared})")
+        hint = _several_labels_hint(preprocess, found.layout) if found.binary_masks else ""
+        raise DataConfigError(f"{LABEL_FLAGS[preprocess.label_mode]} {missing[0]} is not a label of "
+                              f"{found.root} (labels: {declared}){hint}")
     return preprocess
 
 
@@ -243,7 +257,8 @@ class SegmentationDataset(Dataset):
         if binary is None:
             extra = sorted(set(values.tolist()) - {0, 1, 255})
             shown = ", ".join(str(v) for v in extra[:8]) + (", ..." if len(extra) > 8 else "")
-            raise DataError(f"mask {path} has values {shown}; expected a binary mask with values 0/1 or 0/255")
+            hint = _several_labels_hint(self.preprocess, self.layout)
+            raise DataError(f"mask {path} has values {shown}; expected a binary mask with values 0/1 or 0/255{hint}")
         return self.preprocess.map_label(binary)
 
 

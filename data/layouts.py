@@ -37,6 +37,7 @@ import numpy as np
 
 from data.errors import DataConfigError, DataError
 from data.io import IMAGE_SUFFIXES, LOSSY_SUFFIXES, is_image, is_nifti, read_nifti_header, strip_suffix
+from data.preprocess import regions_class_order_problem
 
 LAYOUTS = ("brats2d", "brats3d", "nnunet", "folder", "isic", "lgg")
 DATASET_CHOICES = ("auto",) + LAYOUTS
@@ -297,7 +298,12 @@ def _scan_brats3d(root: str, walk) -> Scan:
         images = [group[m] for m in modalities]
         records.append(_volume_record(safe_id(case), safe_id(patient), images, group.get("seg")))
     labels = sorted(set(BRATS_LABELS if "2021" in namings else ()) | set(BRATS2023_LABELS if "2023" in namings else ()))
-    return Scan("brats3d", "volume", root, records, BRATS_CHANNELS, tuple(labels))
+    notes = {}
+    if len(namings) > 1:
+        # Enhancing tumour is 4 in one release and 3 in the other: no one set of classes fits both.
+        notes["label_conflict"] = ("BraTS 2020/2021 cases (<case>_t1.nii.gz, enhancing tumour 4) and BraTS 2023 "
+                                   "cases (<case>-t1n.nii.gz, enhancing tumour 3)")
+    return Scan("brats3d", "volume", root, records, BRATS_CHANNELS, tuple(labels), notes=notes)
 
 
 def _volume_record(volume_id: str, patient_id: str, image_files: list, label_file: str | None) -> VolumeRecord:
@@ -408,12 +414,20 @@ def _scan_nnunet(root: str) -> Scan:
     regions = _nnunet_regions(spec["labels"])
     if regions:
         notes["regions"] = regions
+        order = _nnunet_regions_class_order(spec, regions, json_path)
+        if order:
+            notes["regions_class_order"] = order
     return Scan("nnunet", kind, root, records, channel_names, declared, notes=notes)
 
 
 def _nnunet_labels(labels, json_path: str) -> tuple:
     if not isinstance(labels, dict) or not labels:
         raise DataError(f"{json_path} has no labels (e.g. {{\"background\": 0, \"tumour\": 1}})")
+    if "ignore" in labels:
+        # nnU-Net's sparse annotation: its pixels are unlabelled, and read as a class or as
+        # foreground they would be wrong targets.
+        raise DataError(f"{json_path} declares the ignore label {labels['ignore']!r} (sparse annotation), which "
+                        "this suite does not support; give fully annotated labels without \"ignore\"")
     values = set()
     if all(str(k).isdigit() for k in labels) and all(isinstance(v, str) for v in labels.values()):
         values = {int(k) for k in labels}  # nnU-Net v1: {"0": "background", ...}
@@ -442,6 +456,22 @@ def _nnunet_regions(labels: dict) -> tuple:
             safe = re.sub(r"[^0-9A-Za-z_-]+", "_", str(name)).strip("_") or f"region{len(regions) + 1}"
             regions.append((safe, values))
     return tuple(regions)
+
+
+def _nnunet_regions_class_order(spec: dict, regions: tuple, json_path: str) -> tuple:
+    """The dataset.json's ``regions_class_order`` (the value each region is painted with, as
+    nnU-Net turns predicted regions into a label map), checked against its ``regions``; ()
+    when it gives none."""
+    order = spec.get("regions_class_order")
+    if order is None:
+        return ()
+    if not isinstance(order, list) or any(isinstance(v, bool) or not isinstance(v, int) for v in order):
+        raise DataConfigError(f"{json_path}: regions_class_order must be a list of label values, one per "
+                              f"region, got {order!r}")
+    problem = regions_class_order_problem(regions, order)
+    if problem:
+        raise DataConfigError(f"{json_path}: {problem}")
+    return tuple(order)
 
 
 # ---------------------------------------------------------------- image folders

@@ -33,6 +33,8 @@ RESIZE_MODES = ("crop_pad", "resize")
 LABEL_MODES = ("binary", "subset", "multiclass", "regions")
 # Modes with one mask channel: the foreground of every model written before multi-class existed.
 SINGLE_CHANNEL_MODES = ("binary", "subset")
+# The flag that gives each label mode its label values.
+LABEL_FLAGS = {"subset": "--foreground_labels", "multiclass": "--classes", "regions": "--regions"}
 # Volumes hold millions of non-zero voxels; percentiles of a regular subsample of this many
 # values differ from the exact ones by far less than the noise, and cost a fraction.
 _MAX_PERCENTILE_SAMPLES = 1 << 20
@@ -55,6 +57,9 @@ class Preprocess:
         dataset's declared labels when empty.
     regions: ((name, (values, ...)), ...) of the "regions" channels, e.g. BraTS
         (("WT", (1, 2, 4)), ("TC", (1, 4)), ("ET", (4,))).
+    regions_class_order: the label value each region is painted with, in the regions' order
+        (nnU-Net's ``regions_class_order``, taken from the dataset.json the regions come from);
+        empty: derived from the regions (``paint_order``).
     channel_names: the image channels in order, as the data named them (filled by the dataset).
     dataset: the layout the model was trained on (filled by the dataset).
     """
@@ -68,12 +73,14 @@ class Preprocess:
     dataset: str = ""
     classes: tuple = ()
     regions: tuple = ()
+    regions_class_order: tuple = ()
 
     def __post_init__(self):
         object.__setattr__(self, "clip_percentiles", tuple(float(p) for p in self.clip_percentiles))
         object.__setattr__(self, "foreground_labels", tuple(int(v) for v in self.foreground_labels))
         object.__setattr__(self, "classes", tuple(int(v) for v in self.classes))
         object.__setattr__(self, "regions", parse_regions(self.regions))
+        object.__setattr__(self, "regions_class_order", tuple(int(v) for v in self.regions_class_order))
         object.__setattr__(self, "channel_names", tuple(str(c) for c in self.channel_names))
         size = self.image_size
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
@@ -88,17 +95,17 @@ class Preprocess:
             raise DataConfigError("--label_mode subset needs --foreground_labels (e.g. --foreground_labels 1,4)")
         if self.label_mode == "binary" and self.foreground_labels:
             raise DataConfigError("--foreground_labels is only used with --label_mode subset")
-        if 0 in self.foreground_labels:
-            raise DataConfigError("--foreground_labels must not contain 0 (the background)")
+        check_foreground_values(self.foreground_labels, "--foreground_labels")
         if self.classes and self.label_mode != "multiclass":
             raise DataConfigError("--classes is only used with --label_mode multiclass")
         if self.regions and self.label_mode != "regions":
             raise DataConfigError("--regions is only used with --label_mode regions")
-        if 0 in self.classes:
-            raise DataConfigError("--classes must not contain 0 (the background)")
+        check_classes(self.classes)
         check_nested_or_disjoint(self.regions)
-        if len(set(self.classes)) != len(self.classes):
-            raise DataConfigError(f"--classes lists a value twice: {','.join(str(v) for v in self.classes)}")
+        if self.regions_class_order:
+            problem = regions_class_order_problem(self.regions, self.regions_class_order)
+            if problem:
+                raise DataConfigError(problem)
         if len(self.clip_percentiles) != 2 or not 0.0 <= self.clip_percentiles[0] < self.clip_percentiles[1] <= 100.0:
             raise DataConfigError(f"clip_percentiles must be (low, high) with 0 <= low < high <= 100, "
                                   f"got {self.clip_percentiles}")
@@ -106,8 +113,9 @@ class Preprocess:
     def to_dict(self) -> dict:
         """Plain python types only (lists, not tuples), as a checkpoint config stores them.
 
-        ``classes`` and ``regions`` appear only when set, so that a one-channel model's record
-        (and the settings digest of its sampling runs) is the same as before they existed."""
+        ``classes``, ``regions`` and ``regions_class_order`` appear only when set, so that every
+        record made before they existed (and the settings digest of its sampling runs) stays
+        the same."""
         record = {
             "image_size": self.image_size,
             "resize_mode": self.resize_mode,
@@ -121,6 +129,8 @@ class Preprocess:
             record["classes"] = list(self.classes)
         if self.regions:
             record["regions"] = [[name, list(values)] for name, values in self.regions]
+        if self.regions_class_order:
+            record["regions_class_order"] = list(self.regions_class_order)
         return record
 
     @classmethod
@@ -135,22 +145,53 @@ class Preprocess:
     def with_data(self, channel_names, dataset: str) -> "Preprocess":
         return dataclasses.replace(self, channel_names=tuple(channel_names), dataset=dataset)
 
-    def check_same_as(self, recorded: dict, path: str) -> None:
+    def check_same_as(self, recorded: dict, path: str, *, from_flags: bool = False) -> None:
         """Refuse a network (checkpoint ``path``, preprocessing ``recorded``) that was trained on
-        other inputs: the three nets feed each other's masks, so they must see the same grid."""
-        other, mine = Preprocess.from_dict(recorded).to_dict(), self.to_dict()
+        other inputs: the three nets feed each other's masks, so they must see the same grid.
+
+        from_flags: this preprocessing is the data flags' (the diffusion model is a raw state
+        dict, which records none), so the message names the flags ``path`` was trained with
+        where either side has classes or regions (one-channel runs keep the message they had)."""
+        trained_with = Preprocess.from_dict(recorded)
+        other, mine = trained_with.to_dict(), self.to_dict()
+        one_channel = self.label_mode in SINGLE_CHANNEL_MODES and trained_with.label_mode in SINGLE_CHANNEL_MODES
+        name_flags = from_flags and not one_channel
         for name in ("image_size", "resize_mode", "clip_percentiles", "label_mode", "foreground_labels",
-                     "classes", "regions"):
-            if other.get(name) != mine.get(name):
+                     "classes", "regions", "regions_class_order"):
+            if other.get(name) == mine.get(name):
+                continue
+            # No flag sets the paint order: regions given by --regions paint in the derived one.
+            if from_flags and name == "regions_class_order":
+                continue
+            trained = f"{path} was trained with {name}={other.get(name, [])}"
+            flag = trained_with._flag_for(name) if name_flags else ""
+            if flag:
                 raise DataConfigError(
-                    f"{path} was trained with {name}={other.get(name, [])}, but the diffusion model with "
-                    f"{name}={mine.get(name, [])}; train all three networks with the same preprocessing"
+                    f"{trained}, but the data flags give {name}={mine.get(name, [])}; the diffusion model is "
+                    f"a raw state dict, whose preprocessing comes from the data flags: pass {flag}"
                 )
+            raise DataConfigError(
+                f"{trained}, but the diffusion model with {name}={mine.get(name, [])}; "
+                "train all three networks with the same preprocessing"
+            )
         theirs, ours = other["channel_names"], mine["channel_names"]
         if theirs and ours and len(theirs) != len(ours):
             raise DataConfigError(
                 f"{path} was trained on {len(theirs)} image channels, the diffusion model on {len(ours)}"
             )
+
+    def _flag_for(self, name: str) -> str:
+        """The data flag (with its value) that gives this preprocessing's ``name``; "" for the
+        fields no flag sets."""
+        if name in ("image_size", "resize_mode"):
+            return f"--{name} {getattr(self, name)}"
+        if name not in ("label_mode", "foreground_labels", "classes", "regions"):
+            return ""
+        flag, spec = LABEL_FLAGS.get(self.label_mode), self.describe_labels()
+        if not flag or not spec:
+            return f"--label_mode {self.label_mode}"
+        # The shell would split a regions spec at its ';'.
+        return f'{flag} "{spec}"' if self.label_mode == "regions" else f"{flag} {spec}"
 
     # ------------------------------------------------------------------ label channels
     @property
@@ -196,13 +237,8 @@ class Preprocess:
     def check_covered(self, values, path: str) -> None:
         """DataError naming ``path`` and the value when a mask holds a non-zero value that no
         class or region covers (multiclass and regions mode only)."""
-        if self.label_mode not in ("multiclass", "regions"):
-            return
-        extra = sorted(set(int(v) for v in values) - set(self.covered_labels) - {0})
-        if extra:
-            what = "--classes" if self.label_mode == "multiclass" else "--regions"
-            raise DataError(f"mask {path} has label value {extra[0]}, which {what} "
-                            f"({self.describe_labels()}) does not cover")
+        if self.label_mode in ("multiclass", "regions"):
+            check_covered_by(values, path, classes=self.classes, regions=self.regions)
 
     def describe_labels(self) -> str:
         """The channels as the flags write them: ``1,2,4`` or ``WT:1,2,4;TC:1,4;ET:4``."""
@@ -226,21 +262,18 @@ class Preprocess:
     def paint_order(self) -> list:
         """[(channel, value), ...]: painted in this order, the channels give the label map.
 
-        Classes are disjoint: channel k is value ``classes[k]``. Regions are painted from the
-        largest value set to the smallest (BraTS WT, TC, ET), each with the smallest of its
-        values that no later region holds (WT:1,2,4 -> 2, TC:1,4 -> 1, ET:4 -> 4), the way
-        nnU-Net's ``regions_class_order`` turns regions back into labels."""
+        Classes are disjoint: channel k is value ``classes[k]``. Regions with a
+        ``regions_class_order`` are painted as nnU-Net paints them: region k, in their order,
+        with ``regions_class_order[k]``. Without one, from the largest value set to the smallest
+        (BraTS WT, TC, ET), each with the smallest of its values that no later region holds
+        (WT:1,2,4 -> 2, TC:1,4 -> 1, ET:4 -> 4), which agrees with nnU-Net's order for BraTS."""
         if self.label_mode == "multiclass":
             return list(enumerate(self.classes))
         if self.label_mode != "regions":
             return [(0, 1)]
-        order = sorted(range(len(self.regions)), key=lambda k: -len(self.regions[k][1]))
-        painted = []
-        for i, k in enumerate(order):
-            later = {v for j in order[i + 1:] for v in self.regions[j][1]}
-            own = sorted(set(self.regions[k][1]) - later) or sorted(self.regions[k][1])
-            painted.append((k, own[0]))
-        return painted
+        if self.regions_class_order:
+            return list(enumerate(self.regions_class_order))
+        return derived_paint_order(self.regions)
 
     def label_map(self, channels: np.ndarray) -> np.ndarray:
         """Hard channels [K, H, W] (or [H, W] for K = 1), {0, 1} -> one integer map [H, W] in
@@ -337,8 +370,7 @@ def parse_regions(spec) -> tuple:
             raise DataConfigError(f"--regions name {name!r} must be letters, digits, _ or - (e.g. WT)")
         if not values:
             raise DataConfigError(f"--regions {name} lists no label values")
-        if 0 in values:
-            raise DataConfigError(f"--regions {name} must not contain 0 (the background)")
+        check_foreground_values(values, f"--regions {name}")
         if name in (n for n, _ in regions):
             raise DataConfigError(f"--regions names {name} twice")
         regions.append((name, values))
@@ -356,6 +388,72 @@ def check_nested_or_disjoint(regions) -> None:
                 raise DataConfigError(
                     f"--regions {name_a} and {name_b} share the value {min(shared)} but neither holds the "
                     "other; regions must be nested (like WT:1,2,4;TC:1,4) or disjoint")
+
+
+def derived_paint_order(regions) -> list:
+    """[(channel, value), ...] of regions without a ``regions_class_order``: the largest value
+    set first, each with the smallest of its values that no later region holds."""
+    order = sorted(range(len(regions)), key=lambda k: -len(regions[k][1]))
+    painted = []
+    for i, k in enumerate(order):
+        later = {v for j in order[i + 1:] for v in regions[j][1]}
+        own = sorted(set(regions[k][1]) - later) or sorted(regions[k][1])
+        painted.append((k, own[0]))
+    return painted
+
+
+def regions_class_order_problem(regions, order) -> str:
+    """What is wrong with painting ``regions`` with ``order`` (nnU-Net's ``regions_class_order``:
+    region k, in the regions' order, painted with ``order[k]``); "" when nothing is.
+
+    Each region needs one value that it holds, and the painted map must give every region back
+    exactly: the outputs are written, and scored, as that map."""
+    if len(order) != len(regions):
+        names = ", ".join(name for name, _ in regions)
+        return f"regions_class_order needs one value per region ({names}), got {list(order)}"
+    for (name, values), value in zip(regions, order):
+        if value not in values:
+            return (f"regions_class_order gives region {name} the value {value}, which it does not hold "
+                    f"({','.join(str(v) for v in values)})")
+    for value in sorted({v for _, values in regions for v in values}):
+        # A pixel of ``value`` lies in these regions; the last of them painted sets its value.
+        inside = [k for k, (_, values) in enumerate(regions) if value in values]
+        painted = order[inside[-1]]
+        lost = [name for name, values in regions if (value in values) != (painted in values)]
+        if lost:
+            return (f"regions_class_order {list(order)} paints label value {value} as {painted}, so the label "
+                    f"map would not give region {lost[0]} back")
+    return ""
+
+
+def check_foreground_values(values, flag: str) -> None:
+    """DataConfigError unless every value is a label value > 0 (0 is the background; a
+    negative one is no label value at all)."""
+    if 0 in values:
+        raise DataConfigError(f"{flag} must not contain 0 (the background)")
+    negative = [v for v in values if v < 0]
+    if negative:
+        raise DataConfigError(f"{flag} must hold label values > 0, got {negative[0]}")
+
+
+def check_classes(classes, flag: str = "--classes") -> None:
+    """DataConfigError unless ``classes`` are label values > 0, each listed once."""
+    check_foreground_values(classes, flag)
+    if len(set(classes)) != len(classes):
+        raise DataConfigError(f"{flag} lists a value twice: {','.join(str(v) for v in classes)}")
+
+
+def check_covered_by(values, path, *, classes=(), regions=()) -> None:
+    """DataError naming ``path`` and the first non-zero of ``values`` (a mask's label values)
+    that none of ``classes`` (or ``regions``) covers: it would silently count as background."""
+    if regions:
+        covered = {v for _, values in regions for v in values}
+        flag, spec = LABEL_FLAGS["regions"], format_regions(regions)
+    else:
+        covered, flag, spec = set(classes), LABEL_FLAGS["multiclass"], ",".join(str(v) for v in classes)
+    extra = sorted(set(int(v) for v in values) - covered - {0})
+    if extra:
+        raise DataError(f"mask {path} has label value {extra[0]}, which {flag} ({spec}) does not cover")
 
 
 def format_regions(regions) -> str:

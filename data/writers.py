@@ -6,6 +6,8 @@ volume's affine and header; a case read from an image file is written as PNG: ma
 0/255, label maps of several classes with their own values (8-bit, 16-bit above 255), float
 maps in [0, 1] as 16-bit (0..65535). Every file is written to a temporary name
 in its folder and then renamed, so an interrupted run never leaves half a file.
+A PNG holds 16 bits at most: label values above 65535 are refused (``check_label_map_values``)
+rather than wrapped.
 """
 
 import nibabel as nib
@@ -17,9 +19,21 @@ from data.formats import NIFTI_FORMATS
 from guided_diffusion.atomic import atomic_write
 
 
+# The largest label value a (16-bit) PNG label map holds.
+PNG_MAX_LABEL = 65535
+
+
 def output_extension(meta: dict) -> str:
     """File ending of the outputs of a case: .nii.gz for NIfTI inputs, .png otherwise."""
     return ".nii.gz" if meta["format"] in NIFTI_FORMATS else ".png"
+
+
+def check_label_map_values(largest: int, item_format: str, what: str) -> None:
+    """DataError naming ``what`` when the label maps written for inputs of ``item_format``
+    cannot hold the label value ``largest``: image inputs get PNG label maps, 16 bits at most."""
+    if item_format not in NIFTI_FORMATS and largest > PNG_MAX_LABEL:
+        raise DataError(f"{what}: label value {largest} does not fit the 16-bit PNG label maps that image "
+                        f"inputs get (at most {PNG_MAX_LABEL})")
 
 
 def _load_reference(path: str):
@@ -52,7 +66,9 @@ def write_slice(path_stem: str, array: np.ndarray, meta: dict, *, label_map: boo
         data = data.reshape(reference.shape) if int(np.prod(reference.shape)) == data.size else data
         return _nifti_like(data, reference, path)
     if label_map:
-        image = Image.fromarray(array.astype(np.uint8 if array.max(initial=0) < 256 else np.uint16))
+        largest = int(array.max(initial=0))
+        check_label_map_values(largest, meta["format"], f"label map {path}")
+        image = Image.fromarray(array.astype(np.uint8 if largest < 256 else np.uint16))
     elif is_mask:
         image = Image.fromarray((array > 0).astype(np.uint8) * 255)
     else:

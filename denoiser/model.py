@@ -190,18 +190,20 @@ def check_denoiser_matches(config, *, T=None, noise_schedule=None, diffusion_ste
             )
 
 
-def load_final_step(path, *, preprocess, schedule, T=-1, device="cpu"):
+def load_final_step(path, *, preprocess, schedule, T=-1, device="cpu", preprocess_from_flags=False):
     """The denoising net of ``path`` as ADDPM's final step, checked against the diffusion model.
 
     :param preprocess: the diffusion model's ``Preprocess``; the net must have seen the same inputs.
     :param schedule: the diffusion model's ``noise_schedule``, ``diffusion_steps`` and ``mask_space``.
     :param T: the level where the truncated process ends; -1 = the net's own T.
+    :param preprocess_from_flags: ``preprocess`` is the data flags' (a raw state dict's), so a
+        net trained on other flags is told which to pass.
     :return: ``(denoise, T)``: ``denoise(x_T [N,K,S,S], images [N,C,S,S]) -> per-channel
         probabilities [N,K,S,S]`` (``mask_probabilities`` of the label mode) and the level it expects.
     :raises ConfigError: another preprocessing, T, schedule or mask space than the net's.
     """
     net, config = load_denoiser(path, device)
-    preprocess.check_same_as(config["preprocess"], path)
+    preprocess.check_same_as(config["preprocess"], path, from_flags=preprocess_from_flags)
     T = int(config["T"]) if T < 0 else int(T)
     check_denoiser_matches(config, T=T, source=path, **schedule)
     cond, exclusive = config["denoiser_cond"], preprocess.exclusive

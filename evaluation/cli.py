@@ -33,9 +33,10 @@ sample.py's summary (``evaluation.report.class_summary``). With two or more, the
 columns hold each row's mean over the classes present in it and the voxel counts of their union
 (``evaluation.metrics.mean_over_classes``), and the summary's ``class_mean`` the mean of the
 per-class means (nnU-Net's foreground_mean); with one they score the whole foreground as without
-the flag. With two or more, a label value that no class or region covers is an error
-naming the file (it would silently count as background); with one, the main columns score
-every label value, as without the flag.
+the flag. The flags are checked as the models' are (``--classes 0,1`` and ``1,1`` are refused),
+and a value that no class or region covers, in a label or a prediction, is an error naming the
+file (it would silently count as background), with one class or region as with several
+(``data.preprocess.check_covered_by``, the rule of the models' label modes).
 """
 
 import argparse
@@ -60,7 +61,16 @@ from evaluation.report import (
     write_summary_json,
 )
 from data.layouts import DATASET_CHOICES, scan
-from data.preprocess import class_name, format_regions, parse_classes, parse_regions
+from data.preprocess import (
+    check_classes,
+    check_covered_by,
+    check_foreground_values,
+    class_name,
+    format_regions,
+    label_values,
+    parse_classes,
+    parse_regions,
+)
 from guided_diffusion import run_report
 from guided_diffusion.atomic import check_writable_dir, remove_stale_temp_files
 from guided_diffusion.errors import ConfigError
@@ -104,7 +114,7 @@ def create_argparser() -> argparse.ArgumentParser:
         default="",
         help="comma-separated label values to score one by one as well (columns "
         "class<k>_<metric>); with two or more the main columns hold their mean, with one the "
-        "whole foreground (any nonzero value); with two or more every label value must be one of them",
+        "whole foreground (any nonzero value); every label and predicted value must be one of them",
     )
     parser.add_argument(
         "--regions",
@@ -112,7 +122,7 @@ def create_argparser() -> argparse.ArgumentParser:
         help="instead of --classes: overlapping regions NAME:values separated by ';', each scored "
         "on the union of its label values (columns <name>_<metric>), e.g. BraTS "
         "\"WT:1,2,4;TC:1,4;ET:4\" (2023: \"WT:1,2,3;TC:1,3;ET:3\"); with two or more the main "
-        "columns hold their mean",
+        "columns hold their mean; every label and predicted value must lie in one of them",
     )
     parser.add_argument(
         "--dataset",
@@ -165,6 +175,8 @@ def evaluate_folders(
         label_dir, missing_predictions (case ids of labels without a prediction) and
         unmatched_predictions (predictions without a label)).
     """
+    regions = parse_regions(regions)
+    scorer = _Scorer(class_sets(classes, regions), foreground_labels)
     pred_dir = _check_folder(pred_dir, "--pred_dir")
     label_dir = _check_folder(label_dir, "--label_dir")
     preds = find_cases(pred_dir, pred_suffix)
@@ -188,15 +200,15 @@ def evaluate_folders(
             f"no case ids match between --pred_dir {pred_dir} (e.g. {min(preds)!r}) and "
             f"--label_dir {label_dir} (e.g. {min(labels)!r}); check --pred_suffix/--label_suffix"
         )
-    scorer = _Scorer(class_sets(classes, regions), foreground_labels)
     patients = [slices[c][0] for c in matched if c in slices]
     groups = _PatientGroups(scorer) if has_patient_groups(patients) else None
     rows, volume_rows = [], []
     # disable=None: the bar shows on a terminal and stays out of redirected logs.
     for case_id in tqdm(matched, desc="evaluate", unit="case", disable=None if progress else True):
         pred, label, spacing = _read_pair(preds[case_id], labels[case_id])
-        if scorer.mean_headline:
-            check_covered(label, scorer.sets, labels[case_id])
+        if scorer.sets:
+            for mask, path in ((label, labels[case_id]), (pred, preds[case_id])):
+                check_covered_by(label_values(mask, path), path, classes=classes, regions=regions)
         if pred.ndim == 3:
             axis = axes[case_id] if case_id in axes else slice_axis(labels[case_id])
             rows.extend(scorer.slice_rows(case_id, pred, label, spacing, axis))
@@ -219,21 +231,14 @@ def evaluate_folders(
 
 
 def class_sets(classes=(), regions=()) -> tuple:
-    """((name, values), ...): ``class<v>`` for each of ``classes``, or ``regions`` as they are."""
+    """((name, values), ...): ``class<v>`` for each of ``classes``, or ``regions`` as they are;
+    classes checked as the models' ``--classes`` are (values > 0, each once)."""
     if classes and regions:
         raise EvaluationError("give classes or regions, not both")
     if regions:
-        return tuple((str(name), tuple(int(v) for v in values)) for name, values in regions)
+        return tuple((str(name), tuple(int(v) for v in values)) for name, values in parse_regions(regions))
+    check_classes(classes)
     return tuple((class_name(v), (int(v),)) for v in classes)
-
-
-def check_covered(label: np.ndarray, sets, path) -> None:
-    """EvaluationError naming ``path`` and the first label value that no set covers."""
-    covered = {v for _, values in sets for v in values} | {0}
-    extra = sorted(set(np.unique(label).tolist()) - covered)
-    if extra:
-        shown = "; ".join(f"{name}:{','.join(str(v) for v in values)}" for name, values in sets)
-        raise EvaluationError(f"label {path} has value {extra[0]}, which no class or region covers ({shown})")
 
 
 class _Scorer:
@@ -347,9 +352,11 @@ def main(argv=None) -> None:
     started = time.perf_counter()
     classes = parse_classes(args.classes, "--classes")
     foreground_labels = parse_classes(args.foreground_labels, "--foreground_labels")
+    check_foreground_values(foreground_labels, "--foreground_labels")
     regions = parse_regions(args.regions)
     if classes and regions:
         raise ConfigError("give --classes or --regions, not both")
+    sets = class_sets(classes, regions)
     table, summary_path = output_paths(args)
     check_writable_dir(table.parent, "--out_dir" if args.out_dir else "--out")
     rows, info = evaluate_folders(
@@ -368,7 +375,6 @@ def main(argv=None) -> None:
     summary.update(info, dataset=args.dataset, classes=list(classes), foreground_labels=list(foreground_labels))
     if regions:
         summary["regions"] = format_regions(regions)
-    sets = class_sets(classes, regions)
     if sets:
         summary.update(class_summary(summary, dict(sets)))
     summary["results"] = results_text(summary)

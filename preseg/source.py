@@ -30,10 +30,13 @@ class PresegSource:
         self.device = torch.device(device)
 
     @classmethod
-    def from_flags(cls, *, preseg_path="", preseg_dir="", preprocess=None, device="cpu"):
+    def from_flags(cls, *, preseg_path="", preseg_dir="", preprocess=None, preprocess_from_flags=False,
+                   device="cpu"):
         """Load ``--preseg_path`` (checked against ``preprocess``, the diffusion model's; without
         one, the net's own preprocessing is the run's) or take ``--preseg_dir`` (with
-        ``preprocess``, whose labels map label-map files); one of the two must be given."""
+        ``preprocess``, whose labels map label-map files); one of the two must be given.
+        ``preprocess_from_flags``: ``preprocess`` is the data flags' (a raw state dict's), so a
+        net trained on other flags is told which to pass."""
         if preseg_path and preseg_dir:
             raise ConfigError("give --preseg_path or --preseg_dir, not both")
         if preseg_dir:
@@ -44,7 +47,7 @@ class PresegSource:
             raise ConfigError("a pre-segmentation is needed: give --preseg_path or --preseg_dir")
         net, config = load_preseg(preseg_path, device)
         if preprocess is not None:
-            preprocess.check_same_as(config["preprocess"], preseg_path)
+            preprocess.check_same_as(config["preprocess"], preseg_path, from_flags=preprocess_from_flags)
         else:
             preprocess = Preprocess.from_dict(config["preprocess"])
         return cls(net=net, preprocess=preprocess, device=device)

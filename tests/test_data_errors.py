@@ -257,3 +257,57 @@ def test_masks_drawn_in_the_alpha_channel_read_the_same_everywhere(tmp_path):
     message = raises_one_line(lambda: create_dataset(tmp_path / "f", preprocess=SMALL)[0], bad)
     assert "alpha" in message
     raises_one_line(lambda: evaluate_folders(tmp_path / "f" / "masks", tmp_path / "labels"), bad)
+
+
+@pytest.mark.parametrize("label_mode", ["binary", "multiclass", "regions"])
+def test_nnunet_ignore_label_is_refused_in_every_label_mode(tmp_path, label_mode):
+    """nnU-Net's ignore label marks unannotated pixels (sparse annotation): read as a class, a
+    region or foreground they would be wrong targets, so such a dataset is refused."""
+    root = tmp_path / "Dataset005_Sparse"
+    label = np.zeros((6, 6, 2), np.uint8)
+    label[1:3, 1:3], label[4:, 4:] = 1, 4
+    write_nifti(root / "imagesTr" / "c1_0000.nii.gz", np.ones((6, 6, 2), np.float32))
+    write_nifti(root / "labelsTr" / "c1.nii.gz", label)
+    # A list makes the labels regions (nnU-Net's region-based dataset.json).
+    labels = {"background": 0, "tumour": [1] if label_mode == "regions" else 1, "ignore": 4}
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T2"}, "labels": labels,
+                                                   "file_ending": ".nii.gz"}))
+    preprocess = Preprocess(image_size=8, label_mode=label_mode)
+    message = raises_one_line(lambda: create_dataset(root, preprocess=preprocess), root / "dataset.json")
+    assert "ignore label 4" in message
+
+
+def test_image_folder_masks_of_several_values_point_at_the_nnunet_layout(tmp_path):
+    """The folder layouts read binary masks: with classes or regions, a mask of values 0, 1, 2
+    says where label maps of several values are read; binary mode's message is as it was."""
+    write_png(tmp_path / "f" / "images" / "a.png", np.full((12, 12, 3), 90))
+    mask = np.zeros((12, 12))
+    mask[2:5, 2:5], mask[3, 3] = 1, 2
+    write_png(tmp_path / "f" / "masks" / "a.png", mask)
+    bad = tmp_path / "f" / "masks" / "a.png"
+    binary = raises_one_line(lambda: create_dataset(tmp_path / "f", preprocess=SMALL)[0], bad)
+    assert binary.endswith("expected a binary mask with values 0/1 or 0/255")
+    for preprocess in (Preprocess(image_size=16, label_mode="multiclass"),
+                       Preprocess(image_size=16, label_mode="regions", regions="A:1")):
+        message = raises_one_line(lambda: create_dataset(tmp_path / "f", preprocess=preprocess)[0], bad)
+        assert message.startswith(binary) and "folder layout reads binary masks" in message
+        assert "nnunet layout" in message
+    message = raises_one_line(lambda: create_dataset(tmp_path / "f", preprocess=Preprocess(
+        image_size=16, label_mode="multiclass", classes=(1, 2))), tmp_path / "f", cls=DataConfigError)
+    assert "--classes 2 is not a label" in message and "nnunet layout" in message
+
+
+def test_png_label_maps_refuse_values_above_16_bits(tmp_path):
+    """A PNG holds 16 bits: a label value above 65535 is refused before the file is written,
+    rather than wrapped (70000 would have been written as 4464)."""
+    from data.writers import write_slice
+
+    labels = np.zeros((4, 4), np.int32)
+    labels[1, 1], labels[2, 2] = 3, 70000
+    message = raises_one_line(lambda: write_slice(str(tmp_path / "a"), labels, {"format": "image"}, label_map=True),
+                              tmp_path / "a.png")
+    assert "label value 70000" in message and "65535" in message
+    assert not list(tmp_path.iterdir())
+    labels[2, 2] = 65535
+    path = write_slice(str(tmp_path / "a"), labels, {"format": "image"}, label_map=True)
+    assert np.asarray(Image.open(path)).max() == 65535

@@ -460,3 +460,110 @@ def test_nnunet_region_labels_become_the_regions_with_usable_names(tmp_path):
     assert ds[1]["label"].shape == (2, 16, 16) and ds[1]["label"].sum() == 2 * 12
     classes = create_dataset(root, preprocess=Preprocess(image_size=16, label_mode="multiclass"))
     assert classes.preprocess.classes == (1, 2)
+
+
+def region_dataset(tmp_path, labels, **spec_extra):
+    """An nnU-Net 3D dataset whose labels hold 1, 2 and 3, with the given dataset.json labels."""
+    root = make_nnunet(tmp_path / "Dataset004_O", two_d=False)
+    for case in ("case_a", "case_b", "case_c"):
+        label = np.zeros((10, 12, 3), np.uint8)
+        label[2:8, 2:9, 1], label[3:7, 3:8, 1], label[4:6, 4:6, 1] = 1, 2, 3
+        write_nifti(root / "labelsTr" / f"{case}.nii.gz", label)
+    spec = json.loads((root / "dataset.json").read_text())
+    spec.update(labels=labels, **spec_extra)
+    (root / "dataset.json").write_text(json.dumps(spec))
+    return root
+
+
+def test_nnunet_regions_class_order_paints_as_nnunet_does(tmp_path):
+    """A dataset.json's regions_class_order is recorded and paints the label maps: oedema (2)
+    stays 2 where the derived order would write 1. Records without one are unchanged."""
+    labels = {"background": 0, "whole tumor": [1, 2, 3], "enhancing tumor": 3}
+    root = region_dataset(tmp_path, labels, regions_class_order=[2, 3])
+    pre = create_dataset(root, preprocess=Preprocess(image_size=16, label_mode="regions")).preprocess
+    assert pre.regions == (("whole_tumor", (1, 2, 3)), ("enhancing_tumor", (3,))) and pre.regions_class_order == (2, 3)
+    raw = np.array([[0, 1, 2, 3]])
+    np.testing.assert_array_equal(pre.label_map(pre.map_label(raw)), [[0, 2, 2, 3]])
+    record = pre.to_dict()
+    assert record["regions_class_order"] == [2, 3] and Preprocess.from_dict(json.loads(json.dumps(record))) == pre
+    # A record made before the field existed loads, keeps its keys and paints in the derived order.
+    old = {k: v for k, v in record.items() if k != "regions_class_order"}
+    assert Preprocess.from_dict(old).to_dict() == old and "regions_class_order" not in Preprocess().to_dict()
+    np.testing.assert_array_equal(Preprocess.from_dict(old).label_map(pre.map_label(raw)), [[0, 1, 1, 3]])
+    with pytest.raises(DataConfigError, match=r"regions_class_order=\[2, 3\].*regions_class_order=\[\]"):
+        Preprocess.from_dict(old).check_same_as(record, "preseg.pt")
+    # Without regions_class_order: the derived order, as before.
+    plain = region_dataset(tmp_path / "plain", labels)
+    pre = create_dataset(plain, preprocess=Preprocess(image_size=16, label_mode="regions")).preprocess
+    assert pre.regions_class_order == () and pre.to_dict() == old
+
+
+@pytest.mark.parametrize("labels, order, problem", [
+    ({"background": 0, "whole tumor": [1, 2, 3], "enhancing tumor": 3}, [2], "one value per region"),
+    ({"background": 0, "whole tumor": [1, 2, 3], "enhancing tumor": 3}, [2, 1], "enhancing_tumor the value 1"),
+    ({"background": 0, "enhancing tumor": [3], "whole tumor": [1, 2, 3]}, [3, 2], "label value 3 as 2"),
+    ({"background": 0, "whole tumor": [1, 2, 3], "enhancing tumor": 3}, "2,3", "must be a list"),
+])
+def test_a_regions_class_order_that_does_not_fit_is_one_line_naming_the_dataset_json(tmp_path, labels, order,
+                                                                                     problem):
+    root = region_dataset(tmp_path, labels, regions_class_order=order)
+    with pytest.raises(DataConfigError) as info:
+        create_dataset(root, preprocess=Preprocess(image_size=16, label_mode="regions"))
+    message = str(info.value)
+    assert "\n" not in message and str(root / "dataset.json") in message and problem in message, message
+
+
+def test_mixed_brats_releases_need_classes_in_multiclass_mode(tmp_path):
+    """2021 and 2023 cases in one folder: enhancing tumour is 4 in one and 3 in the other, so
+    no default set of classes fits; binary mode and given classes read them as before."""
+    root = make_brats3d(tmp_path / "mixed", cases=("BraTS2021_00001",))
+    make_brats3d(root, cases=("BraTS-GLI-00002-000",), naming="2023")
+    with pytest.raises(DataConfigError) as info:
+        create_dataset(root, preprocess=Preprocess(image_size=16, label_mode="multiclass"))
+    message = str(info.value)
+    assert "\n" not in message and str(root) in message and "give --classes" in message, message
+    assert len(create_dataset(root, preprocess=SMALL)) == 12
+    given = create_dataset(root, preprocess=Preprocess(image_size=16, label_mode="multiclass", classes=(1, 2, 3, 4)))
+    assert given.preprocess.classes == (1, 2, 3, 4)
+
+
+def test_label_values_must_be_positive():
+    """Negative classes, region values or foreground labels are refused when the preprocessing is
+    made (they would overflow the label maps' unsigned type when written)."""
+    from data.preprocess import parse_regions
+
+    for flags, message in ((dict(classes="-1,2"), "--classes must hold label values > 0, got -1"),
+                           (dict(regions="WT:-2,1;ET:1"), "--regions WT must hold label values > 0, got -2"),
+                           (dict(foreground_labels="-4"), "--foreground_labels must hold label values > 0, got -4")):
+        with pytest.raises(DataConfigError) as info:
+            preprocess_from_args(flags)
+        assert str(info.value) == message
+    with pytest.raises(DataConfigError, match="--classes must hold label values > 0"):
+        Preprocess(label_mode="multiclass", classes=(3, -1))
+    with pytest.raises(DataConfigError, match="--regions A must hold label values > 0"):
+        parse_regions([("A", [-1])])
+    # 0 keeps its own message.
+    with pytest.raises(DataConfigError, match=r"^--foreground_labels must not contain 0 \(the background\)$"):
+        Preprocess(label_mode="subset", foreground_labels=(0, 1))
+
+
+def test_flags_of_a_raw_state_dict_are_named_only_where_classes_or_regions_differ():
+    """The data flags stand for a raw state dict's preprocessing: a net trained with classes asks
+    for its flags; one-channel runs keep the message they had; no flag sets regions_class_order."""
+    classes = Preprocess(image_size=32, label_mode="multiclass", classes=(1, 2, 4)).to_dict()
+    with pytest.raises(DataConfigError) as info:
+        Preprocess(image_size=32, label_mode="multiclass").check_same_as(classes, "preseg.pt", from_flags=True)
+    assert str(info.value) == ("preseg.pt was trained with classes=[1, 2, 4], but the data flags give classes=[]; "
+                               "the diffusion model is a raw state dict, whose preprocessing comes from the data "
+                               "flags: pass --classes 1,2,4")
+    with pytest.raises(DataConfigError, match=r'pass --regions "WT:1,2,4;ET:4"$'):
+        Preprocess(image_size=32).check_same_as(
+            Preprocess(image_size=32, label_mode="regions", regions="WT:1,2,4;ET:4").to_dict(), "p.pt", from_flags=True)
+    for from_flags in (False, True):
+        with pytest.raises(DataConfigError) as info:
+            Preprocess(image_size=64).check_same_as(Preprocess(image_size=32).to_dict(), "p.pt", from_flags=from_flags)
+        assert str(info.value) == ("p.pt was trained with image_size=32, but the diffusion model with image_size=64; "
+                                   "train all three networks with the same preprocessing")
+    regions = (("WT", (1, 2, 3)), ("ET", (3,)))
+    ordered = Preprocess(label_mode="regions", regions=regions, regions_class_order=(2, 3)).to_dict()
+    Preprocess(label_mode="regions", regions=regions).check_same_as(ordered, "p.pt", from_flags=True)

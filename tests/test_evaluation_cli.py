@@ -76,7 +76,7 @@ def test_end_to_end_nifti_and_png(folders, tmp_path):
     pred_dir, label_dir = folders
     out_dir = tmp_path / "eval"
     proc = run_module("--pred_dir", pred_dir, "--label_dir", label_dir, "--out_dir", out_dir,
-                      "--label_suffix", "_seg", "--classes", "1")
+                      "--label_suffix", "_seg")
     assert proc.returncode == 0, proc.stderr
     assert "labels without a prediction: 1" in proc.stderr
     rows = {r["case_id"]: r for r in read_metrics_csv(out_dir / "metrics.csv")}
@@ -93,9 +93,6 @@ def test_end_to_end_nifti_and_png(folders, tmp_path):
     # img: tp 12, fp 4, fn 0.
     assert rows["img"]["dice"] == pytest.approx(24 / 28)
     assert rows["img"]["precision"] == pytest.approx(12 / 16)
-    # --classes selects raw values: the 0/255 PNG prediction has no 1, the NIfTI masks do.
-    assert rows["img"]["class1_dice"] == 0.0 and math.isnan(rows["img"]["class1_hd95"])
-    assert rows["vol"]["class1_hd95"] == pytest.approx(9.0)
     summary = json.loads((out_dir / "summary.json").read_text())
     assert summary["n_cases"] == 9 and summary["kinds"]["case"]["n_both_empty"] == 2
     assert summary["missing_predictions"] == ["lonely"]
@@ -345,7 +342,8 @@ def test_classes_on_volumes_and_one_class_keeps_the_whole_foreground(tmp_path):
     save_volume(tmp_path / "pred" / "v.nii.gz", pred)
     save_volume(tmp_path / "lab" / "v.nii.gz", label)
     whole, _ = evaluate_folders(tmp_path / "pred", tmp_path / "lab")
-    one, _ = evaluate_folders(tmp_path / "pred", tmp_path / "lab", classes=(2,), foreground_labels=(1, 2))
+    one, _ = evaluate_folders(tmp_path / "pred", tmp_path / "lab", regions=(("WT", (1, 2)),),
+                              foreground_labels=(1, 2))
     two, _ = evaluate_folders(tmp_path / "pred", tmp_path / "lab", classes=(1, 2))
     (volume,) = [r for r in two if r["kind"] == "volume"]
     assert volume["class1_dice"] == 0.0 and volume["class2_dice"] == pytest.approx(2 * 56 / (64 + 56))
@@ -355,7 +353,7 @@ def test_classes_on_volumes_and_one_class_keeps_the_whole_foreground(tmp_path):
     for rows in (whole, one):
         assert all(r["dice"] == 1.0 for r in rows)
     assert not any(c.startswith("class") for r in whole for c in r)
-    assert all(r["class2_dice"] is not None for r in one)
+    assert all(r["WT_dice"] is not None for r in one)
     with pytest.raises(ConfigError, match="--foreground_labels"):
         evaluate_folders(tmp_path / "pred", tmp_path / "lab", classes=(1, 2), foreground_labels=(1,))
 
@@ -376,8 +374,38 @@ def test_a_label_value_no_class_or_region_covers_is_one_error_line(tmp_path, cap
             run_cli(lambda: main(argv))
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and str(tmp_path / "lab" / "c1.nii.gz") in err[0] and "has value 3" in err[0]
+        assert len(err) == 1 and str(tmp_path / "lab" / "c1.nii.gz") in err[0] and "label value 3" in err[0]
         assert not out.exists()
     with pytest.raises(ConfigError, match="not both"):
         main(["--pred_dir", str(tmp_path / "pred"), "--label_dir", str(tmp_path / "lab"), "--classes", "1,3",
               "--regions", "WT:1,3"])
+
+
+def test_predictions_are_checked_with_the_labels_rule_with_one_class_or_several(tmp_path, capsys):
+    """A predicted value that no class covers (BraTS 2023's enhancing tumour 3 scored with the
+    2021 classes 1,2,4) would silently count as background: one line naming the prediction,
+    nothing written; with one class, labels and predictions are checked the same way."""
+    label = np.zeros((8, 8, 3), dtype=np.uint8)
+    label[1:4, 1:4, 1], label[2, 2, 1], label[5:7, 5:7, 1] = 2, 4, 1
+    pred = np.where(label == 4, 3, label).astype(np.uint8)
+    for folder, mask in (("pred", pred), ("lab", label)):
+        (tmp_path / folder).mkdir()
+        nib.save(nib.Nifti1Image(mask, np.eye(4)), str(tmp_path / folder / "c1.nii.gz"))
+    pred_file, label_file = tmp_path / "pred" / "c1.nii.gz", tmp_path / "lab" / "c1.nii.gz"
+    for flag, value, bad, shown in (("--classes", "1,2,4", pred_file, "label value 3"),
+                                    ("--regions", "WT:1,2,4;TC:1,4;ET:4", pred_file, "label value 3"),
+                                    ("--classes", "2", label_file, "label value 1"),
+                                    ("--classes", "0,1", None, "--classes must not contain 0 (the background)"),
+                                    ("--classes", "1,1", None, "--classes lists a value twice: 1,1")):
+        out = tmp_path / "out"
+        argv = ["--pred_dir", str(tmp_path / "pred"), "--label_dir", str(tmp_path / "lab"), flag, value,
+                "--out_dir", str(out)]
+        with pytest.raises(SystemExit) as exit_info:
+            run_cli(lambda: main(argv))
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and shown in err[0], err
+        assert bad is None or f"mask {bad} " in err[0], err
+        assert not out.exists()
+    rows, _ = evaluate_folders(tmp_path / "pred", tmp_path / "lab", classes=(1, 2, 3, 4))
+    assert rows[-1]["class4_dice"] == 0.0 and rows[-1]["class2_dice"] == 1.0

@@ -15,6 +15,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from data import Preprocess, create_dataset
 from evaluation.metrics import METRIC_NAMES
@@ -198,6 +199,46 @@ def test_raw_state_dict_takes_its_mask_channels_from_the_last_convolution(brats_
     assert code != 0 and len(err.strip().splitlines()) == 1, err
     assert "2 mask channel(s) with --learn_sigma True need 4; check --learn_sigma" in err, err
     assert not (tmp_path / "sigma" / "metrics.csv").exists()
+
+
+def test_raw_state_dict_with_a_preseg_net_of_other_labels_is_told_which_flags_to_pass(brats_nets, tmp_path, capfd):
+    """A raw state dict takes its preprocessing from the data flags: a pre-segmentation net
+    trained on --classes 2,4 that the flags do not match asks for those flags (one line), not
+    for the networks to be retrained."""
+    state = torch.load(brats_nets["multiclass"], map_location="cpu", weights_only=True)["model"]
+    raw = tmp_path / "raw.pt"
+    torch.save(state, raw)
+    flags = ["--data_dir", brats_nets["data"], "--model_path", raw, "--image_size", SIZE, "--resize_mode", "resize",
+             "--num_channels", 8, "--num_res_blocks", 1, "--attention_resolutions", "", "--channel_mult", "1,2",
+             "--diffusion_steps", STEPS, "--noise_schedule", "cosine", "--preseg_path", brats_nets["preseg"],
+             "--sampler", "addpm", "--final_step", "x0", "--pre_t", PRE_T, "--T", T, "--device", "cpu",
+             "--out_dir", tmp_path / "out"]
+    for labels in (["--label_mode", "multiclass"], []):
+        code, err = sample_main(capfd, *flags, *labels)
+        lines = [line for line in err.splitlines() if line.strip() and not line.startswith("note:")]
+        assert code != 0 and len(lines) == 1, err
+        assert str(brats_nets["preseg"]) in lines[0] and "raw state dict" in lines[0], err
+        assert lines[0].endswith("pass --classes 2,4") and "train all three" not in lines[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_label_values_a_png_cannot_hold_are_refused_before_anything_is_written(tmp_path, capfd):
+    """Image inputs get 16-bit PNG label maps: a model whose classes reach 70000 is refused in
+    one line before sampling, rather than writing 70000 as 4464."""
+    data = tmp_path / "scans"
+    data.mkdir()
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        Image.fromarray(rng.integers(1, 255, (20, 20), dtype=np.uint8)).save(data / f"{name}.png")
+    preprocess = Preprocess(image_size=SIZE, resize_mode="resize", label_mode="multiclass", classes=(1, 70000))
+    model = save_diffusion(tmp_path / "diffusion.pt", preprocess, 1)
+    out = tmp_path / "out"
+    code, err = sample_main(capfd, "--data_dir", data, "--model_path", model, "--sampler", "ddim",
+                            "--sampling_steps", 2, "--save_overlays", False, "--device", "cpu", "--out_dir", out)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code != 0 and len(lines) == 1, err
+    assert str(data) in lines[0] and "label value 70000" in lines[0] and "65535" in lines[0], err
+    assert not out.exists()
 
 
 def test_regions_from_a_preseg_dir_of_label_maps(brats_nets, tmp_path, capfd):
