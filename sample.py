@@ -275,7 +275,8 @@ def output_options(args):
 
 
 def _preprocess_and_channels(preprocess):
-    return preprocess.to_dict(), preprocess.num_mask_channels
+    # --label_mode multiclass or regions without their values: the dataset gives them (0 here).
+    return preprocess.to_dict(), preprocess.num_mask_channels or None
 
 
 def load_diffusion_source(args, ctx):

@@ -54,7 +54,7 @@ def load_diffusion_model(
     *,
     use_ema: bool = True,
     raw_flags: Mapping | None = None,
-    raw_preprocess: Callable[[], tuple[dict, int]] | None = None,
+    raw_preprocess: Callable[[], tuple[dict, int | None]] | None = None,
 ) -> DiffusionBundle:
     """Build the UNet and diffusion from ``model_path``, in eval mode on ``device``.
 
@@ -63,7 +63,8 @@ def load_diffusion_model(
         ``diffusion_defaults()`` key (MODEL_FLAGS, DIFFUSION_FLAGS); unused for our checkpoints.
     :param raw_preprocess: for a raw state dict: returns the preprocessing dict
         (``Preprocess.to_dict()``) built from the data flags and its number of mask channels
-        (``Preprocess.num_mask_channels``); called only for one.
+        (``Preprocess.num_mask_channels``, None where the flags leave the classes to the data);
+        called only for one.
     """
     if not model_path:
         raise ConfigError("--model_path is required (a diffusion checkpoint from train_addpm.py)")
@@ -103,9 +104,9 @@ def load_diffusion_model(
     )
 
 
-def _from_raw_state_dict(state, model_path: str, flags: Mapping, preprocess: dict, mask_channels: int):
+def _from_raw_state_dict(state, model_path: str, flags: Mapping, preprocess: dict, mask_channels: int | None):
     """A state dict of improved-diffusion's UNetModel, built with the user's flags and the
-    ``mask_channels`` of their label flags."""
+    ``mask_channels`` of their label flags (None: label flags that leave them to the data)."""
     if _FIRST_CONV not in state:
         raise CheckpointError(
             f"{model_path}: a state dict without {_FIRST_CONV}; it is not a UNet of the "
@@ -116,7 +117,15 @@ def _from_raw_state_dict(state, model_path: str, flags: Mapping, preprocess: dic
     # since either one wrong would otherwise shift channels between image and mask.
     learn_sigma = str2bool(flags.get("learn_sigma", False))
     outputs = int(state[_LAST_CONV].shape[0]) if _LAST_CONV in state else 1
-    expected = mask_channels * (2 if learn_sigma else 1)
+    per_channel = 2 if learn_sigma else 1
+    if mask_channels is None:
+        # Label flags that leave the values to the dataset (--label_mode multiclass alone): the
+        # weights tell, and the nets' records are compared with the flags later.
+        if outputs % per_channel:
+            raise CheckpointError(f"{model_path}: the last convolution gives {outputs} channels, an odd "
+                                  "number for --learn_sigma True (two outputs per mask channel)")
+        mask_channels = outputs // per_channel
+    expected = mask_channels * per_channel
     if outputs != expected:
         raise CheckpointError(
             f"{model_path}: the last convolution gives {outputs} channels, but {mask_channels} mask "
