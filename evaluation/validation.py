@@ -11,7 +11,8 @@ With several classes or regions the Dice is computed so per channel (``val_addpm
 groups where a channel is empty in both label and prediction are left out of that channel's mean)
 and the headline is the mean over the channels that some validation label holds: a fixed set,
 so that every validation, and the choice of best.pt, averages the same channels (a channel no
-label holds is logged, not averaged: nan while it is predicted nowhere, 0 once it is).
+label holds is logged, not averaged: nan while it is predicted nowhere, 0 once it is; where no
+label holds any channel, the defined ones are averaged).
 
 Under torchrun every rank segments its share and the counts are gathered, so each rank returns
 the same scores.
@@ -54,10 +55,11 @@ def _mean_group_dice(group_counts, row: int, channel: int = 0) -> float:
 
 def _mean_over_channels(scores: list, labelled: list) -> float:
     """The headline of several channels: the mean over the ``labelled`` ones (those some
-    validation label holds; nan if none is); one channel's score as it is."""
+    validation label holds); where no label holds any, over those defined (nan if none is);
+    one channel's score as it is."""
     if len(scores) == 1:
         return scores[0]
-    chosen = [v for v, held in zip(scores, labelled) if held]
+    chosen = [v for v, held in zip(scores, labelled) if held] or [v for v in scores if np.isfinite(v)]
     return float(np.mean(chosen)) if chosen else float("nan")
 
 

@@ -508,7 +508,12 @@ class TrainLoop:
         logger.logkv("step", self.step)
         logger.logkv("val_seconds", time.perf_counter() - start)
         shown = ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float))
-        best = "new best" if improved else f"best {self.best_val_score:.4f} at step {self.best_step}"
+        if improved:
+            best = "new best"
+        elif self.best_val_score is None:
+            best = "no best yet: the score is undefined"
+        else:
+            best = f"best {self.best_val_score:.4f} at step {self.best_step}"
         logger.log(f"step {self.step}: validation {shown} ({best}; {time.perf_counter() - start:.0f} s)")
         if improved:
             self.save(name=BEST_NAME)

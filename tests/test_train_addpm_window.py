@@ -151,11 +151,10 @@ def write_full_presegs(dataset, folder: Path) -> None:
         nib.save(nib.Nifti1Image(np.ones(shape, dtype=np.uint8), np.eye(4)), folder / f"{item['case_id']}.nii.gz")
 
 
-def test_preseg_aware_batches_noise_the_preseg_and_keep_the_label_as_target(demo, tmp_path):
+def tiny_loop(demo, tmp_path, **loop_flags) -> TrainLoop:
+    """A TrainLoop of a tiny UNet on the demo's training slices at 32 x 32."""
     args = {"data_dir": str(demo["train"]), "image_size": 32, "resize_mode": "resize", "val_fraction": 0.0}
     dataset = dataset_from_args(args, "train")
-    write_full_presegs(dataset, tmp_path / "presegs")
-    source = PresegSource.from_flags(preseg_dir=str(tmp_path / "presegs"), preprocess=dataset.preprocess)
     diffusion = create_gaussian_diffusion(diffusion_steps=100, noise_schedule="cosine", learn_sigma=False,
                                           sigma_small=False, rescale_timesteps=False,
                                           rescale_learned_sigmas=False)
@@ -164,9 +163,16 @@ def test_preseg_aware_batches_noise_the_preseg_and_keep_the_label_as_target(demo
                          channel_mult="", dropout=0.0, class_cond=False, learn_sigma=False,
                          use_checkpoint=False, use_scale_shift_norm=False, resblock_updown=False,
                          use_new_attention_order=False)
-    loop = TrainLoop(model=model, diffusion=diffusion, dataset=dataset, collate_fn=None, config={},
-                     out_dir=str(tmp_path / "run"), ctx=dist_util.setup_dist("cpu"), batch_size=8,
-                     preseg_fn=source, preseg_fraction=0.5)
+    return TrainLoop(model=model, diffusion=diffusion, dataset=dataset, collate_fn=None, config={},
+                     out_dir=str(tmp_path / "run"), ctx=dist_util.setup_dist("cpu"), batch_size=8, **loop_flags)
+
+
+def test_preseg_aware_batches_noise_the_preseg_and_keep_the_label_as_target(demo, tmp_path):
+    args = {"data_dir": str(demo["train"]), "image_size": 32, "resize_mode": "resize", "val_fraction": 0.0}
+    dataset = dataset_from_args(args, "train")
+    write_full_presegs(dataset, tmp_path / "presegs")
+    source = PresegSource.from_flags(preseg_dir=str(tmp_path / "presegs"), preprocess=dataset.preprocess)
+    loop = tiny_loop(demo, tmp_path, preseg_fn=source, preseg_fraction=0.5)
     batch = collate([dataset[i] for i in range(8)])
     x_start = to_diffusion_space(batch["label"].float().unsqueeze(1), "pm1")
     assert (x_start < 0).any()
@@ -260,3 +266,19 @@ def test_validation_headline_averages_the_channels_the_labels_hold():
     held = counts(2)
     held["b"][:, 2, 2] = 3
     assert validator._scores(held)["val_addpm_dice"] == pytest.approx((1.0 + tc + 0.0) / 3)
+    # Labels that hold no channel at all (tumour-free slices): the defined channels, else nan.
+    empty = {"a": np.zeros((2, 3, 3), np.int64)}
+    assert np.isnan(validator._scores(empty)["val_addpm_dice"])
+    empty["a"][0, 2, 1] = 4
+    assert validator._scores(empty)["val_addpm_dice"] == 0.0
+
+
+def test_an_undefined_first_validation_score_keeps_no_best(demo, tmp_path):
+    """A validation that scores nan (no label and no prediction in any channel) logs its line and
+    keeps no best.pt, and a later defined score becomes the first best."""
+    scores = iter([float("nan"), 0.5])
+    loop = tiny_loop(demo, tmp_path, validator=lambda model: {"val_score": next(scores)})
+    loop.validate()
+    assert loop.best_val_score is None and not (tmp_path / "run" / "best.pt").exists()
+    loop.validate()
+    assert loop.best_val_score == 0.5 and (tmp_path / "run" / "best.pt").exists()
