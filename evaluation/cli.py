@@ -32,11 +32,12 @@ nnU-Net's evaluate-folder scores BraTS): every row (case, patient, volume) gets 
 sample.py's summary (``evaluation.report.class_summary``). With two or more, the un-prefixed
 columns hold each row's mean over the classes present in it and the voxel counts of their union
 (``evaluation.metrics.mean_over_classes``), and the summary's ``class_mean`` the mean of the
-per-class means (nnU-Net's foreground_mean); with one they score the whole foreground as without
-the flag. The flags are checked as the models' are (``--classes 0,1`` and ``1,1`` are refused),
-and a value that no class or region covers, in a label or a prediction, is an error naming the
-file (it would silently count as background), with one class or region as with several
-(``data.preprocess.check_covered_by``, the rule of the models' label modes).
+per-class means (nnU-Net's foreground_mean); with one they score that class or region, which
+is then the whole foreground. The flags are checked as the models' are (``--classes 0,1`` and
+``1,1`` are refused), and a value that no class or region covers, in a label or a prediction, is
+an error naming the file (it would silently count as background), with one class or region as
+with several (``data.preprocess.check_covered_by``, the rule of the models' label modes); a
+subset of the labels as one foreground is ``--foreground_labels``, without them.
 """
 
 import argparse
@@ -113,8 +114,8 @@ def create_argparser() -> argparse.ArgumentParser:
         "--classes",
         default="",
         help="comma-separated label values to score one by one as well (columns "
-        "class<k>_<metric>); with two or more the main columns hold their mean, with one the "
-        "whole foreground (any nonzero value); every label and predicted value must be one of them",
+        "class<k>_<metric>); every label and predicted value must be one of them; with two or more "
+        "the main columns hold each row's mean over them, with one they score that class",
     )
     parser.add_argument(
         "--regions",
@@ -140,7 +141,7 @@ def create_argparser() -> argparse.ArgumentParser:
         "--foreground_labels",
         default="",
         help="label values that count as foreground, e.g. 1,4 for BraTS tumour core (as the "
-        "models' --label_mode subset); empty = any non-zero value",
+        "models' --label_mode subset); empty = any non-zero value; not with --classes/--regions",
     )
     return parser
 
@@ -250,11 +251,12 @@ class _Scorer:
         self.sets = tuple(sets)
         self.classes = dict(self.sets)
         self.foreground_labels = tuple(foreground_labels)
-        # One class or region keeps the whole foreground in the main columns, as before.
+        # One class or region covers every value: the main columns score the whole foreground,
+        # as without the flag.
         self.mean_headline = len(self.sets) > 1
-        if self.mean_headline and self.foreground_labels:
-            raise ConfigError("--foreground_labels sets the main columns' foreground; with two or more "
-                              "--classes/--regions they hold the mean over those instead: give one or the other")
+        if self.sets and self.foreground_labels:
+            raise ConfigError("--foreground_labels scores a subset of the label values as one foreground, "
+                              "--classes/--regions must cover every value: give one or the other")
 
     def foreground(self, label: np.ndarray) -> np.ndarray:
         return np.isin(label, self.foreground_labels) if self.foreground_labels else label != 0

@@ -342,8 +342,7 @@ def test_classes_on_volumes_and_one_class_keeps_the_whole_foreground(tmp_path):
     save_volume(tmp_path / "pred" / "v.nii.gz", pred)
     save_volume(tmp_path / "lab" / "v.nii.gz", label)
     whole, _ = evaluate_folders(tmp_path / "pred", tmp_path / "lab")
-    one, _ = evaluate_folders(tmp_path / "pred", tmp_path / "lab", regions=(("WT", (1, 2)),),
-                              foreground_labels=(1, 2))
+    one, _ = evaluate_folders(tmp_path / "pred", tmp_path / "lab", regions=(("WT", (1, 2)),))
     two, _ = evaluate_folders(tmp_path / "pred", tmp_path / "lab", classes=(1, 2))
     (volume,) = [r for r in two if r["kind"] == "volume"]
     assert volume["class1_dice"] == 0.0 and volume["class2_dice"] == pytest.approx(2 * 56 / (64 + 56))
@@ -354,8 +353,24 @@ def test_classes_on_volumes_and_one_class_keeps_the_whole_foreground(tmp_path):
         assert all(r["dice"] == 1.0 for r in rows)
     assert not any(c.startswith("class") for r in whole for c in r)
     assert all(r["WT_dice"] is not None for r in one)
-    with pytest.raises(ConfigError, match="--foreground_labels"):
-        evaluate_folders(tmp_path / "pred", tmp_path / "lab", classes=(1, 2), foreground_labels=(1,))
+    for sets in (dict(classes=(1, 2)), dict(regions=(("WT", (1, 2)),))):
+        with pytest.raises(ConfigError, match="--foreground_labels"):
+            evaluate_folders(tmp_path / "pred", tmp_path / "lab", foreground_labels=(1,), **sets)
+
+
+def one_error_line(tmp_path, flags, capsys) -> str:
+    """python -m evaluation on tmp_path's pred/ and lab/ with ``flags``: exit 2, one error line
+    (returned), nothing written."""
+    out = tmp_path / "out"
+    argv = ["--pred_dir", str(tmp_path / "pred"), "--label_dir", str(tmp_path / "lab"), *flags,
+            "--out_dir", str(out)]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: main(argv))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    assert not out.exists()
+    return err[0]
 
 
 def test_a_label_value_no_class_or_region_covers_is_one_error_line(tmp_path, capsys):
@@ -367,15 +382,8 @@ def test_a_label_value_no_class_or_region_covers_is_one_error_line(tmp_path, cap
     nib.save(nib.Nifti1Image((label > 0).astype(np.uint8), np.eye(4)), str(tmp_path / "pred" / "c1.nii.gz"))
     nib.save(nib.Nifti1Image(label, np.eye(4)), str(tmp_path / "lab" / "c1.nii.gz"))
     for flag, value in (("--classes", "1,2"), ("--regions", "WT:1,2;TC:1")):
-        out = tmp_path / f"out{flag}"
-        argv = ["--pred_dir", str(tmp_path / "pred"), "--label_dir", str(tmp_path / "lab"), flag, value,
-                "--out_dir", str(out)]
-        with pytest.raises(SystemExit) as exit_info:
-            run_cli(lambda: main(argv))
-        assert exit_info.value.code == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and str(tmp_path / "lab" / "c1.nii.gz") in err[0] and "label value 3" in err[0]
-        assert not out.exists()
+        line = one_error_line(tmp_path, [flag, value], capsys)
+        assert str(tmp_path / "lab" / "c1.nii.gz") in line and "label value 3" in line
     with pytest.raises(ConfigError, match="not both"):
         main(["--pred_dir", str(tmp_path / "pred"), "--label_dir", str(tmp_path / "lab"), "--classes", "1,3",
               "--regions", "WT:1,3"])
@@ -397,15 +405,7 @@ def test_predictions_are_checked_with_the_labels_rule_with_one_class_or_several(
                                     ("--classes", "2", label_file, "label value 1"),
                                     ("--classes", "0,1", None, "--classes must not contain 0 (the background)"),
                                     ("--classes", "1,1", None, "--classes lists a value twice: 1,1")):
-        out = tmp_path / "out"
-        argv = ["--pred_dir", str(tmp_path / "pred"), "--label_dir", str(tmp_path / "lab"), flag, value,
-                "--out_dir", str(out)]
-        with pytest.raises(SystemExit) as exit_info:
-            run_cli(lambda: main(argv))
-        assert exit_info.value.code == 2
-        err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and shown in err[0], err
-        assert bad is None or f"mask {bad} " in err[0], err
-        assert not out.exists()
+        line = one_error_line(tmp_path, [flag, value], capsys)
+        assert shown in line and (bad is None or f"mask {bad} " in line), line
     rows, _ = evaluate_folders(tmp_path / "pred", tmp_path / "lab", classes=(1, 2, 3, 4))
     assert rows[-1]["class4_dice"] == 0.0 and rows[-1]["class2_dice"] == 1.0
