@@ -180,6 +180,15 @@ class Preprocess:
                 f"{path} was trained on {len(theirs)} image channels, the diffusion model on {len(ours)}"
             )
 
+    def with_order_of(self, recorded: dict) -> "Preprocess":
+        """This preprocessing with the ``regions_class_order`` of a network trained on the same
+        regions (``recorded``, its preprocessing record), where this one has none: the data
+        flags of a raw state dict cannot give the order that a dataset.json gave the networks."""
+        theirs = Preprocess.from_dict(recorded)
+        if self.regions_class_order or not theirs.regions_class_order or theirs.regions != self.regions:
+            return self
+        return dataclasses.replace(self, regions_class_order=theirs.regions_class_order)
+
     def _flag_for(self, name: str) -> str:
         """The data flag (with its value) that gives this preprocessing's ``name``; "" for the
         fields no flag sets."""

@@ -36,7 +36,8 @@ class PresegSource:
         one, the net's own preprocessing is the run's) or take ``--preseg_dir`` (with
         ``preprocess``, whose labels map label-map files); one of the two must be given.
         ``preprocess_from_flags``: ``preprocess`` is the data flags' (a raw state dict's), so a
-        net trained on other flags is told which to pass."""
+        net trained on other flags is told which to pass, and the run paints regions in the
+        net's ``regions_class_order`` (no flag gives one)."""
         if preseg_path and preseg_dir:
             raise ConfigError("give --preseg_path or --preseg_dir, not both")
         if preseg_dir:
@@ -47,6 +48,8 @@ class PresegSource:
             raise ConfigError("a pre-segmentation is needed: give --preseg_path or --preseg_dir")
         net, config = load_preseg(preseg_path, device)
         if preprocess is not None:
+            if preprocess_from_flags:
+                preprocess = preprocess.with_order_of(config["preprocess"])
             preprocess.check_same_as(config["preprocess"], preseg_path, from_flags=preprocess_from_flags)
         else:
             preprocess = Preprocess.from_dict(config["preprocess"])

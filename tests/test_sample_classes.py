@@ -22,6 +22,7 @@ from evaluation.metrics import METRIC_NAMES
 from evaluation.outputs import load_record
 from guided_diffusion.checkpoint import save_checkpoint
 from guided_diffusion.script_util import create_model, diffusion_checkpoint_config, diffusion_defaults, unet_defaults
+from preseg import PresegSource
 from preseg.io import build_network_from_config, network_config, network_defaults
 from tests.conftest import BRATS2D_MINI
 from tests.test_sample import load_nifti, read_metrics, sample_main
@@ -345,3 +346,20 @@ def test_3d_multiclass_volume_is_reassembled_into_a_label_map(tmp_path, capfd):
         assert float(volume_row[f"preseg_class{value}_dice"]) == 1.0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["headline"]["kind"] == "volume" and set(summary["per_class"]) == {"class1", "class2"}
+
+
+def test_a_raw_state_dict_paints_in_the_regions_class_order_of_its_preseg_net(tmp_path):
+    """No flag gives nnU-Net's regions_class_order: a raw state dict's run takes it from a
+    pre-segmentation net trained on the same regions, so its label maps are painted as the
+    net's dataset.json says (oedema 2, not the derived 1)."""
+    regions = (("whole_tumor", (1, 2, 3)), ("enhancing_tumor", (3,)))
+    trained = Preprocess(image_size=SIZE, label_mode="regions", regions=regions, regions_class_order=(2, 3))
+    path = save_network(tmp_path / "preseg.pt", "preseg", trained, in_channels=4)
+    flags = Preprocess(image_size=SIZE, label_mode="regions", regions=regions)
+    assert flags.paint_order() == [(0, 1), (1, 3)]
+    source = PresegSource.from_flags(preseg_path=str(path), preprocess=flags, preprocess_from_flags=True)
+    assert source.preprocess.paint_order() == [(0, 2), (1, 3)]
+    np.testing.assert_array_equal(source.preprocess.label_map(np.array([[[0, 1, 1]], [[0, 0, 1]]])), [[0, 2, 3]])
+    # A network's own record is never overridden: a checkpoint's preprocessing is compared as it is.
+    other = Preprocess(image_size=SIZE, label_mode="regions", regions=regions, regions_class_order=(1, 3))
+    assert other.with_order_of(trained.to_dict()) is other
