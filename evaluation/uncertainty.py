@@ -115,10 +115,10 @@ def class_entropy(probs, exclusive: bool = True):
     """The entropy of per-channel probabilities [K, ...], in nats (0 ln 0 = 0).
 
     exclusive (classes): one map [...], the entropy of the K + 1 outcomes (background
-    ``1 - sum p``, p_1 .. p_K); at most ln(K + 1). Probabilities that sum above 1 are first
-    divided by their sum (``guided_diffusion.mask_space.class_distribution``), so that the
-    entropy is that of a distribution. K = 1: the binary entropy of ``ensemble_statistics``.
-    Regions (not exclusive): one binary entropy per region [K, ...].
+    ``1 - sum p``, p_1 .. p_K) of probabilities that sum to at most 1, as the members of
+    ``sample_members`` do (``guided_diffusion.mask_space.class_distribution``); at most
+    ln(K + 1). K = 1: the binary entropy of ``ensemble_statistics``. Regions (not exclusive):
+    one binary entropy per region [K, ...].
     """
     if not exclusive:
         return _binary_entropy(probs)
@@ -126,11 +126,9 @@ def class_entropy(probs, exclusive: bool = True):
         return _binary_entropy(probs[0])
     if isinstance(probs, torch.Tensor):
         p = probs.clamp(0.0, 1.0)
-        p = p / p.sum(dim=0, keepdim=True).clamp_min(1.0)
         background = (1.0 - p.sum(dim=0)).clamp_min(0.0)
         return -(torch.special.xlogy(background, background) + torch.special.xlogy(p, p).sum(dim=0))
     p = np.clip(np.asarray(probs, dtype=np.float64), 0.0, 1.0)
-    p = p / np.maximum(p.sum(axis=0, keepdims=True), 1.0)
     background = np.clip(1.0 - p.sum(axis=0), 0.0, None)
     return -(special.xlogy(background, background) + special.xlogy(p, p).sum(axis=0))
 

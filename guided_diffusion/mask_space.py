@@ -83,7 +83,8 @@ def class_distribution(probs: torch.Tensor, exclusive: bool) -> torch.Tensor:
     The diffusion UNet predicts each class channel on its own (``to_probability`` clamps each to
     [0, 1]), so where several classes claim a pixel they may sum above 1; they are divided by
     their sum there, leaving the background ``1 - sum p`` at 0. Where they sum to at most 1, and
-    for one channel or regions, nothing changes. ``hard_channels`` decides the same either way.
+    for one channel or regions, nothing changes. ``hard_channels`` decides each member the same
+    either way; the mean of several members (``--fusion mean``) is that of the distributions.
     """
     if not exclusive or probs.shape[-3] == 1:
         return probs

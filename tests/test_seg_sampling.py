@@ -8,7 +8,7 @@ import torch
 
 from guided_diffusion.errors import ConfigError
 from guided_diffusion.gaussian_diffusion import GaussianDiffusion, get_named_beta_schedule
-from evaluation.uncertainty import channel_statistics, class_entropy, fuse_channels
+from evaluation.uncertainty import channel_statistics, fuse_channels
 from guided_diffusion.mask_space import (
     MASK_SPACES,
     class_distribution,
@@ -466,8 +466,6 @@ def test_classes_claimed_together_by_the_unet_become_a_distribution(sampler, kwa
     torch.testing.assert_close(probs[..., 1:, :], label.unsqueeze(1).expand_as(probs)[..., 1:, :], atol=1e-4, rtol=0)
     stats = channel_statistics(probs[0], exclusive=True)
     assert float(stats["entropy"][0, 0]) == pytest.approx(math.log(2), abs=1e-3)
-    # The same claim handed to the entropy directly is read the same way.
-    assert float(class_entropy(torch.tensor([[1.0], [1.0], [0.0]]))[0]) == pytest.approx(math.log(2))
     # Regions may overlap: their channels are left as they are.
     region_probs = class_distribution(torch.ones(1, 3, 2, 2), exclusive=False)
     assert torch.equal(region_probs, torch.ones(1, 3, 2, 2))
