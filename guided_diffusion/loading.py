@@ -127,10 +127,11 @@ def _from_raw_state_dict(state, model_path: str, flags: Mapping, preprocess: dic
         mask_channels = outputs // per_channel
     expected = mask_channels * per_channel
     if outputs != expected:
+        masks = f"{mask_channels} mask channel{'s' if mask_channels != 1 else ''}"
         raise CheckpointError(
-            f"{model_path}: the last convolution gives {outputs} channels, but {mask_channels} mask "
-            f"channel(s) with --learn_sigma {learn_sigma} need {expected}; check --learn_sigma and the "
-            "label flags (--classes, --regions)")
+            f"{model_path}: the last convolution gives {outputs} channels, but {masks} with --learn_sigma "
+            f"{learn_sigma} need {expected}; check --learn_sigma and the label flags (one foreground by "
+            "default; --classes or --regions for several)")
     image_channels = int(state[_FIRST_CONV].shape[1]) - mask_channels
     if image_channels < 1:
         raise CheckpointError(f"{model_path}: the first convolution takes {image_channels + mask_channels} "
