@@ -363,7 +363,7 @@ def _mean_text(value) -> str:
     return "undefined" if value is None else f"{value:.4f}"
 
 
-def _units(n: int, kind: str) -> str:
+def _count_text(n: int, kind: str) -> str:
     return f"{n} {kind}{'s' if n != 1 else ''}"
 
 
@@ -381,7 +381,7 @@ def headline_text(summary: dict) -> str:
     kind = summary["headline"]["kind"]
     if kind == "case":
         return f"mean dice per case{over} {per_case}"
-    units = _units(summary["headline"]["n"], kind)
+    units = _count_text(summary["headline"]["n"], kind)
     return f"mean dice per {kind}{over} {mean(kind)} ({units}); per case {per_case}"
 
 
@@ -451,7 +451,7 @@ def classes_text(summary: dict) -> str:
         text = f"{name} {_mean_text(m['dice'])}"
         n_valid = m["counts"]["dice"]["n_valid"]
         if n_valid is not None and n_valid < n:
-            text += f" ({_units(n_valid, kind)})"
+            text += f" ({_count_text(n_valid, kind)})"
         shown.append(text)
     text = f"dice per {kind} by class: {', '.join(shown)}"
     mean = summary.get("class_mean", {}).get("dice")
@@ -475,7 +475,7 @@ def results_text(summary: dict) -> str:
         parts += [text for text in texts if text]
     n_unlabelled = summary.get("n_unlabelled") or 0
     if n_unlabelled or not parts:
-        parts.append(f"unlabelled: {n_unlabelled} case{'s' if n_unlabelled != 1 else ''} (no metrics)")
+        parts.append(f"unlabelled: {_count_text(n_unlabelled, 'case')} (no metrics)")
     return "; ".join(parts)
 
 
