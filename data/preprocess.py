@@ -238,9 +238,9 @@ class Preprocess:
         """The label values some channel reads (every other non-zero value is an error in
         multiclass and regions mode, where a silently dropped value would be a wrong target)."""
         if self.label_mode == "multiclass":
-            return tuple(sorted(self.classes))
+            return covered_values(classes=self.classes)
         if self.label_mode == "regions":
-            return tuple(sorted({v for _, values in self.regions for v in values}))
+            return covered_values(regions=self.regions)
         return ()
 
     def check_covered(self, values, path: str) -> None:
@@ -452,14 +452,21 @@ def check_classes(classes, flag: str = "--classes") -> None:
         raise DataConfigError(f"{flag} lists a value twice: {','.join(str(v) for v in classes)}")
 
 
+def covered_values(*, classes=(), regions=()) -> tuple:
+    """The label values that ``classes`` (or ``regions``, their union) read, sorted."""
+    if regions:
+        return tuple(sorted({v for _, region_values in regions for v in region_values}))
+    return tuple(sorted(classes))
+
+
 def check_covered_by(values, path, *, classes=(), regions=()) -> None:
     """DataError naming ``path`` and the first non-zero of ``values`` (a mask's label values)
     that none of ``classes`` (or ``regions``) covers: it would silently count as background."""
     if regions:
-        covered = {v for _, values in regions for v in values}
         flag, spec = LABEL_FLAGS["regions"], format_regions(regions)
     else:
-        covered, flag, spec = set(classes), LABEL_FLAGS["multiclass"], ",".join(str(v) for v in classes)
+        flag, spec = LABEL_FLAGS["multiclass"], ",".join(str(v) for v in classes)
+    covered = set(covered_values(classes=classes, regions=regions))
     extra = sorted(set(int(v) for v in values) - covered - {0})
     if extra:
         raise DataError(f"mask {path} has label value {extra[0]}, which {flag} ({spec}) does not cover")

@@ -232,12 +232,13 @@ def evaluate_folders(
 
 
 def class_sets(classes=(), regions=()) -> tuple:
-    """((name, values), ...): ``class<v>`` for each of ``classes``, or ``regions`` as they are;
-    classes checked as the models' ``--classes`` are (values > 0, each once)."""
+    """((name, values), ...): ``class<v>`` for each of ``classes``, or ``regions`` (as
+    ``parse_regions`` gives them) as they are; classes checked as the models' ``--classes`` are
+    (values > 0, each once)."""
     if classes and regions:
         raise EvaluationError("give classes or regions, not both")
     if regions:
-        return tuple((str(name), tuple(int(v) for v in values)) for name, values in parse_regions(regions))
+        return tuple((str(name), tuple(int(v) for v in values)) for name, values in regions)
     check_classes(classes)
     return tuple((class_name(v), (int(v),)) for v in classes)
 
